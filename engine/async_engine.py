@@ -1,0 +1,212 @@
+"""The async bridge: the step loop runs on its own thread, callers await token deltas.
+
+Every mutation of the engine core happens on the engine thread; callers post commands
+to an inbox and get results through futures. Deltas reach each request's asyncio queue
+with one `call_soon_threadsafe` per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError, EngineOverloadedError
+from engine.llm_engine import LLMEngine
+from engine.logits_processor import LogitsProcessor
+from engine.outputs import RequestDelta
+from engine.sampling_params import SamplingParams
+from engine.token_text import TokenText
+
+log = logging.getLogger(__name__)
+
+_Command = tuple[Callable[[LLMEngine], Any], concurrent.futures.Future | None]
+
+
+class AsyncEngine:
+    """Owns an `LLMEngine` and the thread that steps it."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        adapters: dict[str, Path] | None = None,
+        served_model_name: str | None = None,
+    ) -> None:
+        self.config = config
+        self._core = LLMEngine(config, adapters)
+        self.model_name = served_model_name or _default_name(config.model)
+        self.tokenizer = self._core.tokenizer
+        self.max_model_len = self._core.max_model_len
+        self.eos_token_ids = set(self._core.eos_token_ids)
+        self._token_text = TokenText(self.tokenizer)
+        self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue[RequestDelta]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._stats: dict[str, int] = self._core.stats()
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="quiver-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._dead is None
+
+    # ----------------------------------------------------------------- adapters
+    def adapter_names(self) -> list[str]:
+        return self._core.adapter_names()
+
+    def has_adapter(self, name: str) -> bool:
+        return self._core.has_adapter(name)
+
+    async def add_adapter(self, name: str, path: Path) -> int:
+        return await self.call(lambda core: core.add_adapter(name, path))
+
+    # ---------------------------------------------------------------- requests
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+        logits_processor: LogitsProcessor | None = None,
+    ) -> AsyncIterator[RequestDelta]:
+        """Yield deltas until the one with a finish_reason; closing early aborts the request."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self._dead}")
+        if len(self._streams) >= self.config.max_waiting + self.config.max_num_seqs:
+            raise EngineOverloadedError(
+                f"the server is at capacity ({len(self._streams)} requests in flight); retry later"
+            )
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream: asyncio.Queue[RequestDelta] = asyncio.Queue()
+        self._streams[request_id] = stream
+        finished = False
+        try:
+            await self.call(
+                lambda core: core.add_request(request_id, prompt_token_ids, params, adapter, logits_processor)
+            )
+            while True:
+                delta = await stream.get()
+                yield delta
+                if delta.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe and idempotent; frees the request's KV blocks at the next step boundary."""
+        self._post(lambda core: core.abort(request_id), None)
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run `fn(core)` on the engine thread and return its result (or raise its error)."""
+        if self._thread is None:
+            raise EngineDeadError("the engine is not started")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._post(fn, future)
+        return await asyncio.wrap_future(future)
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot taken after the last step (no lock on the hot path)."""
+        return dict(self._stats, num_streams=len(self._streams))
+
+    def adapter_refcounts(self) -> dict[str, int]:
+        return self._core.adapter_refcounts()
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._token_text.token_bytes(token_id)
+
+    def token_str(self, token_id: int) -> str:
+        return self._token_text.token_str(token_id)
+
+    # ------------------------------------------------------------ engine thread
+    def _post(self, fn: Callable[[LLMEngine], Any], future: concurrent.futures.Future | None) -> None:
+        self._inbox.put((fn, future))
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            if not self._core.has_unfinished():
+                self._stats = self._core.stats()
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                deltas = self._core.step()
+            except Exception as exc:  # noqa: BLE001 - any failure must reach the callers
+                log.exception("engine step failed; failing the in-flight requests")
+                deltas = self._fail_all(exc)
+            self._stats = self._core.stats()
+            if deltas:
+                self._deliver(deltas)
+        self._drain_inbox()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                fn, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = fn(self._core)
+            except Exception as exc:  # noqa: BLE001 - returned to the caller
+                if future is not None:
+                    future.set_exception(exc)
+                else:
+                    log.exception("engine command failed")
+            else:
+                if future is not None:
+                    future.set_result(result)
+
+    def _fail_all(self, exc: Exception) -> list[RequestDelta]:
+        failed = []
+        for request_id in list(self._core.request_ids()):
+            self._core.abort(request_id)
+            failed.append(RequestDelta(request_id=request_id, finish_reason="error", error=str(exc)))
+        return failed
+
+    def _deliver(self, deltas: list[RequestDelta]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._dispatch, deltas)
+        except RuntimeError:  # loop closed between the check and the call
+            pass
+
+    def _dispatch(self, deltas: list[RequestDelta]) -> None:
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is not None:
+                stream.put_nowait(delta)
+
+
+def _default_name(model: str) -> str:
+    path = Path(model)
+    return path.name if path.exists() else model

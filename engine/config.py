@@ -1,0 +1,65 @@
+"""Engine configuration: one dataclass, validated where an operator can set it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class EngineConfig:
+    """How to load and run the base model.
+
+    model:               a local directory or a Hugging Face hub id.
+    dtype:               "auto" (float32 on CPU, bfloat16 on CUDA), "float32", "float16", "bfloat16".
+    device:              "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
+    kv_cache_memory:     bytes for the KV pool; 0 sizes it from free GPU memory (CUDA) or
+                         from max_num_seqs * max_model_len (CPU).
+    num_kv_blocks:       overrides kv_cache_memory when > 0 (tests use it to force preemption).
+    max_loras:           GPU LoRA slots, and the cap on distinct adapters in a running batch.
+    max_lora_rank:       largest adapter rank accepted; slot buffers are this wide.
+    """
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int = 2048
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    kv_cache_memory: int = 0
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int = 0
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    max_waiting: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                     "max_loras", "max_lora_rank", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_model_len:
+            self.max_num_batched_tokens = self.max_model_len
+        if not 0.1 <= self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in [0.1, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks < 0 or self.kv_cache_memory < 0:
+            raise ValueError("num_kv_blocks and kv_cache_memory must not be negative")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]

@@ -1,0 +1,319 @@
+"""The synchronous engine core: requests in, one scheduled step at a time, deltas out.
+
+One step is `scheduler.schedule()` → adapter slots made resident → `runner.execute()` →
+`sampler()` → `scheduler.update()` → stop checks and detokenization. Not thread-safe: the
+async bridge (engine/async_engine.py) drives it from a single thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adapters.weights import LoraWeights, load_adapter
+from engine.adapter_slots import AdapterSlotTable
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import RequestTooLongError, UnknownAdapterError
+from engine.kv_cache import allocate_kv_cache
+from engine.logits_processor import LogitsProcessor
+from engine.lora.slots import LoraSlots
+from engine.model_runner import ModelRunner
+from engine.models.loader import load_model
+from engine.outputs import RequestDelta, TokenLogprob
+from engine.sampler import Sampler, SamplerInput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import eos_token_ids, load_tokenizer
+from scheduler import Scheduler, SchedulerConfig, Sequence
+from scheduler.sequence import BASE_ADAPTER_ID
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    seq: Sequence
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    logits_processor: LogitsProcessor | None
+    eos_ids: list[int]
+
+
+@dataclass
+class _Adapter:
+    adapter_id: int
+    name: str
+    path: Path
+    weights: LoraWeights
+    refcount: int = 0
+    requests: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    """Owns the model, KV cache, LoRA slots, scheduler, sampler and request state."""
+
+    def __init__(self, config: EngineConfig, adapters: dict[str, Path] | None = None) -> None:
+        self.config = config
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        loaded = load_model(config.model, self.dtype, self.device)
+        self.model = loaded.model
+        self.hf_config = loaded.hf_config
+        self.model_dir = loaded.model_dir
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.eos_token_ids: set[int] = eos_token_ids(self.model_dir, self.hf_config, self.tokenizer)
+        self.max_model_len = min(config.max_model_len, _model_max_len(self.hf_config))
+
+        self.lora = LoraSlots(self.model, num_slots=config.max_loras, max_rank=config.max_lora_rank)
+        self.slot_table = AdapterSlotTable(config.max_loras)
+        num_blocks = _num_kv_blocks(config, self.hf_config, self.dtype, self.device, self.max_model_len)
+        allocate_kv_cache(self.model, num_blocks, config.block_size, self.dtype, self.device)
+        self.num_kv_blocks = num_blocks
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_blocks=num_blocks,
+                block_size=config.block_size,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+                max_model_len=self.max_model_len,
+                max_adapters_per_batch=config.max_loras,
+            )
+        )
+        self.runner = ModelRunner(self.model, config.block_size, self.device)
+        self.sampler = Sampler()
+        self._requests: dict[str, _Request] = {}
+        self._by_seq: dict[int, _Request] = {}
+        self._adapters: dict[str, _Adapter] = {}
+        self._adapter_by_id: dict[int, _Adapter] = {}
+        self._next_seq_id = 0
+        self.num_preemptions = 0
+        self._next_adapter_id = 1
+        for name, path in (adapters or {}).items():
+            self.add_adapter(name, path)
+
+    # ----------------------------------------------------------------- adapters
+    def add_adapter(self, name: str, path: Path) -> int:
+        """Validate and load an adapter into host memory; returns its id."""
+        if name in self._adapters:
+            raise ValueError(f"adapter {name!r} is already registered")
+        weights = load_adapter(
+            Path(path),
+            name,
+            expected_shapes=self.lora.expected_shapes(),
+            num_layers=self.lora.num_layers,
+            max_rank=self.config.max_lora_rank,
+            dtype=self.dtype,
+        )
+        adapter = _Adapter(self._next_adapter_id, name, Path(path), weights)
+        self._next_adapter_id += 1
+        self._adapters[name] = adapter
+        self._adapter_by_id[adapter.adapter_id] = adapter
+        return adapter.adapter_id
+
+    def adapter_names(self) -> list[str]:
+        return list(self._adapters)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self._adapters
+
+    def adapter_refcounts(self) -> dict[str, int]:
+        return {name: a.refcount for name, a in self._adapters.items()}
+
+    # ----------------------------------------------------------------- requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+        logits_processor: LogitsProcessor | None = None,
+    ) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt must contain at least one token")
+        vocab = self.hf_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {total} tokens ({len(prompt_token_ids)} in the prompt, {params.max_tokens} "
+                "for the completion). Please reduce the prompt or max_tokens."
+            )
+        adapter_id = BASE_ADAPTER_ID
+        if adapter:
+            entry = self._adapters.get(adapter)
+            if entry is None:
+                raise UnknownAdapterError(adapter)
+            adapter_id = entry.adapter_id
+            entry.refcount += 1
+            entry.requests += 1
+        seq = Sequence(
+            seq_id=self._next_seq_id,
+            prompt_token_ids=list(prompt_token_ids),
+            max_tokens=params.max_tokens,
+            adapter_id=adapter_id,
+        )
+        self._next_seq_id += 1
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        eos = [] if params.ignore_eos else sorted(self.eos_token_ids)
+        request = _Request(
+            request_id=request_id,
+            seq=seq,
+            params=params,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, list(prompt_token_ids), params.stop),
+            generator=generator,
+            logits_processor=logits_processor,
+            eos_ids=eos + list(params.stop_token_ids),
+        )
+        self.scheduler.add(seq)
+        self._requests[request_id] = request
+        self._by_seq[seq.seq_id] = request
+
+    def abort(self, request_id: str) -> bool:
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        self.scheduler.abort(request.seq.seq_id)
+        self._release(request)
+        return True
+
+    def scheduler_preemptions(self) -> int:
+        return self.num_preemptions
+
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def stats(self) -> dict[str, int]:
+        bm = self.scheduler.block_manager
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_total_blocks": self.num_kv_blocks,
+            "num_requests": len(self._requests),
+            "adapter_refcount_total": sum(a.refcount for a in self._adapters.values()),
+        }
+
+    # --------------------------------------------------------------------- step
+    def step(self) -> list[RequestDelta]:
+        batch = self.scheduler.schedule()
+        self.num_preemptions += len(batch.preempted)
+        if batch.is_empty:
+            return []
+        lora_slots = self._make_adapters_resident(batch.seqs)
+        logits = self.runner.execute(batch.seqs, batch.num_new_tokens, batch.is_prefill, lora_slots)
+        requests = [self._by_seq[seq.seq_id] for seq in batch.seqs]
+        rows = [
+            SamplerInput(
+                params=r.params,
+                prompt_token_ids=r.seq.prompt_token_ids,
+                output_token_ids=r.seq.output_token_ids,
+                generator=r.generator,
+                eos_token_ids=r.eos_ids,
+                logits_processor=r.logits_processor,
+            )
+            for r in requests
+        ]
+        sampled = self.sampler(logits, rows)
+        self.scheduler.update(batch, sampled.token_ids)
+        return [
+            self._postprocess(r, token_id, logprob)
+            for r, token_id, logprob in zip(requests, sampled.token_ids, sampled.logprobs, strict=True)
+        ]
+
+    def _make_adapters_resident(self, seqs: list[Sequence]) -> list[int]:
+        needed = {s.adapter_id for s in seqs if s.adapter_id != BASE_ADAPTER_ID}
+        if needed:
+            in_use = self.scheduler.running_adapter_ids()
+            for slot, adapter_id in self.slot_table.assign(needed, in_use):
+                self.lora.load(slot, self._adapter_by_id[adapter_id].weights)
+        return [
+            -1 if s.adapter_id == BASE_ADAPTER_ID else self.slot_table.slot_of(s.adapter_id)  # type: ignore[misc]
+            for s in seqs
+        ]
+
+    def _postprocess(self, request: _Request, token_id: int, logprob: TokenLogprob | None) -> RequestDelta:
+        seq, params = request.seq, request.params
+        finish: str | None = None
+        text = ""
+        if token_id in request.eos_ids:
+            finish = "stop"
+        else:
+            if request.logits_processor is not None:
+                request.logits_processor.accept(token_id)
+            text = request.detokenizer.add(token_id)
+            if request.detokenizer.stopped:
+                finish = "stop"
+            elif request.logits_processor is not None and request.logits_processor.is_finished():
+                finish = "stop"
+            elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+                finish = "length"
+        if finish is not None:
+            text += request.detokenizer.flush()
+            self.scheduler.finish(seq)
+            self._release(request)
+        return RequestDelta(
+            request_id=request.request_id,
+            token_ids=[token_id],
+            text=text,
+            logprobs=[logprob] if logprob is not None else [],
+            finish_reason=finish,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+        )
+
+    def _release(self, request: _Request) -> None:
+        self._requests.pop(request.request_id, None)
+        self._by_seq.pop(request.seq.seq_id, None)
+        if request.seq.adapter_id != BASE_ADAPTER_ID:
+            adapter = self._adapter_by_id.get(request.seq.adapter_id)
+            if adapter is not None:
+                adapter.refcount -= 1
+
+
+def _model_max_len(hf_config) -> int:
+    return int(getattr(hf_config, "max_position_embeddings", 0) or 1 << 20)
+
+
+def _num_kv_blocks(config: EngineConfig, hf_config, dtype: torch.dtype, device: torch.device, max_len: int) -> int:
+    from engine.kv_cache import kv_cache_bytes_per_block
+
+    if config.num_kv_blocks > 0:
+        return config.num_kv_blocks
+    per_block = kv_cache_bytes_per_block(hf_config, config.block_size, dtype)
+    if config.kv_cache_memory > 0:
+        budget = config.kv_cache_memory
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(free - (1 - config.gpu_memory_utilization) * total)
+    else:
+        # CPU: room for every sequence at full length, capped at 2 GiB.
+        want = config.max_num_seqs * (-(-max_len // config.block_size)) * per_block
+        budget = min(want, 2 << 30)
+    blocks = budget // per_block
+    needed = -(-max_len // config.block_size)
+    if blocks < needed:
+        raise ValueError(
+            f"the KV cache budget ({budget} bytes) holds {blocks} blocks, fewer than the {needed} "
+            f"one sequence of max_model_len={max_len} needs; lower max_model_len or raise the budget"
+        )
+    return int(blocks)

@@ -1,0 +1,123 @@
+"""`LoRALinear`: a fused base projection plus preallocated per-slot LoRA buffers, wrapped from outside.
+
+The model never knows LoRA exists: `LoraSlots` swaps each projection for a `LoRALinear`, whose
+forward adds the adapters' deltas chosen by the current step's `LoraContext`. Buffers are
+allocated once (`num_slots` x `max_rank`), so loading an adapter is a copy, never an allocation,
+and every slot has the same shape, which is what the segmented/gathered kernels need.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.context import get_context, get_lora_context
+from engine.kernels.lora_ref import lora_bgmv, lora_shrink_expand_sgmv
+
+
+class LoRALinear(nn.Module):
+    """Wraps a fused linear (`.weight` [out, in], `.output_sizes`); one A/B stack per output slice.
+
+    a_stacks[i]: [num_slots, max_rank, in]        b_stacks[i]: [num_slots, output_sizes[i], max_rank]
+    """
+
+    def __init__(self, base_layer: nn.Module, num_slots: int, max_rank: int) -> None:
+        super().__init__()
+        if num_slots < 1 or max_rank < 1:
+            raise ValueError(f"num_slots and max_rank must be >= 1, got {num_slots} and {max_rank}")
+        self.base_layer = base_layer
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.output_sizes: list[int] = list(base_layer.output_sizes)
+        if sum(self.output_sizes) != self.out_features:
+            raise ValueError(f"output_sizes {self.output_sizes} do not sum to out_features {self.out_features}")
+        weight = base_layer.weight
+        for i, size in enumerate(self.output_sizes):
+            # Not persistent: these are runtime slots, not part of the model's checkpoint.
+            a = torch.zeros(num_slots, max_rank, self.in_features, device=weight.device, dtype=weight.dtype)
+            b = torch.zeros(num_slots, size, max_rank, device=weight.device, dtype=weight.dtype)
+            self.register_buffer(f"lora_a_{i}", a, persistent=False)
+            self.register_buffer(f"lora_b_{i}", b, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def a_stacks(self) -> list[torch.Tensor]:
+        # Looked up each time so `.to(device)` (which replaces buffers) is always reflected.
+        return [getattr(self, f"lora_a_{i}") for i in range(len(self.output_sizes))]
+
+    @property
+    def b_stacks(self) -> list[torch.Tensor]:
+        return [getattr(self, f"lora_b_{i}") for i in range(len(self.output_sizes))]
+
+    @property
+    def slice_offsets(self) -> list[int]:
+        offsets = [0]
+        for size in self.output_sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        return offsets
+
+    @torch.no_grad()
+    def set_lora(self, slot: int, slice_weights: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        """Copy one adapter into `slot`: per output slice, (A [r, in], B [out_i, r]) or None (not targeted)."""
+        self._check_slot(slot)
+        if len(slice_weights) != len(self.output_sizes):
+            raise ValueError(f"expected {len(self.output_sizes)} slices, got {len(slice_weights)}")
+        for i, pair in enumerate(slice_weights):
+            if pair is not None:
+                self._check_pair(i, *pair)
+        for a_stack, b_stack, pair in zip(self.a_stacks, self.b_stacks, slice_weights, strict=True):
+            a_stack[slot].zero_()
+            b_stack[slot].zero_()
+            if pair is not None:
+                a, b = pair
+                rank = a.shape[0]
+                a_stack[slot, :rank].copy_(a)
+                b_stack[slot, :, :rank].copy_(b)
+
+    @torch.no_grad()
+    def reset_lora(self, slot: int) -> None:
+        self._check_slot(slot)
+        for a_stack, b_stack in zip(self.a_stacks, self.b_stacks, strict=True):
+            a_stack[slot].zero_()
+            b_stack[slot].zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        lora = get_lora_context()
+        if lora is None or not lora.any_lora:
+            return y
+        x2 = x.reshape(-1, self.in_features)
+        y2 = y.view(-1, self.out_features)
+        # Prefill has few long segments (SGMV); decode has one token per sequence (BGMV).
+        prefill = get_context().is_prefill
+        for a_stack, b_stack, offset in zip(self.a_stacks, self.b_stacks, self.slice_offsets, strict=True):
+            if prefill:
+                lora_shrink_expand_sgmv(y2, x2, a_stack, b_stack, lora.seg_bounds, offset)
+            else:
+                lora_bgmv(y2, x2, a_stack, b_stack, lora.token_slots, offset)
+        return y
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+
+    def _check_pair(self, i: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        rank = a.shape[0]
+        if a.dim() != 2 or a.shape[1] != self.in_features:
+            raise ValueError(f"slice {i}: A must be [r, {self.in_features}], got {list(a.shape)}")
+        if b.dim() != 2 or tuple(b.shape) != (self.output_sizes[i], rank):
+            raise ValueError(f"slice {i}: B must be [{self.output_sizes[i]}, {rank}], got {list(b.shape)}")
+        if rank > self.max_rank:
+            raise ValueError(f"slice {i}: rank {rank} exceeds max_rank {self.max_rank}")
+
+    def extra_repr(self) -> str:
+        return f"output_sizes={self.output_sizes}, num_slots={self.num_slots}, max_rank={self.max_rank}"

@@ -1,0 +1,115 @@
+"""`LoraSlots`: wrap a model's projections with `LoRALinear` and copy adapters into GPU slots.
+
+The model only promises its fused module names and `packed_modules_mapping`; PEFT short names
+(`q_proj`, ...) are mapped to (fused module, output slice) through that mapping, so the model
+never imports anything adapter-related. Loading is a copy at a step boundary: the caller (the
+adapter registry) decides which slot is free; this class only moves tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from engine.lora.layers import LoRALinear
+
+# The PEFT names Quiver serves, and the fused modules each decoder layer must have.
+SHORT_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_NAMES: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+class _AdapterWeights(Protocol):
+    """What `load` reads from `adapters.weights.LoraWeights` (kept structural: engine owns no adapter types)."""
+
+    name: str
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    max_rank: int
+
+
+class LoraSlots:
+    """Owns the `LoRALinear` wrappers of every decoder layer and fills/clears their slots."""
+
+    def __init__(self, model: nn.Module, num_slots: int, max_rank: int) -> None:
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        mapping: dict[str, tuple[str, int]] = dict(getattr(model, "packed_modules_mapping", {}))
+        # short name -> (fused module name, slice index); unpacked names map to themselves.
+        self.targets: dict[str, tuple[str, int]] = {s: mapping.get(s, (s, 0)) for s in SHORT_NAMES}
+        # fused module name -> short names in slice order
+        self._slices: dict[str, list[str]] = {}
+        for short, (fused, _index) in sorted(self.targets.items(), key=lambda kv: kv[1]):
+            if fused not in FUSED_NAMES:
+                raise ValueError(f"packed_modules_mapping sends {short!r} to unknown module {fused!r}")
+            self._slices.setdefault(fused, []).append(short)
+        for fused, shorts in self._slices.items():
+            if [self.targets[s][1] for s in shorts] != list(range(len(shorts))):
+                raise ValueError(f"packed_modules_mapping slices of {fused!r} are not 0..n-1: {shorts}")
+        self.layers: list[dict[str, LoRALinear]] = [
+            {fused: self._wrap(layer, i, fused, num_slots, max_rank) for fused in FUSED_NAMES}
+            for i, layer in enumerate(model.model.layers)
+        ]
+        if not self.layers:
+            raise ValueError("the model has no decoder layers to wrap")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def expected_shapes(self) -> dict[str, tuple[int, int]]:
+        """PEFT short name -> (in_features, out_features) of the slice it adapts, for `load_adapter`."""
+        first = self.layers[0]
+        shapes = {}
+        for short, (fused, index) in self.targets.items():
+            module = first[fused]
+            shapes[short] = (module.in_features, module.output_sizes[index])
+        return shapes
+
+    def load(self, slot: int, weights: _AdapterWeights) -> None:
+        """Copy `weights` into `slot` of every layer; modules it does not target get zeros."""
+        self._check_slot(slot)
+        if weights.max_rank > self.max_rank:
+            raise ValueError(f"adapter {weights.name!r} has rank {weights.max_rank} > max_rank {self.max_rank}")
+        for layer_idx, short in weights.modules:
+            if short not in self.targets or not 0 <= layer_idx < self.num_layers:
+                raise ValueError(f"adapter {weights.name!r} has weights for unknown module ({layer_idx}, {short!r})")
+        for layer_idx, layer in enumerate(self.layers):
+            for fused, shorts in self._slices.items():
+                layer[fused].set_lora(slot, [weights.modules.get((layer_idx, s)) for s in shorts])
+
+    def clear(self, slot: int) -> None:
+        self._check_slot(slot)
+        for layer in self.layers:
+            for module in layer.values():
+                module.reset_lora(slot)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+
+    def _wrap(self, layer: nn.Module, layer_idx: int, fused: str, num_slots: int, max_rank: int) -> LoRALinear:
+        parent, base = _find_child(layer, fused, layer_idx)
+        if isinstance(base, LoRALinear):
+            raise ValueError(f"layer {layer_idx} {fused!r} is already wrapped")
+        expected = len(self._slices.get(fused, []))
+        if len(base.output_sizes) != expected:
+            raise ValueError(
+                f"layer {layer_idx} {fused!r} has output_sizes {base.output_sizes}; the packed mapping "
+                f"needs {expected} slices ({self._slices.get(fused)})"
+            )
+        wrapped = LoRALinear(base, num_slots, max_rank)
+        setattr(parent, fused, wrapped)
+        return wrapped
+
+
+def _find_child(layer: nn.Module, name: str, layer_idx: int) -> tuple[nn.Module, nn.Module]:
+    """(parent, module) of the single submodule called `name` (e.g. `self_attn.qkv_proj`)."""
+    found = [
+        (layer.get_submodule(path.rpartition(".")[0]), module)
+        for path, module in layer.named_modules()
+        if path.rpartition(".")[2] == name
+    ]
+    if len(found) != 1:
+        raise ValueError(f"layer {layer_idx}: expected exactly one {name!r} submodule, found {len(found)}")
+    return found[0]

@@ -1,0 +1,192 @@
+"""Building blocks of the Llama family: norms, rotary embedding, fused linears, SiLU-and-mul.
+
+Parameters are created with `torch.empty` (no random init): every one is overwritten by
+the weight loader, and initialising a multi-GB model first would only cost time. Build
+them under `with torch.device(...)` to place them directly on the target device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+    """Copy a checkpoint tensor into a parameter of the same shape (dtype converts on copy)."""
+    if shard_id is not None:
+        raise ValueError(f"parameter of shape {tuple(param.shape)} is not fused; got shard {shard_id}")
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+class FusedLinear(nn.Module):
+    """`y = x @ W.T + b` whose output is the concatenation of `output_sizes` slices.
+
+    One class for fused (`qkv_proj`, `gate_up_proj`) and plain (`o_proj`, `down_proj`)
+    projections, so LoRA can wrap all four the same way from outside: it reads
+    `weight`, `bias`, `in_features`, `out_features` and `output_sizes`.
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.output_sizes = list(output_sizes)
+        self.out_features = sum(self.output_sizes)
+        self.weight = nn.Parameter(
+            torch.empty(self.out_features, in_features, dtype=dtype), requires_grad=False
+        )
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        """Load the whole parameter (`shard_id=None`) or output slice `shard_id` of it."""
+        if shard_id is None:
+            default_weight_loader(param, loaded)
+            return
+        if not 0 <= shard_id < len(self.output_sizes):
+            raise ValueError(f"shard {shard_id} out of range for output sizes {self.output_sizes}")
+        offset = sum(self.output_sizes[:shard_id])
+        target = param.data.narrow(0, offset, self.output_sizes[shard_id])
+        if tuple(target.shape) != tuple(loaded.shape):
+            raise ValueError(
+                f"shape mismatch for shard {shard_id}: expected {tuple(target.shape)}, "
+                f"checkpoint {tuple(loaded.shape)}"
+            )
+        target.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, output_sizes={self.output_sizes}, bias={self.bias is not None}"
+        )
+
+
+class Embedding(nn.Module):
+    """Token embedding table [vocab, hidden]."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(
+            torch.empty(num_embeddings, embedding_dim, dtype=dtype), requires_grad=False
+        )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(nn.Module):
+    """Output projection [vocab, hidden]; its weight is the embedding's when tied."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension, computed in float32 like the reference implementation."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(input_dtype)
+
+
+class SiluAndMul(nn.Module):
+    """`silu(gate) * up` where the input is `[gate | up]` along the last dimension."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half layout) from precomputed inverse frequencies.
+
+    `inv_freq` and `attention_scaling` come from transformers' rope init functions, so every
+    scaling type they know (llama3, yarn, linear, ...) behaves exactly as in transformers.
+    cos/sin are computed per call from the positions: one small outer product, no table to
+    outgrow, and no host sync.
+    """
+
+    def __init__(self, head_dim: int, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotary_dim = inv_freq.numel() * 2
+        self.attention_scaling = float(attention_scaling)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [T, rotary_dim] for `positions` [T]."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` [T, heads, head_dim] with cos/sin [T, rotary_dim] (partial rotary allowed)."""
+    rotary_dim = cos.shape[-1]
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    if rotary_dim == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# Rope types whose frequencies depend on the running sequence length; a paged server
+# mixes lengths in one batch, so these would need per-sequence tables we do not have.
+_DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+
+
+def build_rotary_embedding(hf_config, head_dim: int) -> RotaryEmbedding:
+    """Rotary embedding for `hf_config`, using transformers' own rope init functions."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = rope_parameters(hf_config)
+    rope_type = params.get("rope_type", "default")
+    if rope_type in _DYNAMIC_ROPE_TYPES:
+        raise ValueError(f"rope type {rope_type!r} is not supported (frequencies depend on sequence length)")
+    if rope_type == "default":
+        rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        theta = float(params.get("rope_theta", 10000.0))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+        return RotaryEmbedding(head_dim, inv_freq, 1.0)
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"unknown rope type {rope_type!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    return RotaryEmbedding(head_dim, inv_freq, attention_scaling)
+
+
+def rope_parameters(hf_config) -> dict:
+    """The rope settings as one flat dict, for transformers 5 (`rope_parameters`) and 4 (`rope_scaling`)."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params:
+        return dict(params)
+    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
+    scaling.setdefault("rope_type", scaling.get("type", "default"))
+    scaling.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    return scaling

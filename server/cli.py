@@ -1,0 +1,167 @@
+"""The `quiver` command line: `quiver serve ...` (and `quiver train ...` from training/).
+
+Every serve option can also come from an environment variable (QUIVER_MODEL, QUIVER_PORT,
+...); a flag on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+# (flag, type, default, help); the environment variable is QUIVER_ + the flag in upper snake case.
+_SERVE_OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
+    ("--model", str, None,
+     "Base model: a local directory or a Hugging Face hub id. Without it the embedded demo model "
+     "and its demo adapters are served."),
+    ("--served-model-name", str, None,
+     "Name clients use in `model` for the base model (default: the model directory's name)."),
+    ("--host", str, DEFAULT_HOST, "Interface to listen on (0.0.0.0 for all)."),
+    ("--port", int, DEFAULT_PORT, "TCP port to listen on."),
+    ("--api-key", str, None,
+     "Require `Authorization: Bearer KEY` on /v1 routes (401 otherwise). Default: no authentication."),
+    ("--max-model-len", int, 2048, "Longest sequence (prompt + output) in tokens."),
+    ("--max-num-seqs", int, 64, "Most sequences in one running batch."),
+    ("--max-num-batched-tokens", int, 4096, "Most tokens in one forward pass (raised to --max-model-len)."),
+    ("--max-waiting", int, 1024, "Queued requests beyond which new ones get 429 with Retry-After."),
+    ("--max-loras", int, 8, "GPU LoRA slots: the most distinct adapters in one running batch."),
+    ("--max-lora-rank", int, 64, "Largest adapter rank accepted."),
+    ("--dtype", str, "auto", "Weights and activations: auto (float32 on CPU, bfloat16 on CUDA), float32, "
+                             "float16 or bfloat16."),
+    ("--device", str, "auto", "auto (CUDA when available), cpu, cuda or cuda:N."),
+    ("--block-size", int, 16, "Tokens per KV-cache block."),
+    ("--num-kv-blocks", int, 0, "KV-cache blocks; 0 sizes the cache from --kv-cache-memory or free memory."),
+    ("--kv-cache-memory", int, 0, "Bytes for the KV cache; 0 sizes it from free GPU memory (or, on CPU, "
+                                  "from max-num-seqs x max-model-len)."),
+    ("--gpu-memory-utilization", float, 0.9, "Fraction of GPU memory the server may use."),
+    ("--seed", int, 0, "Seed of the engine's random state (requests may pass their own `seed`)."),
+    ("--log-level", str, "info", "Log level: debug, info, warning, error."),
+]
+
+
+def env_name(flag: str) -> str:
+    return "QUIVER_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _parse_adapter(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name.strip(), Path(path.strip()).expanduser()
+
+
+def _env_default(flag: str, kind: Callable[[str], Any], default: Any, parser: argparse.ArgumentParser) -> Any:
+    raw = os.environ.get(env_name(flag))
+    if raw is None or raw == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        parser.error(f"{env_name(flag)}={raw!r} is not a valid {kind.__name__}")
+
+
+def add_serve_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="Serve a base model and its LoRA adapters over the OpenAI API.",
+        description="Serve a base model and its LoRA adapters over the OpenAI API. Each option can also "
+                    "be set by the environment variable shown; the flag wins.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for flag, kind, default, help_text in _SERVE_OPTIONS:
+        parser.add_argument(flag, type=kind, default=_env_default(flag, kind, default, parser),
+                            help=f"{help_text} [env {env_name(flag)}]")
+    env_adapters = [item for item in os.environ.get("QUIVER_ADAPTERS", "").split(",") if item.strip()]
+    try:
+        adapter_defaults = [_parse_adapter(item) for item in env_adapters]
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"QUIVER_ADAPTERS: {exc}")
+    parser.add_argument(
+        "--adapter", dest="adapters", metavar="NAME=PATH", type=_parse_adapter, action="append", default=None,
+        help="A LoRA adapter (PEFT directory) served under NAME; repeat for more. "
+             "[env QUIVER_ADAPTERS, comma-separated; flags replace it]",
+    )
+    parser.set_defaults(func=run_serve, adapter_defaults=adapter_defaults)
+
+
+def _add_train_parser(subparsers: Any) -> None:
+    # `quiver train` belongs to training/: its module `training.cli` provides
+    # `add_train_parser(subparsers)`, which registers the subcommand and its `func`.
+    if importlib.util.find_spec("training.cli") is None:
+        return
+    from training import cli as training_cli
+
+    training_cli.add_train_parser(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quiver", description="Quiver: one base model, many LoRA adapters.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_serve_parser(subparsers)
+    _add_train_parser(subparsers)
+    return parser
+
+
+def engine_config(args: argparse.Namespace, model: str) -> Any:
+    from engine.config import EngineConfig
+
+    return EngineConfig(
+        model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_waiting=args.max_waiting,
+        seed=args.seed,
+    )
+
+
+def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
+    """What builds the engine (in a worker thread, after the server listens)."""
+    adapters = dict(args.adapters if args.adapters is not None else args.adapter_defaults)
+    if args.model is not None:
+        config = engine_config(args, args.model)  # fail before listening on a bad option
+
+    def build() -> Any:
+        from engine.async_engine import AsyncEngine
+
+        if args.model is not None:
+            return AsyncEngine(config, adapters=adapters, served_model_name=args.served_model_name)
+        from engine.demo import ensure_demo_bundle
+
+        bundle = ensure_demo_bundle()
+        demo_adapters = {**bundle.adapters, **adapters}
+        return AsyncEngine(engine_config(args, str(bundle.model_dir)), adapters=demo_adapters,
+                           served_model_name=args.served_model_name)
+
+    return build
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.state import ServerState
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        factory = engine_factory(args)
+    except ValueError as exc:
+        print(f"quiver serve: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(ServerState(engine_factory=factory), api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

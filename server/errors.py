@@ -1,0 +1,166 @@
+"""The OpenAI error envelope, and the mapping from every failure to its HTTP status.
+
+Every 4xx/5xx body is `{"error": {"message", "type", "param", "code"}}` with all four keys,
+because the openai client reads them by name. Validation failures are 400, never 422.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from engine.errors import (
+    AdapterUnavailableError,
+    EngineDeadError,
+    EngineError,
+    EngineOverloadedError,
+    RequestTooLongError,
+    UnknownAdapterError,
+)
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 1
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """An error answered to the client in the OpenAI envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+
+def not_ready() -> APIError:
+    return APIError(503, "The model is still loading; retry shortly.", code="model_not_ready",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def from_validation_error(exc: ValidationError) -> APIError:
+    """The first pydantic error as a 400 naming the offending field."""
+    errors = exc.errors(include_url=False)
+    if not errors:
+        return bad_request(str(exc))
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if not str(part).startswith("function-")]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid value")
+    if param:
+        message = f"Invalid value for `{param}`: {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return bad_request(message, param=param, code="invalid_value")
+
+
+def from_engine_error(exc: Exception, model: str) -> APIError:
+    """Map what `engine.generate` raises before its first delta to a status."""
+    if isinstance(exc, UnknownAdapterError):
+        return model_not_found(model)
+    if isinstance(exc, AdapterUnavailableError):
+        # The adapter exists but cannot serve: the client may retry later or pick another.
+        return APIError(503, str(exc), param="model", code="model_unavailable",
+                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(429, str(exc) or "The server is overloaded; retry shortly.", code="overloaded",
+                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, RequestTooLongError):
+        return bad_request(str(exc), param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc) or "The engine stopped.", code="engine_dead")
+    if isinstance(exc, EngineError):
+        return APIError(500, str(exc), type="server_error", code="engine_error")
+    logger.exception("unexpected error from the engine", exc_info=exc)
+    return APIError(500, "Internal server error.", type="server_error", code="internal_error")
+
+
+async def parse_json_body(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    raw = await request.body()
+    if not raw.strip():
+        raise bad_request("The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def _http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    status = exc.status_code
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if status == 404:
+        message = f"No route for {request.method} {request.url.path}."
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status)
+    return APIError(status, message, code=code, headers=dict(exc.headers or {})).response()
+
+
+async def _validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ValidationError)
+    return from_validation_error(exc).response()
+
+
+async def _unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return APIError(500, "Internal server error.", type="server_error", code="internal_error").response()
+
+
+EXCEPTION_HANDLERS = {
+    APIError: _api_error_handler,
+    HTTPException: _http_exception_handler,
+    ValidationError: _validation_error_handler,
+    Exception: _unexpected_error_handler,
+}

@@ -1,0 +1,229 @@
+"""The OpenAI routes: chat completions, legacy completions, models."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from engine.sampling_params import SamplingParams
+from server import protocol
+from server.chat import apply_chat_template
+from server.errors import APIError, bad_request, from_engine_error, parse_json_body
+from server.generation import ChoiceRequest, ClientDisconnected, MergedGeneration, unless_disconnected
+from server.params import (
+    build_sampling_params,
+    check_chat_request,
+    check_completion_request,
+    resolve_max_tokens,
+)
+from server.protocol import ChoiceState, ResponseMeta
+from server.schemas import ChatCompletionRequest, CompletionRequest, PromptInput
+from server.state import ServerState
+from server.streaming import chat_events, completion_events, failed_delta_error, sse_response
+from server.structured import StructuredOutputs
+
+# Answer to a client that left: nobody reads it, but the log shows what happened.
+_CLIENT_CLOSED = 499
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.quiver
+
+
+async def _start(request: Request, gen: MergedGeneration, model: str) -> None:
+    """Start the engine requests and wait for their first deltas (errors become statuses)."""
+    gen.start()
+    try:
+        await unless_disconnected(request, gen.first_deltas())
+    except BaseException as exc:
+        await gen.aclose()
+        if isinstance(exc, ClientDisconnected | APIError | asyncio.CancelledError):
+            raise
+        if isinstance(exc, Exception):
+            raise from_engine_error(exc, model) from None
+        raise
+
+
+async def _collect(gen: MergedGeneration, num_choices: int) -> list[ChoiceState]:
+    states = [ChoiceState(index=i) for i in range(num_choices)]
+    async for index, delta in gen:
+        if delta.finish_reason in ("error", "abort"):
+            raise failed_delta_error(delta)
+        state = states[index]
+        state.text += delta.text
+        state.token_ids.extend(delta.token_ids)
+        state.logprobs.extend(delta.logprobs)
+        if delta.finished:
+            state.finish_reason = delta.finish_reason
+    return states
+
+
+async def _finish_unstreamed(request: Request, gen: MergedGeneration, num_choices: int) -> list[ChoiceState] | None:
+    try:
+        return await unless_disconnected(request, _collect(gen, num_choices))
+    except ClientDisconnected:
+        return None
+    finally:
+        await gen.aclose()
+
+
+def _terminal_ids(engine: Any, params: SamplingParams) -> set[int]:
+    """Token ids that end a choice without adding text (EOS unless ignored, stop token ids)."""
+    ids = set() if params.ignore_eos else set(engine.eos_token_ids)
+    return ids | set(params.stop_token_ids)
+
+
+def _structured(state: ServerState, engine: Any) -> StructuredOutputs:
+    if state.structured is None:
+        state.structured = StructuredOutputs(engine.tokenizer, set(engine.eos_token_ids))
+    return state.structured
+
+
+async def chat_completions(request: Request) -> Response:
+    state = _state(request)
+    req = ChatCompletionRequest.model_validate(await parse_json_body(request))
+    check_chat_request(req)
+    engine = state.require_engine()
+    adapter = state.resolve_model(req.model)
+    model = req.model or engine.model_name
+    prompt_ids = apply_chat_template(engine.tokenizer, req.messages)
+    max_tokens = resolve_max_tokens(req.wanted_max_tokens(), len(prompt_ids), engine.max_model_len, "messages")
+    top_logprobs = req.wanted_top_logprobs()
+    vocab_size = len(engine.tokenizer)
+    params = [build_sampling_params(req, max_tokens=max_tokens, top_logprobs=top_logprobs,
+                                    vocab_size=vocab_size, choice_index=i) for i in range(req.n)]
+    processors: list[Any] = [None] * req.n
+    schema = StructuredOutputs.schema_of(req.response_format)
+    if schema is not None:
+        processors = await asyncio.to_thread(_structured(state, engine).processors, schema, req.n)
+
+    completion_id = protocol.new_id("chatcmpl")
+    gen = MergedGeneration(engine, [
+        ChoiceRequest(i, f"{completion_id}-{i}", prompt_ids, params[i], adapter, processors[i])
+        for i in range(req.n)
+    ])
+    meta = ResponseMeta(completion_id, protocol.now(), model, engine, req.n, len(prompt_ids),
+                        top_logprobs=top_logprobs, include_usage=req.include_usage(),
+                        terminal_ids=[_terminal_ids(engine, p) for p in params])
+    try:
+        await _start(request, gen, model)
+    except ClientDisconnected:
+        return Response(status_code=_CLIENT_CLOSED)
+    if req.stream:
+        return sse_response(chat_events(gen, meta))
+    states = await _finish_unstreamed(request, gen, req.n)
+    if states is None:
+        return Response(status_code=_CLIENT_CLOSED)
+    return JSONResponse(protocol.chat_completion(
+        meta.completion_id, meta.created, model, states, engine, top_logprobs is not None, len(prompt_ids),
+        meta.terminal_ids))
+
+
+def _prompts(engine: Any, prompt: PromptInput) -> list[tuple[list[int], str]]:
+    """Each prompt as (token ids, text to echo)."""
+    vocab_size = len(engine.tokenizer)
+    if isinstance(prompt, str):
+        items: list[str | list[int]] = [prompt]
+    elif all(isinstance(p, int) for p in prompt):
+        items = [list(prompt)]  # type: ignore[arg-type]
+    else:
+        items = list(prompt)  # type: ignore[arg-type]
+    prompts = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            ids, text = list(engine.tokenizer.encode(item, add_special_tokens=True)), item
+        else:
+            bad = [t for t in item if not 0 <= t < vocab_size]
+            if bad:
+                raise bad_request(f"Prompt token id {bad[0]} is not a token id of this model.", param="prompt")
+            ids, text = list(item), engine.tokenizer.decode(item)
+        if not ids:
+            raise bad_request(f"Prompt {i} is empty.", param="prompt")
+        prompts.append((ids, text))
+    return prompts
+
+
+async def completions(request: Request) -> Response:
+    state = _state(request)
+    req = CompletionRequest.model_validate(await parse_json_body(request))
+    check_completion_request(req)
+    engine = state.require_engine()
+    adapter = state.resolve_model(req.model)
+    model = req.model or engine.model_name
+    prompts = _prompts(engine, req.prompt)
+    top_logprobs = req.logprobs
+    completion_id = protocol.new_id("cmpl")
+    created = protocol.now()
+    prompt_tokens = sum(len(ids) for ids, _ in prompts)
+    echo_texts = [text if req.echo else "" for _, text in prompts for _ in range(req.n)]
+    num_choices = len(prompts) * req.n
+
+    if req.max_tokens == 0:
+        # Only meaningful with echo: the answer is the prompt itself.
+        choices = [protocol.completion_choice(i, echo_texts[i], None, "length") for i in range(num_choices)]
+        return JSONResponse(protocol.completion_body(completion_id, created, model, choices,
+                                                     protocol.usage(prompt_tokens, 0)))
+
+    choice_requests = []
+    vocab_size = len(engine.tokenizer)
+    for p, (ids, _) in enumerate(prompts):
+        max_tokens = resolve_max_tokens(req.max_tokens, len(ids), engine.max_model_len, "prompt")
+        for i in range(req.n):
+            params = build_sampling_params(req, max_tokens=max_tokens, top_logprobs=top_logprobs,
+                                           vocab_size=vocab_size, choice_index=i)
+            index = p * req.n + i
+            choice_requests.append(ChoiceRequest(index, f"{completion_id}-{index}", ids, params, adapter))
+    gen = MergedGeneration(engine, choice_requests)
+    meta = ResponseMeta(completion_id, created, model, engine, num_choices, prompt_tokens,
+                        top_logprobs=top_logprobs, include_usage=req.include_usage(), echo_texts=echo_texts,
+                        terminal_ids=[_terminal_ids(engine, c.params) for c in choice_requests])
+    try:
+        await _start(request, gen, model)
+    except ClientDisconnected:
+        return Response(status_code=_CLIENT_CLOSED)
+    if req.stream:
+        return sse_response(completion_events(gen, meta))
+    states = await _finish_unstreamed(request, gen, num_choices)
+    if states is None:
+        return Response(status_code=_CLIENT_CLOSED)
+    choices = []
+    for state in states:
+        echo = echo_texts[state.index]
+        logprobs = None
+        if top_logprobs is not None:
+            hide = protocol.hides_last_token(state.token_ids, state.finish_reason, meta.terminal_ids[state.index])
+            logprobs = protocol.completion_logprobs(state.logprobs, engine, len(echo), hide)
+        choices.append(protocol.completion_choice(state.index, echo + state.text, logprobs, state.finish_reason))
+    usage = protocol.usage(prompt_tokens, sum(len(s.token_ids) for s in states))
+    return JSONResponse(protocol.completion_body(completion_id, created, model, choices, usage))
+
+
+async def list_models(request: Request) -> Response:
+    state = _state(request)
+    engine = state.require_engine()
+    base = engine.model_name
+    data = [protocol.model_card(base, state.created, base, None)]
+    data += [protocol.model_card(name, state.created, base, base) for name in engine.adapter_names()]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    state = _state(request)
+    engine = state.require_engine()
+    name = request.path_params["model"]
+    base = engine.model_name
+    state.resolve_model(name)  # 404 for unknown names
+    parent = None if name == base else base
+    return JSONResponse(protocol.model_card(name, state.created, base, parent))
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+]

@@ -1,0 +1,146 @@
+"""Request bodies of the OpenAI routes, as pydantic models.
+
+Unknown fields are tolerated (clients send newer or vendor-specific ones). Ranges a user can
+get wrong are checked here so that they come back as 400s naming the field; checks that
+need the model (vocabulary, context length) live in `server.params`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_STRINGS = 4
+MAX_CHOICES = 128
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+
+
+class _Tolerant(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # Clients send `"temperature": null` to mean "the default"; honour that for every
+        # field whose default is not null.
+        if isinstance(data, dict):
+            return {
+                key: value for key, value in data.items()
+                if not (value is None and key in cls.model_fields and cls.model_fields[key].default is not None)
+            }
+        return data
+
+
+class TextPart(_Tolerant):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Tolerant):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as one string; a list of text parts is joined without separators."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Tolerant):
+    include_usage: bool = False
+
+
+class JSONSchemaFormat(_Tolerant):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Tolerant):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("`json_schema` is required when type is `json_schema`")
+        return self
+
+
+Stop = str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None
+
+
+class _SamplingFields(_Tolerant):
+    """Fields shared by chat and legacy completions."""
+
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: int | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    logit_bias: dict[str, float] | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    min_tokens: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    user: str | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [s for s in stops if s]  # an empty stop string would end every request at once
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
+
+    def wanted_top_logprobs(self) -> int | None:
+        """None when no logprobs are wanted, else the number of alternatives."""
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
+
+    def wanted_max_tokens(self) -> int | None:
+        # max_completion_tokens supersedes the deprecated max_tokens.
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: PromptInput
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+    max_tokens: int | None = Field(default=16, ge=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: PromptInput) -> PromptInput:
+        if isinstance(value, list) and not value:
+            raise ValueError("`prompt` must not be an empty list")
+        return value

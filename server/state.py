@@ -1,0 +1,78 @@
+"""What the app holds between requests: the engine (once loaded) and when it became ready.
+
+The engine may be handed over ready-made (tests) or built by a factory in a worker thread
+after the server starts listening, so that `/health` answers at once and `/ready` turns
+200 only when the model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from server.errors import APIError, model_not_found, not_ready
+from server.protocol import now
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[[], Any]
+
+
+class ServerState:
+    def __init__(self, engine: Any | None = None, *, engine_factory: EngineFactory | None = None) -> None:
+        if (engine is None) == (engine_factory is None):
+            raise ValueError("give exactly one of engine and engine_factory")
+        self.engine = engine
+        self._factory = engine_factory
+        self._load_task: asyncio.Task[None] | None = None
+        self.ready = False
+        self.load_error: str | None = None
+        self.created = now()
+        self.structured: Any = None  # server.structured.StructuredOutputs, built on first use
+
+    async def startup(self) -> None:
+        """Start the given engine, or begin loading one in the background."""
+        if self.engine is not None:
+            await self.engine.start()
+            self.ready = True
+        else:
+            self._load_task = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        assert self._factory is not None
+        try:
+            engine = await asyncio.to_thread(self._factory)
+            await engine.start()
+        except Exception as exc:
+            logger.exception("loading the model failed")
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            return
+        self.engine = engine
+        self.ready = True
+        logger.info("model %s ready (adapters: %s)", engine.model_name, ", ".join(engine.adapter_names()) or "none")
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.engine is not None:
+            await self.engine.shutdown()
+
+    def require_engine(self) -> Any:
+        """The engine, or a 503 while it loads (or after it failed to load)."""
+        if not self.ready or self.engine is None:
+            if self.load_error is not None:
+                raise APIError(503, f"The model failed to load: {self.load_error}", code="model_load_failed")
+            raise not_ready()
+        return self.engine
+
+    def resolve_model(self, requested: str | None) -> str | None:
+        """The adapter a `model` field names, None for the base; 404 for anything else."""
+        engine = self.require_engine()
+        if not requested or requested == engine.model_name:
+            return None
+        if engine.has_adapter(requested):
+            return requested
+        raise model_not_found(requested)

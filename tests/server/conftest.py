@@ -1,0 +1,146 @@
+"""A live uvicorn server on 127.0.0.1 (free port, background thread) and openai clients for it.
+
+One tiny model and eight tiny adapters per session; each test module starts its own
+server on them and reuses it for all its tests.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from openai import OpenAI
+
+from engine.config import EngineConfig
+from server.app import create_app
+from server.state import ServerState
+
+NUM_ADAPTERS = 8
+ADAPTER_NAMES = [f"lora-{i}" for i in range(NUM_ADAPTERS)]
+MODEL_NAME = "tiny-base"
+
+
+class LiveServer:
+    """uvicorn serving `app` on a free port in a daemon thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+
+    def start(self, timeout: float = 30.0) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(15)
+        self._sock.close()
+        if self._thread.is_alive():
+            raise RuntimeError("the test server did not stop")
+
+    @property
+    def state(self) -> ServerState:
+        return self.app.state.quiver
+
+    @property
+    def engine(self) -> Any:
+        return self.state.engine
+
+    def client(self, **kwargs: Any) -> OpenAI:
+        return OpenAI(base_url=f"{self.base_url}/v1", api_key="x", max_retries=0, **kwargs)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30.0)
+
+
+@pytest.fixture(scope="session")
+def server_model_dir(tiny_model_factory: Callable[..., Path]) -> Path:
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def server_adapters(server_model_dir: Path, tiny_adapter_factory: Callable[..., Path]) -> dict[str, Path]:
+    """Eight adapters with different weights (and two ranks, two target sets)."""
+    adapters = {}
+    for i, name in enumerate(ADAPTER_NAMES):
+        targets = ("q_proj", "v_proj") if i % 2 == 0 else ("q_proj", "k_proj", "v_proj", "o_proj")
+        adapters[name] = tiny_adapter_factory(server_model_dir, seed=100 + i, rank=4 if i % 3 else 8,
+                                              target_modules=targets, weight_scale=1.5)
+    return adapters
+
+
+def engine_config(model_dir: Path, **overrides: Any) -> EngineConfig:
+    values: dict[str, Any] = dict(model=str(model_dir), device="cpu", dtype="float32", max_model_len=256,
+                                  max_num_seqs=32, max_loras=4, max_lora_rank=8)
+    values.update(overrides)
+    return EngineConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def start_server(
+    server_model_dir: Path, server_adapters: dict[str, Path]
+) -> Iterator[Callable[..., LiveServer]]:
+    """Start a server on the session's model and adapters; stopped when the module ends."""
+    from engine.async_engine import AsyncEngine
+
+    started: list[LiveServer] = []
+
+    def start(adapters: dict[str, Path] | None = None, api_key: str | None = None, **overrides: Any) -> LiveServer:
+        engine = AsyncEngine(engine_config(server_model_dir, **overrides),
+                             adapters=server_adapters if adapters is None else adapters,
+                             served_model_name=MODEL_NAME)
+        live = LiveServer(create_app(ServerState(engine), api_key=api_key)).start()
+        started.append(live)
+        return live
+
+    yield start
+    for live in started:
+        live.stop()
+
+
+@pytest.fixture(scope="module")
+def live(start_server: Callable[..., LiveServer]) -> LiveServer:
+    return start_server()
+
+
+@pytest.fixture(scope="module")
+def client(live: LiveServer) -> OpenAI:
+    return live.client()
+
+
+# TEMP-SHIM (remove once engine/sampler.py takes logits_processor)
+def _temp_shim() -> None:
+    import dataclasses
+
+    import engine.llm_engine as le
+    import engine.sampler as sm
+
+    if "logits_processor" not in {f.name for f in dataclasses.fields(sm.SamplerInput)}:
+        orig = sm.SamplerInput
+
+        def shim(logits_processor: Any = None, **kw: Any) -> Any:
+            return orig(**kw)
+
+        le.SamplerInput = shim  # type: ignore[misc,assignment]
+
+
+_temp_shim()
