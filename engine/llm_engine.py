@@ -75,6 +75,8 @@ class LLMEngine:
         num_blocks = _num_kv_blocks(config, self.hf_config, self.dtype, self.device, self.max_model_len)
         allocate_kv_cache(self.model, num_blocks, config.block_size, self.dtype, self.device)
         self.num_kv_blocks = num_blocks
+        # A sequence must fit the pool alone, or it could wait forever.
+        self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_blocks=num_blocks,

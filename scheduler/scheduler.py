@@ -230,7 +230,7 @@ class Scheduler:
             else:
                 self._preempt(seq, preempted)
         # A copy: finishing a sequence must not change the batch the engine holds.
-        self._running = scheduled
+        self._running = list(scheduled)
         return ScheduledBatch(
             scheduled, is_prefill=False, num_new_tokens=[1] * len(scheduled), preempted=preempted
         )

@@ -114,7 +114,9 @@ def _merge_splits_kernel(
     m = tl.load(ml_row, mask=mask_s, other=float("-inf"))
     l_part = tl.load(ml_row + 1, mask=mask_s, other=0.0)
     m_max = tl.max(m, axis=0)
-    w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)
+    # All partitions empty (no context): keep exp2's argument finite, the weights all zero.
+    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
+    w = tl.exp2(m - m_max)
     denom = tl.sum(w * l_part, axis=0)
     part = tl.load(
         part_ptr + b.to(tl.int64) * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],

@@ -104,7 +104,6 @@ def test_sharded_checkpoint_matches_transformers(tiny_model_factory) -> None:
             "original_max_position_embeddings": 16,
         },
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
-        {"rope_type": "linear", "factor": 2.0},
     ],
     ids=lambda r: r["rope_type"],
 )
