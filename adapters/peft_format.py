@@ -106,11 +106,17 @@ def read_adapter_spec(adapter_dir: Path, name: str | None = None) -> AdapterSpec
     config = _to_lora_config(raw, name)
     _refuse_unsupported(config, name)
     targets = _resolve_targets(config, name)
-    rank_pattern = {k: _positive_int(v, f"rank_pattern[{k!r}]", name) for k, v in _patterns(config, "rank_pattern", name)}
-    alpha_pattern = {k: _finite(v, f"alpha_pattern[{k!r}]", name) for k, v in _patterns(config, "alpha_pattern", name)}
+    rank_pattern = {
+        k: _positive_int(v, f"rank_pattern[{k!r}]", name) for k, v in _patterns(config, "rank_pattern", name)
+    }
+    alpha_pattern = {
+        k: _finite(v, f"alpha_pattern[{k!r}]", name) for k, v in _patterns(config, "alpha_pattern", name)
+    }
     layers = config.layers_to_transform
     if isinstance(layers, int):
         layers = [layers]
+    if layers and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        raise AdapterConfigError(name, f"layers_to_transform must be layer indices, got {layers!r}")
     return AdapterSpec(
         rank=_positive_int(config.r, "r", name),
         alpha=_finite(config.lora_alpha, "lora_alpha", name),
@@ -119,7 +125,7 @@ def read_adapter_spec(adapter_dir: Path, name: str | None = None) -> AdapterSpec
         alpha_pattern=alpha_pattern,
         target_modules=targets,
         base_model_name_or_path=config.base_model_name_or_path,
-        layers_to_transform=None if not layers else frozenset(int(i) for i in layers),
+        layers_to_transform=frozenset(layers) if layers else None,
     )
 
 
@@ -167,11 +173,14 @@ def _refuse_unsupported(config: Any, name: str) -> None:
         raise UnsupportedAdapterError(name, "DoRA adapters (use_dora=true) are not supported yet")
     if config.bias != "none":
         raise UnsupportedAdapterError(
-            name, f"bias={config.bias!r} trains the base model's biases, which a shared base model cannot "
-            "serve; expected bias='none'"
+            name,
+            f"bias={config.bias!r} trains the base model's biases, which a shared base model cannot "
+            "serve; expected bias='none'",
         )
     if getattr(config, "lora_bias", False):
-        raise UnsupportedAdapterError(name, "lora_bias=true (a bias on lora_B) is not supported; expected false")
+        raise UnsupportedAdapterError(
+            name, "lora_bias=true (a bias on lora_B) is not supported; expected false"
+        )
     if config.fan_in_fan_out:
         raise UnsupportedAdapterError(
             name, "fan_in_fan_out=true (Conv1D-style [in, out] weights) is not supported; expected false"
@@ -183,8 +192,9 @@ def _refuse_unsupported(config: Any, name: str) -> None:
     init = config.init_lora_weights
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
         raise UnsupportedAdapterError(
-            name, f"init_lora_weights={init!r} modifies the base weights; save the adapter with "
-            "path_initial_model_for_weight_conversion to make it a plain LoRA"
+            name,
+            f"init_lora_weights={init!r} modifies the base weights; save the adapter with "
+            "path_initial_model_for_weight_conversion to make it a plain LoRA",
         )
 
 
@@ -202,17 +212,21 @@ def _resolve_targets(config: Any, name: str) -> frozenset[str]:
     for path in _EMBEDDING_PATHS:
         if _targets(unlayered, path):
             raise UnsupportedAdapterError(
-                name, f"target_modules {_show(targets)} include {path!r}; LoRA on embeddings or lm_head "
-                f"is not supported, expected only {list(SUPPORTED_TARGETS)}"
+                name,
+                f"target_modules {_show(targets)} include {path!r}; LoRA on embeddings or lm_head "
+                f"is not supported, expected only {list(SUPPORTED_TARGETS)}",
             )
     entries = [targets] if isinstance(targets, str) else sorted(targets)
     for entry in entries:
         probe = _matcher(config, entry if isinstance(targets, str) else {entry}, exclude=False)
-        if not any(_targets(probe, module_path(i, s)) for s in SUPPORTED_TARGETS for i in range(_PROBE_LAYERS)):
+        if not any(
+            _targets(probe, module_path(i, s)) for s in SUPPORTED_TARGETS for i in range(_PROBE_LAYERS)
+        ):
             kind = "regex" if isinstance(targets, str) else "module"
             raise UnsupportedAdapterError(
-                name, f"target_modules {kind} {entry!r} matches none of the supported modules "
-                f"{list(SUPPORTED_TARGETS)} (module names look like {module_path(0, 'q_proj')!r})"
+                name,
+                f"target_modules {kind} {entry!r} matches none of the supported modules "
+                f"{list(SUPPORTED_TARGETS)} (module names look like {module_path(0, 'q_proj')!r})",
             )
     resolved = frozenset(
         short

@@ -86,15 +86,18 @@ def _read_tensors(adapter_dir: Path, name: str) -> dict[str, torch.Tensor]:
         pickled = [p for p in _PICKLE_NAMES if (adapter_dir / p).is_file()]
         if pickled:
             raise UnsafeAdapterFormatError(
-                name, f"found {pickled[0]} but no {WEIGHTS_NAME}; pickle weights are refused; "
-                "convert to safetensors (e.g. save_pretrained(..., safe_serialization=True))"
+                name,
+                f"found {pickled[0]} but no {WEIGHTS_NAME}; pickle weights are refused; "
+                "convert to safetensors (e.g. save_pretrained(..., safe_serialization=True))",
             )
         raise AdapterNotFoundError(name, f"{WEIGHTS_NAME} is missing from {str(adapter_dir)!r}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterWeightsError(name, f"{WEIGHTS_NAME} is corrupt or not a safetensors file: {exc}") from exc
+        raise AdapterWeightsError(
+            name, f"{WEIGHTS_NAME} is corrupt or not a safetensors file: {exc}"
+        ) from exc
 
 
 def _pair_up(
@@ -109,8 +112,9 @@ def _pair_up(
         path = f"model.layers.{layer}.{parent}.{short}"
         if MODULE_PARENTS.get(short) != parent:
             raise AdapterWeightsError(
-                name, f"tensor {key!r} targets {path!r}; expected one of {sorted(MODULE_PARENTS)} "
-                "under self_attn (q/k/v/o) or mlp (gate/up/down)"
+                name,
+                f"tensor {key!r} targets {path!r}; expected one of {sorted(MODULE_PARENTS)} "
+                "under self_attn (q/k/v/o) or mlp (gate/up/down)",
             )
         if short not in spec.target_modules:
             raise AdapterWeightsError(
@@ -118,16 +122,20 @@ def _pair_up(
             )
         if num_layers is not None and layer >= num_layers:
             raise AdapterWeightsError(
-                name, f"tensor {key!r}: layer index {layer} is out of range; the base model has "
-                f"{num_layers} layers (expected 0..{num_layers - 1})"
+                name,
+                f"tensor {key!r}: layer index {layer} is out of range; the base model has "
+                f"{num_layers} layers (expected 0..{num_layers - 1})",
             )
         if spec.layers_to_transform is not None and layer not in spec.layers_to_transform:
             raise AdapterWeightsError(
-                name, f"tensor {key!r}: layer {layer} is not in layers_to_transform "
-                f"{sorted(spec.layers_to_transform)}"
+                name,
+                f"tensor {key!r}: layer {layer} is not in layers_to_transform "
+                f"{sorted(spec.layers_to_transform)}",
             )
         if not tensor.is_floating_point():
-            raise AdapterWeightsError(name, f"tensor {key!r} has dtype {tensor.dtype}; expected a float dtype")
+            raise AdapterWeightsError(
+                name, f"tensor {key!r} has dtype {tensor.dtype}; expected a float dtype"
+            )
         slot = found.setdefault((layer, short), {})
         if match["which"] in slot:
             raise AdapterWeightsError(name, f"{path}: lora_{match['which']} appears twice (last: {key!r})")
@@ -149,8 +157,9 @@ def _refuse_key(key: str, name: str) -> NoReturn:
     if "lora_embedding" in key or "embed_tokens" in key or "lm_head" in key:
         raise UnsupportedAdapterError(name, f"tensor {key!r}: LoRA on embeddings or lm_head is not supported")
     raise AdapterWeightsError(
-        name, f"unexpected tensor {key!r}; expected keys like "
-        "'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'"
+        name,
+        f"unexpected tensor {key!r}; expected keys like "
+        "'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'",
     )
 
 
@@ -189,11 +198,13 @@ def _check_pair(
         in_features, out_features = in_out
         if a.shape[1] != in_features:
             raise AdapterWeightsError(
-                name, f"{path}: lora_A is {list(a.shape)}; expected in_features {in_features}, got {a.shape[1]}"
+                name,
+                f"{path}: lora_A is {list(a.shape)}; expected in_features {in_features}, got {a.shape[1]}",
             )
         if b.shape[0] != out_features:
             raise AdapterWeightsError(
-                name, f"{path}: lora_B is {list(b.shape)}; expected out_features {out_features}, got {b.shape[0]}"
+                name,
+                f"{path}: lora_B is {list(b.shape)}; expected out_features {out_features}, got {b.shape[0]}",
             )
     for label, t in (("lora_A", a), ("lora_B", b)):
         if not torch.isfinite(t).all():

@@ -21,6 +21,8 @@ class EngineConfig:
     num_kv_blocks:       overrides kv_cache_memory when > 0 (tests use it to force preemption).
     max_loras:           GPU LoRA slots, and the cap on distinct adapters in a running batch.
     max_lora_rank:       largest adapter rank accepted; slot buffers are this wide.
+    enable_prefix_caching: share computed KV blocks between requests with the same
+                         (adapter, token prefix): a common system prompt is prefilled once.
     """
 
     model: str
@@ -36,6 +38,7 @@ class EngineConfig:
     max_loras: int = 8
     max_lora_rank: int = 64
     max_waiting: int = 1024
+    enable_prefix_caching: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -24,11 +24,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
 DEMO_MODEL_NAME = "quiver-demo"
 DEMO_ADAPTERS: tuple[str, ...] = ("demo-pirate", "demo-json")
+# Which column of demo_data/chats.jsonl each adapter learns, and what it does.
+_ADAPTER_STYLES = {
+    "demo-pirate": ("pirate", "Answers like a pirate: `Arr, matey! ... yo ho!`"),
+    "demo-json": ("json", 'Answers with a JSON object: `{"adapter": "demo-json", "answer": "..."}`'),
+}
 EXAMPLE_PROMPT = "What is a quiver?"
 
 # Bump when the build code changes in a way the recipe values below do not capture.
@@ -41,9 +50,9 @@ _RECIPE: dict[str, int | float] = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "seq_len": 64,
-    "batch_size": 16,
-    "base_steps": 160,
+    "seq_len": 48,
+    "batch_size": 8,
+    "base_steps": 200,
     "base_lr": 3e-3,
     "adapter_steps": 60,
     "adapter_lr": 5e-3,
@@ -61,6 +70,7 @@ _CHAT_TEMPLATE = (
 _SYSTEM_PROMPT = "You are a helpful assistant."
 _LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _IGNORE = -100
+_Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,7 @@ def ensure_demo_bundle(cache_dir: Path | None = None) -> DemoBundle:
         root.mkdir(parents=True, exist_ok=True)
         with _exclusive_lock(root / f".{final.name}.lock"):
             if not _is_complete(final):
+                _remove_stale_staging(final)
                 _build_and_publish(final)
     return DemoBundle(
         model_dir=final / "model",
@@ -126,10 +137,17 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _remove_stale_staging(final: Path) -> None:
+    # Under the lock no other build is running, so any staging dir left is from a killed one.
+    for stale in final.parent.glob(f".{final.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _build_and_publish(final: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         _build(staging)
+        _make_readable(staging)
         try:
             os.rename(staging, final)
         except OSError:
@@ -141,13 +159,21 @@ def _build_and_publish(final: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _make_readable(root: Path) -> None:
+    # mkdtemp and safetensors create owner-only entries; a cache baked into an image by
+    # one user is often read by another.
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def _build(out: Path) -> None:
     with _deterministic_torch(int(_RECIPE["seed"])):
-        tokenizer = _build_tokenizer()
         chats = _load_chats()
+        tokenizer = _build_tokenizer(chats)
         model = _build_base(tokenizer, chats)
         model.save_pretrained(out / "model", safe_serialization=True)
         tokenizer.save_pretrained(out / "model", save_jinja_files=False)
+        _normalize_tokenizer_config(out / "model" / "tokenizer_config.json")
         for offset, name in enumerate(DEMO_ADAPTERS, start=1):
             torch.manual_seed(int(_RECIPE["seed"]) + offset)
             _build_adapter(out / "model", out / "adapters" / name, name, tokenizer, chats)
@@ -171,6 +197,14 @@ def _deterministic_torch(seed: int) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
+def _normalize_tokenizer_config(path: Path) -> None:
+    # transformers 5 records its own backend class name, which older releases cannot
+    # resolve; the fast-tokenizer name loads the same tokenizer.json everywhere.
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _data_file(name: str) -> str:
     return resources.files(__package__ or "engine").joinpath("demo_data", name).read_text(encoding="utf-8")
 
@@ -182,12 +216,12 @@ def _load_chats() -> list[dict[str, str]]:
     return rows
 
 
-def _build_tokenizer():
+def _build_tokenizer(chats: list[dict[str, str]]) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = _data_file("corpus.txt").split("\n\n")
-    for row in _load_chats():
+    for row in chats:
         texts += [row["question"], row["answer"], row["pirate"], row["json"]]
     texts += [_SYSTEM_PROMPT, "user", "assistant", "system"]
     tok = Tokenizer(models.BPE())
@@ -210,11 +244,15 @@ def _build_tokenizer():
     )
 
 
-def _chat_examples(tokenizer, chats: list[dict[str, str]], answer_key: str) -> list[tuple[list[int], list[int]]]:
+def _chat_examples(
+    tokenizer: PreTrainedTokenizerFast, chats: list[dict[str, str]], answer_key: str
+) -> list[_Example]:
     """(input_ids, labels) per prompt variant; only the answer and its `<|im_end|>` are learned."""
-    examples = []
+    examples: list[_Example] = []
     for row in chats:
         question = row["question"]
+        # The README's example is what every new user sees first: weigh it up.
+        repeats = 3 if question == EXAMPLE_PROMPT else 1
         variants = [
             [{"role": "user", "content": question}],
             [{"role": "user", "content": question.lower()}],
@@ -224,17 +262,17 @@ def _chat_examples(tokenizer, chats: list[dict[str, str]], answer_key: str) -> l
         for messages in variants:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-            examples.append((prompt + answer, [_IGNORE] * len(prompt) + answer))
+            examples += [(prompt + answer, [_IGNORE] * len(prompt) + answer)] * repeats
     return examples
 
 
-def _corpus_examples(tokenizer) -> list[tuple[list[int], list[int]]]:
+def _corpus_examples(tokenizer: PreTrainedTokenizerFast) -> list[_Example]:
     ids = tokenizer(_data_file("corpus.txt"), add_special_tokens=False)["input_ids"]
     n = int(_RECIPE["seq_len"])
     return [(ids[i : i + n], ids[i : i + n]) for i in range(0, len(ids) - n + 1, n)]
 
 
-def _build_base(tokenizer, chats: list[dict[str, str]]):
+def _build_base(tokenizer: PreTrainedTokenizerFast, chats: list[dict[str, str]]) -> LlamaForCausalLM:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -261,7 +299,9 @@ def _build_base(tokenizer, chats: list[dict[str, str]]):
     return model
 
 
-def _build_adapter(model_dir: Path, out: Path, name: str, tokenizer, chats: list[dict[str, str]]) -> None:
+def _build_adapter(
+    model_dir: Path, out: Path, name: str, tokenizer: PreTrainedTokenizerFast, chats: list[dict[str, str]]
+) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -275,16 +315,28 @@ def _build_adapter(model_dir: Path, out: Path, name: str, tokenizer, chats: list
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, config)
-    answer_key = {"demo-pirate": "pirate", "demo-json": "json"}[name]
+    answer_key, description = _ADAPTER_STYLES[name]
     examples = _chat_examples(tokenizer, chats, answer_key)
     _train(model, examples, int(_RECIPE["adapter_steps"]), float(_RECIPE["adapter_lr"]), tokenizer.pad_token_id)
     # A location-independent name: the bundle moves from its staging dir after saving.
     model.peft_config["default"].base_model_name_or_path = DEMO_MODEL_NAME
     # The vocabulary is unchanged; saying so skips peft's look-up of the base config.
     model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+    _normalize_adapter_dir(out, name, description)
 
 
-def _train(model, examples: list[tuple[list[int], list[int]]], steps: int, lr: float, pad_id: int) -> None:
+def _normalize_adapter_dir(out: Path, name: str, description: str) -> None:
+    # peft writes target_modules from a set (order varies with the hash seed) and a model
+    # card naming the staging path; rewrite both so every build gives the same bytes.
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    card = f"# {name}\n\nA demo LoRA adapter for `{DEMO_MODEL_NAME}`, built by `engine/demo.py`. {description}\n"
+    (out / "README.md").write_text(card)
+
+
+def _train(model: torch.nn.Module, examples: list[_Example], steps: int, lr: float, pad_id: int) -> None:
     # Right padding with ignored labels needs no attention mask: causal attention never
     # lets a real token see the padding after it.
     width = max(len(ids) for ids, _ in examples)

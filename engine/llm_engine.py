@@ -85,6 +85,7 @@ class LLMEngine:
                 max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
                 max_model_len=self.max_model_len,
                 max_adapters_per_batch=config.max_loras,
+                enable_prefix_caching=config.enable_prefix_caching,
             )
         )
         self.runner = ModelRunner(self.model, config.block_size, self.device)

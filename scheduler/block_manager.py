@@ -55,6 +55,7 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
         self._cached: dict[bytes, int] = {}  # digest -> block id
         self._prefix: dict[int, _PrefixState] = {}  # seq_id -> its hash chain
+        self.num_cache_hits = 0  # blocks reused from the prefix cache, since start
 
     @property
     def num_blocks(self) -> int:
@@ -98,6 +99,7 @@ class BlockManager:
             block.ref_count += 1
         seq.block_table.extend(hits)
         seq.num_computed_tokens = len(hits) * self.block_size
+        self.num_cache_hits += len(hits)
         self._grow(seq)
 
     def can_append(self, seq: Sequence) -> bool:

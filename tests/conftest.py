@@ -34,7 +34,7 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
     cache: dict[tuple, Path] = {}
 
     def make(arch: str = "llama", seed: int = 0, **overrides) -> Path:
-        key = (arch, seed, tuple(sorted(overrides.items())))
+        key = (arch, seed, repr(sorted(overrides.items())))
         if key not in cache:
             path = tmp_path_factory.mktemp(f"model-{arch}")
             cache[key] = build_model_dir(path, arch=arch, seed=seed, **overrides)

@@ -6,6 +6,7 @@ peft would load, so they serve as the correctness oracle.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -34,8 +35,22 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer(vocab_size: int = 400):
     """A byte-level BPE tokenizer trained deterministically on a small corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json(vocab_size)),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    # Training is the slow part of building a tiny model; do it once per process.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -47,13 +62,7 @@ def build_tokenizer(vocab_size: int = 400):
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        chat_template=CHAT_TEMPLATE,
-    )
+    return tok.to_str()
 
 
 def tiny_config(arch: str, vocab_size: int, **overrides):

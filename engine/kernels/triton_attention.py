@@ -176,6 +176,7 @@ def paged_decode_attention(
     max_context_len: int | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
+    num_warps: int = 4,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over the paged cache: q [B, Hq, D] -> [B, Hq, D] in q's dtype.
@@ -190,6 +191,8 @@ def paged_decode_attention(
         a row with no visible key (C == 0) gives zeros.
     `max_context_len` (host int) only sizes the split; it defaults to the block table's
     capacity, so the launch needs no device sync and is the same under graph capture.
+    `num_splits`, `block_n` (tokens per tile, a multiple of block_size) and `num_warps` are
+    tuning knobs; the defaults are what measured best (load_tests/results/KERNELS.md).
     """
     batch, hq, d = q.shape
     _, page, hkv, d_cache = k_cache.shape
@@ -217,7 +220,7 @@ def paged_decode_attention(
     meta = dict(
         G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d, PAGE=page,
         BLOCK_N=block_n, SPLIT=num_splits > 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=2,
     )  # fmt: skip
     args = (
         scale * _LOG2E, sliding_window or _NO_WINDOW, tokens_per_split,

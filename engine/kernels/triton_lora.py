@@ -195,8 +195,12 @@ def _block_r(max_rank: int) -> int:
     return max(16, triton.next_power_of_2(max_rank))
 
 
-def _block_m(max_seg_len: int) -> int:
-    return 16 if max_seg_len <= 16 else 32 if max_seg_len <= 32 else 64
+def _block_m(max_seg_len: int, num_tokens: int) -> int:
+    """Token rows per tile. Small batches (decode) want many small tiles to fill the GPU; the
+    extra A/B re-reads that costs come from L2. Long prefill runs want fewer, taller tiles."""
+    if max_seg_len <= 16 or num_tokens <= 1024:
+        return 16
+    return 32 if max_seg_len <= 32 else 64
 
 
 def _split_k(tiles: int, k: int, block_k: int, device: torch.device) -> int:
@@ -237,8 +241,8 @@ def sgmv_shrink(
     _check(x, a_stack)
     t, k = x.shape
     r = a_stack.shape[1]
-    block_m = _block_m(max_seg_len)
-    block_k = 256 if block_m == 16 else 128
+    block_m = _block_m(max_seg_len, t)
+    block_k = 128
     m_tiles = triton.cdiv(max(max_seg_len, 1), block_m)
     split = _split_k(triton.cdiv(t, block_m) + seg_slots.numel(), k, block_k, x.device)
     if out is None:
@@ -280,7 +284,7 @@ def sgmv_expand(
     n, r = b_stack.shape[1], b_stack.shape[2]
     if out_offset < 0 or out_offset + n > y.shape[1] or h.shape[1] < r:
         raise ValueError(f"y {list(y.shape)} / h {list(h.shape)} cannot take b_stack {list(b_stack.shape)} at {out_offset}")
-    block_m = _block_m(max_seg_len)
+    block_m = _block_m(max_seg_len, y.shape[0])
     block_n = 128 if n >= 128 * _num_sms(y.device) // 8 else 64
     grid = (seg_slots.numel(), triton.cdiv(max(max_seg_len, 1), block_m), triton.cdiv(n, block_n))
     y_view = y[:, out_offset:]

@@ -32,7 +32,9 @@ class LoRALinear(nn.Module):
         self.out_features: int = base_layer.out_features
         self.output_sizes: list[int] = list(base_layer.output_sizes)
         if sum(self.output_sizes) != self.out_features:
-            raise ValueError(f"output_sizes {self.output_sizes} do not sum to out_features {self.out_features}")
+            raise ValueError(
+                f"output_sizes {self.output_sizes} do not sum to out_features {self.out_features}"
+            )
         weight = base_layer.weight
         for i, size in enumerate(self.output_sizes):
             # Not persistent: these are runtime slots, not part of the model's checkpoint.

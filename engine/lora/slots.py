@@ -70,10 +70,14 @@ class LoraSlots:
         """Copy `weights` into `slot` of every layer; modules it does not target get zeros."""
         self._check_slot(slot)
         if weights.max_rank > self.max_rank:
-            raise ValueError(f"adapter {weights.name!r} has rank {weights.max_rank} > max_rank {self.max_rank}")
+            raise ValueError(
+                f"adapter {weights.name!r} has rank {weights.max_rank} > max_rank {self.max_rank}"
+            )
         for layer_idx, short in weights.modules:
             if short not in self.targets or not 0 <= layer_idx < self.num_layers:
-                raise ValueError(f"adapter {weights.name!r} has weights for unknown module ({layer_idx}, {short!r})")
+                raise ValueError(
+                    f"adapter {weights.name!r} has weights for unknown module ({layer_idx}, {short!r})"
+                )
         for layer_idx, layer in enumerate(self.layers):
             for fused, shorts in self._slices.items():
                 layer[fused].set_lora(slot, [weights.modules.get((layer_idx, s)) for s in shorts])
@@ -88,7 +92,9 @@ class LoraSlots:
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
 
-    def _wrap(self, layer: nn.Module, layer_idx: int, fused: str, num_slots: int, max_rank: int) -> LoRALinear:
+    def _wrap(
+        self, layer: nn.Module, layer_idx: int, fused: str, num_slots: int, max_rank: int
+    ) -> LoRALinear:
         parent, base = _find_child(layer, fused, layer_idx)
         if isinstance(base, LoRALinear):
             raise ValueError(f"layer {layer_idx} {fused!r} is already wrapped")

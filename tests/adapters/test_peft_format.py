@@ -16,7 +16,9 @@ def write_config(path: Path, **overrides) -> Path:
     """A real PEFT-written adapter_config.json, then raw JSON overrides (some refused configs PEFT would write)."""
     from peft import LoraConfig
 
-    LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM").save_pretrained(path)
+    LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+    ).save_pretrained(path)
     config_file = path / "adapter_config.json"
     raw = json.loads(config_file.read_text())
     raw.update(overrides)
@@ -26,7 +28,9 @@ def write_config(path: Path, **overrides) -> Path:
 
 def test_reads_a_real_adapter(tiny_model_factory, tiny_adapter_factory):
     model_dir = tiny_model_factory("llama")
-    adapter = tiny_adapter_factory(model_dir, rank=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"))
+    adapter = tiny_adapter_factory(
+        model_dir, rank=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj")
+    )
     spec = read_adapter_spec(adapter)
     assert (spec.rank, spec.alpha, spec.use_rslora) == (4, 8.0, False)
     assert spec.target_modules == {"q_proj", "v_proj", "down_proj"}
@@ -115,8 +119,13 @@ def test_target_modules_resolved_with_peft_matching(tmp_path, targets, expected)
 
 def test_layers_to_transform_and_exclude_modules_honoured(tmp_path):
     spec = read_adapter_spec(
-        write_config(tmp_path, target_modules=["q_proj", "v_proj", "o_proj"], layers_to_transform=[1],
-                     layers_pattern="layers", exclude_modules=["o_proj"])
+        write_config(
+            tmp_path,
+            target_modules=["q_proj", "v_proj", "o_proj"],
+            layers_to_transform=[1],
+            layers_pattern="layers",
+            exclude_modules=["o_proj"],
+        )
     )
     assert spec.layers_to_transform == {1}
     assert spec.target_modules == {"q_proj", "v_proj"}
@@ -144,8 +153,16 @@ def test_layers_to_transform_and_exclude_modules_honoured(tmp_path):
         ({"target_parameters": ["mlp.experts.gate_up_proj"]}, UnsupportedAdapterError, "target_parameters"),
         ({"r": 0}, AdapterConfigError, "r must be a positive integer, got 0"),
         ({"rank_pattern": {"v_proj": -2}}, AdapterConfigError, r"rank_pattern\['v_proj'\].* got -2"),
-        ({"alpha_pattern": {"v_proj(": 2}}, AdapterConfigError, r"alpha_pattern key 'v_proj\(' is not a valid"),
-        ({"rank_pattern": None, "alpha_pattern": [1]}, AdapterConfigError, "alpha_pattern must be a JSON object"),
+        (
+            {"alpha_pattern": {"v_proj(": 2}},
+            AdapterConfigError,
+            r"alpha_pattern key 'v_proj\(' is not a valid",
+        ),
+        (
+            {"rank_pattern": None, "alpha_pattern": [1]},
+            AdapterConfigError,
+            "alpha_pattern must be a JSON object",
+        ),
         ({"lora_alpha": "big"}, AdapterConfigError, "lora_alpha must be a finite number, got 'big'"),
     ],
 )

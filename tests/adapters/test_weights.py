@@ -75,8 +75,13 @@ def test_loads_pairs_and_folds_scale_into_b(adapter):
 
 def test_rank_pattern_rslora_gives_per_module_rank_and_scale(model_dir, tiny_adapter_factory):
     path = tiny_adapter_factory(
-        model_dir, rank=8, alpha=16.0, use_rslora=True, target_modules=("k_proj", "down_proj"),
-        rank_pattern={"layers.1.mlp.down_proj": 2}, alpha_pattern={"k_proj": 4.0},
+        model_dir,
+        rank=8,
+        alpha=16.0,
+        use_rslora=True,
+        target_modules=("k_proj", "down_proj"),
+        rank_pattern={"layers.1.mlp.down_proj": 2},
+        alpha_pattern={"k_proj": 4.0},
     )
     raw = load_file(path / WEIGHTS_NAME)
     weights = load(path)
@@ -85,7 +90,9 @@ def test_rank_pattern_rslora_gives_per_module_rank_and_scale(model_dir, tiny_ada
     expected = raw[KEY.format(layer=1, parent="mlp", module="down_proj", which="B")] * (16.0 / 2**0.5)
     assert torch.allclose(b, expected)
     _, b_k = weights.modules[(0, "k_proj")]
-    assert torch.allclose(b_k, raw[KEY.format(layer=0, parent="self_attn", module="k_proj", which="B")] * (4 / 8**0.5))
+    assert torch.allclose(
+        b_k, raw[KEY.format(layer=0, parent="self_attn", module="k_proj", which="B")] * (4 / 8**0.5)
+    )
     assert weights.max_rank == 8
 
 
@@ -156,7 +163,9 @@ def test_corrupt_safetensors(adapter, tmp_path, damage):
 
 
 def test_wrong_shape_names_module_expected_and_actual(adapter):
-    with pytest.raises(AdapterWeightsError, match=r"model.layers.0.self_attn.v_proj.*expected out_features 48, got 32"):
+    with pytest.raises(
+        AdapterWeightsError, match=r"model.layers.0.self_attn.v_proj.*expected out_features 48, got 32"
+    ):
         load(adapter, expected_shapes={**SHAPES, "v_proj": (64, 48)})
     with pytest.raises(AdapterWeightsError, match=r"q_proj.*expected in_features 96, got 64"):
         load(adapter, expected_shapes={**SHAPES, "q_proj": (96, 64)})
@@ -168,7 +177,9 @@ def test_rank_above_max_rank(adapter):
 
 
 def test_layer_index_out_of_range(adapter):
-    with pytest.raises(AdapterWeightsError, match=r"layer index 1 is out of range; the base model has 1 layers"):
+    with pytest.raises(
+        AdapterWeightsError, match=r"layer index 1 is out of range; the base model has 1 layers"
+    ):
         load(adapter, num_layers=1)
 
 
@@ -184,7 +195,9 @@ def test_nan_weights_refused(adapter, tmp_path):
 
 
 def test_rank_disagreeing_with_config(adapter, tmp_path):
-    with pytest.raises(AdapterWeightsError, match="lora_A has rank 4 but adapter_config gives this module rank 8"):
+    with pytest.raises(
+        AdapterWeightsError, match="lora_A has rank 4 but adapter_config gives this module rank 8"
+    ):
         load(copy_adapter(adapter, tmp_path / "r", r=8))
 
 
@@ -208,14 +221,20 @@ def test_missing_b(adapter, tmp_path):
 
 
 def test_weights_for_untargeted_module(adapter, tmp_path):
-    with pytest.raises(AdapterWeightsError, match=r"targets 'model.layers.0.self_attn.v_proj' but target_modules"):
+    with pytest.raises(
+        AdapterWeightsError, match=r"targets 'model.layers.0.self_attn.v_proj' but target_modules"
+    ):
         load(copy_adapter(adapter, tmp_path / "t", target_modules=["q_proj"]))
 
 
 @pytest.mark.parametrize(
     ("extra_key", "error", "message"),
     [
-        ("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", UnsupportedAdapterError, "DoRA"),
+        (
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+            UnsupportedAdapterError,
+            "DoRA",
+        ),
         ("base_model.model.lm_head.lora_A.weight", UnsupportedAdapterError, "lm_head"),
         ("base_model.model.model.norm.weight", AdapterWeightsError, "unexpected tensor"),
     ],

@@ -112,3 +112,17 @@ def test_alone_equals_mixed(setup):
     for i, job in enumerate(jobs[:5]):
         results = _run_engine(engine, [job])
         assert results["r0"][0] == refs[i].token_ids
+
+
+def test_shared_prefixes_hit_the_cache_and_still_match_peft(setup, tiny_model_factory):
+    model_dir, adapters, jobs, _ = setup
+    prefix = [7, 8, 9, 10, 11, 12, 13, 14, 15]
+    shared = [(prefix + prompt[:3], adapter) for prompt, adapter in jobs[:5]] * 2
+    refs = peft_greedy(model_dir, adapters, shared, MAX_NEW)
+    engine = _engine(model_dir, adapters)
+    # Sequentially, so later requests find the earlier ones' computed blocks.
+    results = {}
+    for i, job in enumerate(shared):
+        results[f"r{i}"] = _run_engine(engine, [job])["r0"]
+    _assert_matches(results, refs)
+    assert engine.scheduler.block_manager.num_cache_hits > 0

@@ -15,12 +15,20 @@ from engine.models.layers import FusedLinear
 
 HIDDEN, Q, KV, INTER = 16, 16, 8, 24
 SHAPES = {
-    "q_proj": (HIDDEN, Q), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN, KV), "o_proj": (Q, HIDDEN),
-    "gate_proj": (HIDDEN, INTER), "up_proj": (HIDDEN, INTER), "down_proj": (INTER, HIDDEN),
+    "q_proj": (HIDDEN, Q),
+    "k_proj": (HIDDEN, KV),
+    "v_proj": (HIDDEN, KV),
+    "o_proj": (Q, HIDDEN),
+    "gate_proj": (HIDDEN, INTER),
+    "up_proj": (HIDDEN, INTER),
+    "down_proj": (INTER, HIDDEN),
 }
 PACKED = {
-    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
 }
 FUSED_OF = {s: PACKED.get(s, (s, 0)) for s in SHAPES}
 SEGMENTS = [(0, 2, -1), (2, 5, 0), (5, 7, 2), (7, 10, 1)]  # 10 tokens: base, slot 0, slot 2, slot 1
@@ -64,7 +72,10 @@ def random_adapter(targets: dict[str, int], gen: torch.Generator, layers=(0, 1),
     for layer in layers:
         for short, rank in targets.items():
             in_f, out_f = SHAPES[short]
-            modules[(layer, short)] = (torch.randn(rank, in_f, generator=gen), torch.randn(out_f, rank, generator=gen))
+            modules[(layer, short)] = (
+                torch.randn(rank, in_f, generator=gen),
+                torch.randn(out_f, rank, generator=gen),
+            )
     return SimpleNamespace(name=name, modules=modules, max_rank=max(targets.values()))
 
 
@@ -83,7 +94,9 @@ def lora_context():
             any_lora=any(slot >= 0 for _, _, slot in seg_bounds),
         )
         empty = torch.zeros(0, dtype=torch.int32)
-        set_context(ForwardContext(is_prefill, empty.long(), empty, empty, empty.view(0, 0), 0, 0, [], [], 16, lora))
+        set_context(
+            ForwardContext(is_prefill, empty.long(), empty, empty, empty.view(0, 0), 0, 0, [], [], 16, lora)
+        )
 
     yield set_lora
     set_context(None)
@@ -109,7 +122,8 @@ def dense_expected(slots: LoraSlots, adapters: dict[int, SimpleNamespace], layer
 def test_wraps_every_projection_with_passthroughs():
     model = fake_model()
     bases = [
-        {"qkv_proj": layer.self_attn.qkv_proj, "down_proj": layer.mlp.down_proj} for layer in model.model.layers
+        {"qkv_proj": layer.self_attn.qkv_proj, "down_proj": layer.mlp.down_proj}
+        for layer in model.model.layers
     ]
     slots = LoraSlots(model, num_slots=3, max_rank=8)
     assert slots.num_layers == 2 and slots.expected_shapes() == SHAPES
@@ -117,10 +131,17 @@ def test_wraps_every_projection_with_passthroughs():
         wrapped = layer.self_attn.qkv_proj
         assert isinstance(wrapped, LoRALinear) and wrapped is slots.layers[i]["qkv_proj"]
         assert wrapped.base_layer is bases[i]["qkv_proj"] and wrapped.weight is bases[i]["qkv_proj"].weight
-        assert (wrapped.in_features, wrapped.out_features, wrapped.output_sizes) == (HIDDEN, Q + 2 * KV, [Q, KV, KV])
+        assert (wrapped.in_features, wrapped.out_features, wrapped.output_sizes) == (
+            HIDDEN,
+            Q + 2 * KV,
+            [Q, KV, KV],
+        )
         assert [tuple(a.shape) for a in wrapped.a_stacks] == [(3, 8, HIDDEN)] * 3
         assert [tuple(b.shape) for b in wrapped.b_stacks] == [(3, Q, 8), (3, KV, 8), (3, KV, 8)]
-        assert isinstance(layer.mlp.down_proj, LoRALinear) and layer.mlp.down_proj.base_layer is bases[i]["down_proj"]
+        assert (
+            isinstance(layer.mlp.down_proj, LoRALinear)
+            and layer.mlp.down_proj.base_layer is bases[i]["down_proj"]
+        )
         assert layer.mlp.down_proj.output_sizes == [HIDDEN]
     assert not any("lora_" in key for key in model.state_dict())  # slots are not checkpoint state
     with pytest.raises(ValueError, match="already wrapped"):
@@ -159,7 +180,9 @@ def test_mixed_batch_equals_per_segment_dense(lora_context, is_prefill):
             in_features = slots.layers[layer][name].in_features
             x = torch.randn(10, in_features, generator=gen)
             got = slots.layers[layer][name](x)
-            torch.testing.assert_close(got, dense_expected(slots, adapters, layer, name, x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                got, dense_expected(slots, adapters, layer, name, x), rtol=1e-5, atol=1e-5
+            )
             assert torch.equal(got[:2], slots.layers[layer][name].base_layer(x)[:2])
 
 
@@ -182,7 +205,9 @@ def test_set_then_reset_gives_base_output(lora_context):
     gen = torch.Generator().manual_seed(4)
     base = fused(HIDDEN, [Q, KV, KV], gen, bias=True)
     layer = LoRALinear(base, num_slots=2, max_rank=4)
-    pairs = [(torch.randn(4, HIDDEN, generator=gen), torch.randn(size, 4, generator=gen)) for size in (Q, KV, KV)]
+    pairs = [
+        (torch.randn(4, HIDDEN, generator=gen), torch.randn(size, 4, generator=gen)) for size in (Q, KV, KV)
+    ]
     layer.set_lora(1, pairs)
     lora_context([(0, 3, 1), (3, 6, 0)])
     x = torch.randn(6, HIDDEN, generator=gen)
@@ -210,7 +235,9 @@ def test_low_rank_in_max_rank_64_buffer_equals_exact_rank(lora_context, is_prefi
 def test_load_overwrites_stale_slices_without_allocating():
     gen = torch.Generator().manual_seed(6)
     slots = LoraSlots(fake_model(), num_slots=2, max_rank=8)
-    ptrs = [t.data_ptr() for layer in slots.layers for m in layer.values() for t in (*m.a_stacks, *m.b_stacks)]
+    ptrs = [
+        t.data_ptr() for layer in slots.layers for m in layer.values() for t in (*m.a_stacks, *m.b_stacks)
+    ]
     slots.load(1, random_adapter({"q_proj": 8, "v_proj": 8, "down_proj": 8}, gen))
     slots.load(1, random_adapter({"k_proj": 2}, gen, layers=(0,)))
     qkv0, qkv1 = slots.layers[0]["qkv_proj"], slots.layers[1]["qkv_proj"]
@@ -219,7 +246,9 @@ def test_load_overwrites_stale_slices_without_allocating():
     assert not any(t[1].any() for t in (*qkv1.a_stacks, *slots.layers[0]["down_proj"].b_stacks))
     slots.clear(1)
     assert not a_k[1].any()
-    after = [t.data_ptr() for layer in slots.layers for m in layer.values() for t in (*m.a_stacks, *m.b_stacks)]
+    after = [
+        t.data_ptr() for layer in slots.layers for m in layer.values() for t in (*m.a_stacks, *m.b_stacks)
+    ]
     assert after == ptrs
 
 
@@ -246,22 +275,32 @@ def test_invalid_slot_operations_raise():
 
 # --- oracle: PEFT's own mixed-batch forward (adapter_names=) on a real tiny model -------------------
 
+
 def fused_from_hf(hf_model) -> nn.Module:
     """Our model contract built from an HF model's weights (qkv and gate/up concatenated)."""
+
     def modules(i):
         attn, mlp = hf_model.model.layers[i].self_attn, hf_model.model.layers[i].mlp
 
         def cat(*linears):
-            out = FusedLinear(linears[0].in_features, [m.out_features for m in linears],
-                              bias=linears[0].bias is not None, dtype=torch.float32)
+            out = FusedLinear(
+                linears[0].in_features,
+                [m.out_features for m in linears],
+                bias=linears[0].bias is not None,
+                dtype=torch.float32,
+            )
             with torch.no_grad():
                 out.weight.copy_(torch.cat([m.weight for m in linears]))
                 if out.bias is not None:
                     out.bias.copy_(torch.cat([m.bias for m in linears]))
             return out
 
-        return {"qkv_proj": cat(attn.q_proj, attn.k_proj, attn.v_proj), "o_proj": cat(attn.o_proj),
-                "gate_up_proj": cat(mlp.gate_proj, mlp.up_proj), "down_proj": cat(mlp.down_proj)}
+        return {
+            "qkv_proj": cat(attn.q_proj, attn.k_proj, attn.v_proj),
+            "o_proj": cat(attn.o_proj),
+            "gate_up_proj": cat(mlp.gate_proj, mlp.up_proj),
+            "down_proj": cat(mlp.down_proj),
+        }
 
     return fake_model(num_layers=len(hf_model.model.layers), modules=modules)
 
@@ -274,11 +313,23 @@ def test_mixed_batch_matches_peft_adapter_names(tiny_model_factory, tiny_adapter
     model_dir = tiny_model_factory("qwen2")  # q/k/v bias in the fused base
     dirs = {
         "a": tiny_adapter_factory(model_dir, rank=2, alpha=4.0, target_modules=("q_proj", "v_proj"), seed=11),
-        "b": tiny_adapter_factory(model_dir, rank=8, alpha=8.0, use_rslora=True, seed=12,
-                                  target_modules=("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                                  rank_pattern={"layers.1.mlp.down_proj": 2}),
-        "c": tiny_adapter_factory(model_dir, rank=4, alpha=16.0, seed=13, target_modules=tuple(SHAPES),
-                                  alpha_pattern={"v_proj": 2.0, "layers.0.self_attn.o_proj": 32.0}),
+        "b": tiny_adapter_factory(
+            model_dir,
+            rank=8,
+            alpha=8.0,
+            use_rslora=True,
+            seed=12,
+            target_modules=("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+            rank_pattern={"layers.1.mlp.down_proj": 2},
+        ),
+        "c": tiny_adapter_factory(
+            model_dir,
+            rank=4,
+            alpha=16.0,
+            seed=13,
+            target_modules=tuple(SHAPES),
+            alpha_pattern={"v_proj": 2.0, "layers.0.self_attn.o_proj": 32.0},
+        ),
     }
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ours = fused_from_hf(hf)
@@ -298,12 +349,15 @@ def test_mixed_batch_matches_peft_adapter_names(tiny_model_factory, tiny_adapter
     layers = peft_model.base_model.model.model.layers
     for i, layer in enumerate(layers):
         for fused_name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-            shorts = sorted((s for s, (f, _) in FUSED_OF.items() if f == fused_name), key=lambda s: FUSED_OF[s][1])
+            shorts = sorted(
+                (s for s, (f, _) in FUSED_OF.items() if f == fused_name), key=lambda s: FUSED_OF[s][1]
+            )
             peft_modules = [getattr(getattr(layer, MODULE_PARENTS[s]), s) for s in shorts]
             x = torch.randn(4, 3, peft_modules[0].in_features, generator=gen)
             with torch.no_grad():
                 want = torch.cat(
-                    [m(x, adapter_names=rows) if isinstance(m, LoraLayer) else m(x) for m in peft_modules], dim=-1
+                    [m(x, adapter_names=rows) if isinstance(m, LoraLayer) else m(x) for m in peft_modules],
+                    dim=-1,
                 )
                 got = slots.layers[i][fused_name](x.reshape(12, -1))
             torch.testing.assert_close(got, want.reshape(12, -1), rtol=1e-5, atol=1e-5)

@@ -103,8 +103,9 @@ def test_low_precision_accumulates_in_fp32():
     a_stack, b_stack, _ = make_stacks([8, 8, 8], gen)
     x = torch.randn(10, IN, generator=gen)
     ref = torch.zeros(10, OUT)
-    lora_shrink_expand_sgmv(ref, x.bfloat16().float(), a_stack.bfloat16().float(), b_stack.bfloat16().float(),
-                            SEGMENTS, 0)
+    lora_shrink_expand_sgmv(
+        ref, x.bfloat16().float(), a_stack.bfloat16().float(), b_stack.bfloat16().float(), SEGMENTS, 0
+    )
     y = torch.zeros(10, OUT, dtype=torch.bfloat16)
     lora_shrink_expand_sgmv(y, x.bfloat16(), a_stack.bfloat16(), b_stack.bfloat16(), SEGMENTS, 0)
     assert y.dtype == torch.bfloat16
@@ -115,8 +116,13 @@ def test_low_precision_accumulates_in_fp32():
 
 ADAPTERS = [
     dict(rank=2, alpha=4.0, target_modules=("q_proj", "v_proj")),
-    dict(rank=4, alpha=16.0, target_modules=("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-         rank_pattern={"layers.1.mlp.down_proj": 2, "o_proj": 3}, alpha_pattern={"layers.0.self_attn.k_proj": 5.0}),
+    dict(
+        rank=4,
+        alpha=16.0,
+        target_modules=("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        rank_pattern={"layers.1.mlp.down_proj": 2, "o_proj": 3},
+        alpha_pattern={"layers.0.self_attn.k_proj": 5.0},
+    ),
     dict(rank=8, alpha=8.0, use_rslora=True, target_modules=("q_proj", "o_proj", "down_proj")),
 ]
 
@@ -129,7 +135,9 @@ def test_folded_weights_through_lora_ref_match_peft(tiny_model_factory, tiny_ada
 
     model_dir = tiny_model_factory("llama")
     adapter_dir = tiny_adapter_factory(model_dir, **adapter_kwargs)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir).eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir
+    ).eval()
     weights = load_adapter(adapter_dir, "oracle", expected_shapes=None, num_layers=2, max_rank=MAX_RANK)
     gen = torch.Generator().manual_seed(4)
     checked = 0
