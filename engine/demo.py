@@ -6,8 +6,8 @@ PEFT LoRA adapters, all trained on CPU in a few seconds from the small texts in
 the base plain English answers and each adapter a recognisable style, so the first
 request a new user sends shows what multi-adapter serving does.
 
-The build is deterministic (fixed seeds, one thread, deterministic kernels, sorted
-inputs) and is cached under a directory named after a hash of the recipe, so a changed
+The build is deterministic (fixed seeds, one thread, deterministic kernels, data in
+file order, configs written with sorted keys) and is cached under a directory named after a hash of the recipe, so a changed
 recipe or corpus rebuilds instead of reusing stale weights.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -33,12 +34,12 @@ if TYPE_CHECKING:
 
 DEMO_MODEL_NAME = "quiver-demo"
 DEMO_ADAPTERS: tuple[str, ...] = ("demo-pirate", "demo-json")
+EXAMPLE_PROMPT = "What is a quiver?"
 # Which column of demo_data/chats.jsonl each adapter learns, and what it does.
 _ADAPTER_STYLES = {
     "demo-pirate": ("pirate", "Answers like a pirate: `Arr, matey! ... yo ho!`"),
     "demo-json": ("json", 'Answers with a JSON object: `{"adapter": "demo-json", "answer": "..."}`'),
 }
-EXAMPLE_PROMPT = "What is a quiver?"
 
 # Bump when the build code changes in a way the recipe values below do not capture.
 _RECIPE_VERSION = "1"
@@ -70,6 +71,7 @@ _CHAT_TEMPLATE = (
 _SYSTEM_PROMPT = "You are a helpful assistant."
 _LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _IGNORE = -100
+_log = logging.getLogger(__name__)
 _Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
 
@@ -93,6 +95,8 @@ def ensure_demo_bundle(cache_dir: Path | None = None) -> DemoBundle:
     The build happens in a temporary sibling directory that is renamed into place only
     when complete, so a reader never sees a half-written bundle; a lock keeps two
     processes from training at once, and the rename alone keeps them correct without it.
+    Call it before the engine starts: the build briefly sets process-wide torch options
+    (one thread, deterministic algorithms) and restores them when done.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / _bundle_dir_name()
@@ -144,6 +148,7 @@ def _remove_stale_staging(final: Path) -> None:
 
 
 def _build_and_publish(final: Path) -> None:
+    _log.info("building the %s demo bundle in %s (first run only, a few seconds)", DEMO_MODEL_NAME, final)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         _build(staging)

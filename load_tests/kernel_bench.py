@@ -113,6 +113,68 @@ def bench_lora(batch: int, adapters: int, k: int, n: int, rank: int, quick: bool
     return res
 
 
+def lora_breakdown(batch: int, adapters: int, k: int, n: int, rank: int) -> dict:
+    """Graph µs of shrink and expand alone, across the split / tile-width knobs."""
+    ctx = _lora_ctx(batch, adapters)
+    longest = max(e - s for s, e, _ in ctx.seg_bounds)
+    copies = 64
+    sets = [
+        (
+            torch.randn(batch, k, device="cuda", dtype=DTYPE),
+            torch.randn(adapters, rank, k, device="cuda", dtype=DTYPE),
+            torch.randn(adapters, n, rank, device="cuda", dtype=DTYPE),
+            torch.randn(batch, n, device="cuda", dtype=DTYPE),
+        )
+        for _ in range(copies)
+    ]
+    res = {"batch": batch, "adapters": adapters, "in": k, "out": n}
+    args = (ctx.seg_starts, ctx.seg_slots, longest)
+    for split in (None, 1, 4, 8, 16, 32):
+        calls = [lambda st=st, sp=split: tlora.sgmv_shrink(st[0], st[1], *args, split_k=sp) for st in sets]
+        res[f"shrink_split={split}"] = _time(calls, True)
+    hs = [torch.randn(batch, rank, device="cuda") for _ in range(copies)]
+    for block_n in (None, 64, 128, 256):
+        calls = [
+            lambda st=st, h=h, bn=block_n: tlora.sgmv_expand(h, st[2], *args, st[3], block_n=bn)
+            for st, h in zip(sets, hs, strict=True)
+        ]
+        res[f"expand_block_n={block_n}"] = _time(calls, True)
+    return res
+
+
+def bench_lora_prefill(tokens: int, adapters: int, k: int, n: int, rank: int) -> dict:
+    """Long segments (prefill): triton SGMV against the reference's per-segment matmuls."""
+    ctx = _lora_ctx(tokens, adapters)
+    sets = [
+        (
+            torch.randn(tokens, n, device="cuda", dtype=DTYPE),
+            torch.randn(tokens, k, device="cuda", dtype=DTYPE),
+            torch.randn(adapters, rank, k, device="cuda", dtype=DTYPE) / k**0.5,
+            torch.randn(adapters, n, rank, device="cuda", dtype=DTYPE) * 0.01,
+        )
+        for _ in range(4)
+    ]
+    min_bytes = 2 * (tokens * k + adapters * rank * (k + n) + 2 * tokens * n)
+    res = {"tokens": tokens, "adapters": adapters, "in": k, "out": n, "rank": rank, "min_bytes": min_bytes}
+    res["ref_sgmv_eager_us"] = _time([lambda s=s: lora_shrink_expand_sgmv(*s, ctx.seg_bounds, 0) for s in sets], False)
+    res["sgmv_eager_us"] = _time([lambda s=s: tlora.lora_apply(*s, ctx, 0) for s in sets], False)
+    res["sgmv_graph_us"] = _time([lambda s=s: tlora.lora_apply(*s, ctx, 0) for s in sets], True)
+    res["sgmv_graph_tbs"] = min_bytes / res["sgmv_graph_us"] / 1e6
+    return res
+
+
+def launch_overhead() -> dict:
+    """Eager µs per call of a one-element Triton kernel and of a one-element torch op (CPU-bound)."""
+    x = torch.zeros(1, device="cuda")
+    ctx = _lora_ctx(1, 1)
+    a = torch.zeros(1, 16, 16, device="cuda", dtype=DTYPE)
+    xs = torch.zeros(1, 16, device="cuda", dtype=DTYPE)
+    return {
+        "torch_add_eager_us": _time([lambda: x.add_(1)] * 200, False),
+        "triton_shrink_eager_us": _time([lambda: tlora.sgmv_shrink(xs, a, ctx.seg_starts, ctx.seg_slots, 1)] * 200, False),
+    }
+
+
 # ---------------------------------------------------------------- attention
 
 
@@ -144,7 +206,7 @@ def bench_attention(batch: int, ctx_len: int, hq: int, hkv: int, d: int, page: i
     if sweep and batch * hkv >= 256:
         res["sweep_graph_us"] = {
             f"block_n={bn},warps={w}": _time(paged(block_n=bn, num_warps=w), True)
-            for bn in (32, 64, 128)
+            for bn in (16, 32, 64, 128)
             for w in (4, 8)
             if bn % page == 0
         }
@@ -208,6 +270,13 @@ def markdown(report: dict) -> str:
             f"| {model} | {batch} | {adapters} | {tot['ref_bgmv_eager_us']:.1f} | {tot['ref_sgmv_eager_us']:.1f} "
             f"| {tot['sgmv_eager_us']:.1f} | {tot['sgmv_graph_us']:.1f} | {tot['bgmv_graph_us']:.1f} | {tbs:.2f} |"
         )
+    lines += ["", "LoRA prefill (llama-8b q shape, rank 16), µs per call:", "",
+              "| tokens | adapters | ref sgmv eager | triton eager | triton graph | TB/s |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report.get("lora_prefill", []):
+        lines.append(
+            f"| {r['tokens']} | {r['adapters']} | {r['ref_sgmv_eager_us']:.1f} | {r['sgmv_eager_us']:.1f} "
+            f"| {r['sgmv_graph_us']:.1f} | {r['sgmv_graph_tbs']:.2f} |"
+        )
     lines += [
         "",
         "Paged decode attention, bf16, µs per call (KV bytes / time = TB/s):",
@@ -249,12 +318,20 @@ def main() -> None:
                     report["lora"].append({"model": model, "proj": proj, **r})
                     print(f"lora {model} {proj} B={batch} A={adapters}: sgmv {r['sgmv_graph_us']:.1f} us", flush=True)
     save()
+    report["launch"] = launch_overhead()
+    report["lora_breakdown"] = [
+        lora_breakdown(64, 1, 4096, 4096, 16),
+        lora_breakdown(256, 128, 4096, 4096, 16),
+        lora_breakdown(64, 32, 2048, 512, 16),
+    ]
+    report["lora_prefill"] = [bench_lora_prefill(t, a, 4096, 4096, 16) for t, a in ((2048, 4), (2048, 64), (8192, 8))]
+    save()
     report["attention"] = []
     cases = [(m, b, 512, 16) for m in MODELS for b in (64, 256)]
-    cases += [("llama-8b", 64, 512, 32), ("llama-8b", 8, 4096, 16)]
+    cases += [("llama-8b", 64, 512, 32), ("llama-8b", 8, 4096, 16), ("llama-8b", 64, 4096, 16)]
     for model, batch, ctx_len, page in cases[:1] if args.quick else cases:
         _, hq, hkv, d = MODELS[model]
-        r = bench_attention(batch, ctx_len, hq, hkv, d, page, sweep=batch <= 64 and page == 16)
+        r = bench_attention(batch, ctx_len, hq, hkv, d, page, sweep=batch <= 64 and ctx_len == 512 or batch == 8)
         report["attention"].append({"model": model, **r})
         print(f"attn {model} B={batch} L={ctx_len}: {r['triton_graph_us']:.1f} us", flush=True)
         save()

@@ -8,7 +8,8 @@ Two ways to find a token's slot:
         `seg_slots[i]`; each program works on a tile of up to BLOCK_M tokens of one run with
         tensor-core dots, so an adapter's A/B is read once per tile, not once per token.
     BGMV (per token): `token_slots[t]`, any order; one program per token (matrix-vector).
-Both shrink into a float32 h [T, max_rank] and expand from it, so y gets one float32
+Both shrink into a float32 h [T, max_rank] (decode splits the long K loop over several
+programs to fill the GPU; they meet by atomic add) and expand from it, so y gets one float32
 accumulation per element and one rounding, like the reference. Optional `ranks` [num_slots]
 int32 gives each slot's true rank: rows/columns past it are not read (less traffic when ranks
 are mixed under one max_rank); without it the zero padding is read and contributes zeros.
@@ -28,10 +29,10 @@ from engine.context import LoraContext
 @triton.jit
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, h_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr,
-    K, R,
+    K, R, split_k,
     stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_hm, stride_hr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -52,16 +53,18 @@ def _sgmv_shrink_kernel(
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
     a_ptrs = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K * SPLIT_K):
+    for k0 in range(0, K, BLOCK_K * split_k):
         mask_k = offs_k < K - k0
         xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         at = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
         acc += tl.dot(xt, tl.trans(at), input_precision=PRECISION)
-        x_ptrs += BLOCK_K * SPLIT_K * stride_xk
-        a_ptrs += BLOCK_K * SPLIT_K * stride_ak
+        x_ptrs += BLOCK_K * split_k * stride_xk
+        a_ptrs += BLOCK_K * split_k * stride_ak
     h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_r[None, :] * stride_hr
     h_mask = mask_m[:, None] & (offs_r[None, :] < R)
-    if SPLIT_K == 1:
+    # K splits meet in a zeroed h by atomic add. (Measured: cheaper than writing per-split
+    # partials for the expand to sum, whose 3-D load cost more than the memset saved.)
+    if split_k == 1:
         tl.store(h_ptrs, acc, mask=h_mask)
     else:
         tl.atomic_add(h_ptrs, acc, mask=h_mask, sem="relaxed")
@@ -114,9 +117,9 @@ def _sgmv_expand_kernel(
 @triton.jit
 def _bgmv_shrink_kernel(
     x_ptr, a_ptr, h_ptr, slots_ptr, ranks_ptr,
-    K, R,
+    K, R, split_k,
     stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_hm, stride_hr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_RANKS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RANKS: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -132,19 +135,18 @@ def _bgmv_shrink_kernel(
     x_ptrs = x_ptr + t.to(tl.int64) * stride_xm + offs_k * stride_xk
     a_ptrs = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K * SPLIT_K):
+    for k0 in range(0, K, BLOCK_K * split_k):
         mask_k = offs_k < K - k0
         xv = tl.load(x_ptrs, mask=mask_k, other=0.0).to(tl.float32)
         at = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         acc += at * xv[None, :]
-        x_ptrs += BLOCK_K * SPLIT_K * stride_xk
-        a_ptrs += BLOCK_K * SPLIT_K * stride_ak
-    h = tl.sum(acc, axis=1)
+        x_ptrs += BLOCK_K * split_k * stride_xk
+        a_ptrs += BLOCK_K * split_k * stride_ak
     h_ptrs = h_ptr + t.to(tl.int64) * stride_hm + offs_r * stride_hr
-    if SPLIT_K == 1:
-        tl.store(h_ptrs, h, mask=offs_r < R)
+    if split_k == 1:
+        tl.store(h_ptrs, tl.sum(acc, axis=1), mask=offs_r < R)
     else:
-        tl.atomic_add(h_ptrs, h, mask=offs_r < R, sem="relaxed")
+        tl.atomic_add(h_ptrs, tl.sum(acc, axis=1), mask=offs_r < R, sem="relaxed")
 
 
 @triton.jit
@@ -204,11 +206,20 @@ def _block_m(max_seg_len: int, num_tokens: int) -> int:
 
 
 def _split_k(tiles: int, k: int, block_k: int, device: torch.device) -> int:
-    """Split the K loop when too few tiles fill the GPU (decode); partial sums meet by atomic add."""
-    want = 2 * _num_sms(device)
+    """Split the K loop when too few tiles fill the GPU (decode); the splits meet by atomic add.
+    Aim for ~4 programs per SM: each is short (a few K tiles), so more of them hide latency."""
+    want = 4 * _num_sms(device)
     if tiles >= want:
         return 1
     return max(1, min(triton.next_power_of_2(triton.cdiv(want, tiles)), triton.cdiv(k, block_k), 32))
+
+
+def _expand_block_n(n: int, tiles: int, device: torch.device) -> int:
+    """Widest output tile that still leaves ~2 programs per SM: fewer, fuller programs."""
+    for block_n in (256, 128):
+        if tiles * triton.cdiv(n, block_n) >= 2 * _num_sms(device):
+            return block_n
+    return 64
 
 
 def _check(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor | None = None) -> None:
@@ -218,14 +229,22 @@ def _check(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor | None 
         raise ValueError(f"b_stack {list(b_stack.shape)} does not match a_stack {list(a_stack.shape)}")
 
 
+def _check_expand(h: torch.Tensor, b_stack: torch.Tensor, y: torch.Tensor, out_offset: int) -> None:
+    n, r = b_stack.shape[1], b_stack.shape[2]
+    if h.dim() != 2 or out_offset < 0 or out_offset + n > y.shape[1] or h.shape[1] < r or h.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"y {list(y.shape)} / h {list(h.shape)} cannot take b_stack {list(b_stack.shape)} at column {out_offset}"
+        )
+
+
 def sgmv_shrink(
     x: torch.Tensor,
     a_stack: torch.Tensor,
     seg_starts: torch.Tensor,
     seg_slots: torch.Tensor,
     max_seg_len: int,
-    out: torch.Tensor | None = None,
     ranks: torch.Tensor | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """Segmented shrink: h [T, max_rank] float32 for tokens sorted into slot runs.
 
@@ -236,23 +255,22 @@ def sgmv_shrink(
                 for t in range(seg_starts[i], seg_starts[i + 1]):
                     h[t, :] = x[t] @ a_stack[s].T      # float32; rows of base tokens unspecified
     `max_seg_len` (host int, >= the longest run) sizes the grid; pass T when capturing a graph.
-    `out`, if given, must be float32 [T, max_rank] and, when the K loop is split, all zeros.
+    `split_k` (how many programs share one K loop) is a tuning knob; by default it fills the GPU.
     """
     _check(x, a_stack)
     t, k = x.shape
     r = a_stack.shape[1]
     block_m = _block_m(max_seg_len, t)
     block_k = 128
-    m_tiles = triton.cdiv(max(max_seg_len, 1), block_m)
-    split = _split_k(triton.cdiv(t, block_m) + seg_slots.numel(), k, block_k, x.device)
-    if out is None:
-        out = (torch.zeros if split > 1 else torch.empty)(t, r, device=x.device, dtype=torch.float32)
-    grid = (seg_slots.numel(), m_tiles, split)
+    if split_k is None:
+        split_k = _split_k(triton.cdiv(t, block_m) + seg_slots.numel(), k, block_k, x.device)
+    out = (torch.zeros if split_k > 1 else torch.empty)(t, r, device=x.device, dtype=torch.float32)
+    grid = (seg_slots.numel(), triton.cdiv(max(max_seg_len, 1), block_m), split_k)
     _sgmv_shrink_kernel[grid](
         x, a_stack, out, seg_starts, seg_slots, ranks if ranks is not None else seg_slots,
-        k, r,
-        x.stride(0), x.stride(1), *a_stack.stride(), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_R=_block_r(r), BLOCK_K=block_k, SPLIT_K=split,
+        k, r, split_k,
+        x.stride(0), x.stride(1), *a_stack.stride(), *out.stride(),
+        BLOCK_M=block_m, BLOCK_R=_block_r(r), BLOCK_K=block_k,
         HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype),
         num_warps=4, num_stages=3,
     )  # fmt: skip
@@ -269,6 +287,7 @@ def sgmv_expand(
     out_offset: int = 0,
     ranks: torch.Tensor | None = None,
     add: bool = True,
+    block_n: int | None = None,
 ) -> None:
     """Segmented expand into the column block y[:, out_offset:out_offset + out], in place.
 
@@ -281,17 +300,18 @@ def sgmv_expand(
                     delta = h[t] @ b_stack[s].T                      # float32
                     y[t, out_offset:out_offset + out] = (y[t, ...] if add else 0) + delta
     """
+    _check_expand(h, b_stack, y, out_offset)
     n, r = b_stack.shape[1], b_stack.shape[2]
-    if out_offset < 0 or out_offset + n > y.shape[1] or h.shape[1] < r:
-        raise ValueError(f"y {list(y.shape)} / h {list(h.shape)} cannot take b_stack {list(b_stack.shape)} at {out_offset}")
     block_m = _block_m(max_seg_len, y.shape[0])
-    block_n = 128 if n >= 128 * _num_sms(y.device) // 8 else 64
-    grid = (seg_slots.numel(), triton.cdiv(max(max_seg_len, 1), block_m), triton.cdiv(n, block_n))
+    m_tiles = triton.cdiv(max(max_seg_len, 1), block_m)
+    if block_n is None:
+        block_n = _expand_block_n(n, triton.cdiv(y.shape[0], block_m), y.device)
+    grid = (seg_slots.numel(), m_tiles, triton.cdiv(n, block_n))
     y_view = y[:, out_offset:]
     _sgmv_expand_kernel[grid](
         h, b_stack, y_view, seg_starts, seg_slots, ranks if ranks is not None else seg_slots,
         n, r,
-        h.stride(0), h.stride(1), *b_stack.stride(), y_view.stride(0), y_view.stride(1),
+        *h.stride(), *b_stack.stride(), y_view.stride(0), y_view.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(r),
         HAS_RANKS=ranks is not None, ADD=add, PRECISION=_precision(b_stack.dtype),
         num_warps=4, num_stages=1,
@@ -302,8 +322,8 @@ def bgmv_shrink(
     x: torch.Tensor,
     a_stack: torch.Tensor,
     token_slots: torch.Tensor,
-    out: torch.Tensor | None = None,
     ranks: torch.Tensor | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """Per-token shrink: h [T, max_rank] float32, tokens in any order.
 
@@ -318,14 +338,14 @@ def bgmv_shrink(
     r = a_stack.shape[1]
     block_r = _block_r(r)
     block_k = 4096 // block_r  # a [BLOCK_R, BLOCK_K] float32 tile of 16 KiB per program
-    split = _split_k(t, k, block_k, x.device)
-    if out is None:
-        out = (torch.zeros if split > 1 else torch.empty)(t, r, device=x.device, dtype=torch.float32)
-    _bgmv_shrink_kernel[(t, split)](
+    if split_k is None:
+        split_k = _split_k(t, k, block_k, x.device)
+    out = (torch.zeros if split_k > 1 else torch.empty)(t, r, device=x.device, dtype=torch.float32)
+    _bgmv_shrink_kernel[(t, split_k)](
         x, a_stack, out, token_slots, ranks if ranks is not None else token_slots,
-        k, r,
-        x.stride(0), x.stride(1), *a_stack.stride(), out.stride(0), out.stride(1),
-        BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split, HAS_RANKS=ranks is not None,
+        k, r, split_k,
+        x.stride(0), x.stride(1), *a_stack.stride(), *out.stride(),
+        BLOCK_R=block_r, BLOCK_K=block_k, HAS_RANKS=ranks is not None,
         num_warps=4,
     )  # fmt: skip
     return out
@@ -349,16 +369,15 @@ def bgmv_expand(
             if s >= 0:
                 y[t, out_offset:out_offset + out] = (y[t, ...] if add else 0) + h[t] @ b_stack[s].T
     """
+    _check_expand(h, b_stack, y, out_offset)
     n, r = b_stack.shape[1], b_stack.shape[2]
-    if out_offset < 0 or out_offset + n > y.shape[1] or h.shape[1] < r:
-        raise ValueError(f"y {list(y.shape)} / h {list(h.shape)} cannot take b_stack {list(b_stack.shape)} at {out_offset}")
     block_r = _block_r(r)
     block_n = max(16, min(256, 4096 // block_r, triton.next_power_of_2(n)))
     y_view = y[:, out_offset:]
-    _bgmv_expand_kernel[(h.shape[0], triton.cdiv(n, block_n))](
+    _bgmv_expand_kernel[(y.shape[0], triton.cdiv(n, block_n))](
         h, b_stack, y_view, token_slots, ranks if ranks is not None else token_slots,
         n, r,
-        h.stride(0), h.stride(1), *b_stack.stride(), y_view.stride(0), y_view.stride(1),
+        *h.stride(), *b_stack.stride(), y_view.stride(0), y_view.stride(1),
         BLOCK_N=block_n, BLOCK_R=block_r, HAS_RANKS=ranks is not None, ADD=add,
         num_warps=4,
     )  # fmt: skip
@@ -368,14 +387,13 @@ def lora_shrink(
     x: torch.Tensor,
     a_stack: torch.Tensor,
     lora: LoraContext,
-    out: torch.Tensor | None = None,
     ranks: torch.Tensor | None = None,
     per_token: bool = False,
 ) -> torch.Tensor:
     """h = x @ A[slot].T per token (float32 [T, max_rank]); SGMV over `lora`'s segments unless `per_token`."""
     if per_token:
-        return bgmv_shrink(x, a_stack, lora.token_slots, out, ranks)
-    return sgmv_shrink(x, a_stack, lora.seg_starts, lora.seg_slots, _max_seg_len(lora), out, ranks)
+        return bgmv_shrink(x, a_stack, lora.token_slots, ranks)
+    return sgmv_shrink(x, a_stack, lora.seg_starts, lora.seg_slots, _max_seg_len(lora), ranks)
 
 
 def lora_expand(
@@ -417,7 +435,7 @@ def lora_apply(
     if not lora.any_lora:
         return
     _check(x, a_stack, b_stack)
-    h = lora_shrink(x, a_stack, lora, None, ranks, per_token)
+    h = lora_shrink(x, a_stack, lora, ranks, per_token)
     lora_expand(h, b_stack, lora, y, out_offset, ranks, True, per_token)
 
 

@@ -182,11 +182,11 @@ def test_content_parts_extra_fields_and_user(client):
 
 def test_logit_bias_forces_a_token(live, client):
     tokenizer = live.engine.tokenizer
-    token_id = tokenizer.convert_tokens_to_ids("fox")
-    assert isinstance(token_id, int) and token_id != tokenizer.unk_token_id
+    token_id = tokenizer.convert_tokens_to_ids("over")
+    assert isinstance(token_id, int)
     response = _chat(client, max_tokens=5, temperature=1.0, logit_bias={str(token_id): 100},
                      extra_body={"ignore_eos": True})
-    assert response.choices[0].message.content == "fox" * 5
+    assert response.choices[0].message.content == "over" * 5
 
 
 def test_penalties_and_sampling_knobs_change_the_output(client):
