@@ -1,4 +1,4 @@
-"""Which adapter sits in which GPU LoRA slot, and which to evict (LRU, never one in use).
+"""Which adapter sits in which GPU LoRA slot, and which to evict (LRU, never one in use or pinned).
 
 Plain Python: the engine copies weights into the slot buffers at step boundaries.
 """
@@ -6,18 +6,27 @@ Plain Python: the engine copies weights into the slot buffers at step boundaries
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 
 class NoFreeSlotError(RuntimeError):
     """Every slot holds an adapter that the running batch uses: the scheduler cap was broken."""
 
 
+@dataclass(frozen=True)
+class SlotLoad:
+    """Copy adapter `adapter_id` into `slot`; `evicted` is the adapter that held it, if any."""
+
+    slot: int
+    adapter_id: int
+    evicted: int | None = None
+
+
 class AdapterSlotTable:
     """Maps adapter ids to slot indexes with LRU replacement.
 
-    `assign(needed, in_use)` returns the (slot, adapter_id) pairs that must be (re)loaded so
-    that every id in `needed` has a slot; it evicts least recently used adapters that are
-    neither in `in_use` nor pinned.
+    `assign(needed, in_use)` returns the loads that give every id in `needed` a slot; it evicts
+    least recently used adapters that are neither needed, in `in_use`, nor pinned.
     """
 
     def __init__(self, num_slots: int) -> None:
@@ -34,6 +43,10 @@ class AdapterSlotTable:
     def resident(self) -> dict[int, int]:
         return dict(self._slot_of)
 
+    @property
+    def pinned(self) -> frozenset[int]:
+        return frozenset(self._pinned)
+
     def pin(self, adapter_id: int) -> None:
         self._pinned.add(adapter_id)
 
@@ -41,35 +54,40 @@ class AdapterSlotTable:
         self._pinned.discard(adapter_id)
 
     def remove(self, adapter_id: int) -> int | None:
-        """Forget an adapter (unloaded); returns the slot it held, if any."""
+        """Forget an adapter (unloaded or deleted); returns the slot it held, if any."""
         self._pinned.discard(adapter_id)
         return self._slot_of.pop(adapter_id, None)
 
-    def assign(self, needed: set[int], in_use: set[int]) -> list[tuple[int, int]]:
-        loads: list[tuple[int, int]] = []
+    def assign(self, needed: set[int], in_use: set[int]) -> list[SlotLoad]:
+        loads: list[SlotLoad] = []
         for adapter_id in sorted(needed):
             if adapter_id in self._slot_of:
                 self._slot_of.move_to_end(adapter_id)
                 continue
-            slot = self._free_slot()
-            if slot is None:
-                slot = self._evict(protected=needed | in_use | self._pinned)
-            self._slot_of[adapter_id] = slot
-            loads.append((slot, adapter_id))
+            load = self._take_slot(adapter_id, protected=needed | in_use | self._pinned)
+            if load is None:
+                raise NoFreeSlotError(
+                    f"all {self.num_slots} LoRA slots hold adapters in use or pinned; "
+                    "the batch needs more distinct adapters than there are slots"
+                )
+            loads.append(load)
         return loads
 
-    def _free_slot(self) -> int | None:
-        used = set(self._slot_of.values())
-        for slot in range(self.num_slots):
-            if slot not in used:
-                return slot
-        return None
+    def place(self, adapter_id: int, in_use: set[int]) -> SlotLoad | None:
+        """A slot for `adapter_id` (pinning) if one is free or evictable now, else None."""
+        if adapter_id in self._slot_of:
+            return None
+        return self._take_slot(adapter_id, protected=in_use | self._pinned)
 
-    def _evict(self, protected: set[int]) -> int:
-        for adapter_id in self._slot_of:  # oldest first
-            if adapter_id not in protected:
-                return self._slot_of.pop(adapter_id)
-        raise NoFreeSlotError(
-            f"all {self.num_slots} LoRA slots hold adapters in use or pinned; "
-            "the batch needs more distinct adapters than there are slots"
-        )
+    def _take_slot(self, adapter_id: int, protected: set[int]) -> SlotLoad | None:
+        used = set(self._slot_of.values())
+        free = next((slot for slot in range(self.num_slots) if slot not in used), None)
+        if free is not None:
+            self._slot_of[adapter_id] = free
+            return SlotLoad(free, adapter_id)
+        victim = next((a for a in self._slot_of if a not in protected), None)  # oldest first
+        if victim is None:
+            return None
+        slot = self._slot_of.pop(victim)
+        self._slot_of[adapter_id] = slot
+        return SlotLoad(slot, adapter_id, evicted=victim)

@@ -2,7 +2,9 @@
 
 Every mutation of the engine core happens on the engine thread; callers post commands
 to an inbox and get results through futures. Deltas reach each request's asyncio queue
-with one `call_soon_threadsafe` per step.
+with one `call_soon_threadsafe` per step. Adapter weights are read by a small loader pool;
+a request for an adapter not yet in host memory waits for that load before it is queued,
+without holding up anyone else.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from adapters.config import AdapterConfig
+from adapters.sources import scan_root, source_from_operator, source_from_request, validate_name
+from engine.adapter_manager import AdapterLease
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineOverloadedError
 from engine.llm_engine import LLMEngine
@@ -35,11 +40,19 @@ class AsyncEngine:
     def __init__(
         self,
         config: EngineConfig,
-        adapters: dict[str, Path] | None = None,
+        adapters: Mapping[str, Path | str] | None = None,
         served_model_name: str | None = None,
+        adapter_config: AdapterConfig | None = None,
     ) -> None:
         self.config = config
-        self._core = LLMEngine(config, adapters)
+        self._core = LLMEngine(config, adapters, adapter_config)
+        self.adapter_config = self._core.adapter_config
+        self._loader = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.adapter_config.load_workers, thread_name_prefix="quiver-adapter-load"
+        )
+        self._core.adapters.use_executor(
+            submit=self._loader.submit, post=lambda fn: self._post(lambda core: fn(), None)
+        )
         self.model_name = served_model_name or _default_name(config.model)
         self.tokenizer = self._core.tokenizer
         self.max_model_len = self._core.max_model_len
@@ -68,6 +81,7 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
             self._thread = None
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     @property
     def is_running(self) -> bool:
@@ -80,8 +94,51 @@ class AsyncEngine:
     def has_adapter(self, name: str) -> bool:
         return self._core.has_adapter(name)
 
-    async def add_adapter(self, name: str, path: Path) -> int:
-        return await self.call(lambda core: core.add_adapter(name, path))
+    async def add_adapter(self, name: str, path: Path | str) -> int:
+        """Register an operator-named directory or hub id and load it; AdapterFailedError if invalid."""
+        source = source_from_operator(path)
+        await self._registered(name, source)
+        return await self.call(lambda core: core.adapters.lookup(name).adapter_id)
+
+    async def register_adapter(self, name: str, source: str) -> dict[str, Any]:
+        """Register a client-given source (`hf://org/repo[@rev]` or a directory under the adapter
+        root) and load it to host memory; AdapterFailedError if invalid (it stays listed as failed)."""
+        validate_name(name)
+        parsed = await asyncio.to_thread(source_from_request, source, self.adapter_config.adapter_root)
+        await self._registered(name, parsed)
+        return await self.adapter_info(name)
+
+    async def _registered(self, name: str, source: Any) -> None:
+        done = await self.call(lambda core: core.adapters.register(name, source, load=True))
+        await asyncio.wrap_future(done)
+
+    async def list_adapters(self) -> list[dict[str, Any]]:
+        """Every registered adapter's info; directories added to the adapter root since are picked up."""
+        found = await asyncio.to_thread(scan_root, self.adapter_config.adapter_root)
+
+        def collect(core: LLMEngine) -> list[dict[str, Any]]:
+            core.adapters.registry.add_discovered(found)
+            return core.adapters.infos()
+
+        return await self.call(collect)
+
+    async def adapter_info(self, name: str) -> dict[str, Any]:
+        return await self.call(lambda core: core.adapters.info(name))
+
+    async def promote_adapter(self, name: str) -> dict[str, Any]:
+        """Load to a GPU slot and pin; waits for the slot. PinLimitError when no slot may be pinned."""
+        done = await self.call(lambda core: core.adapters.promote(name))
+        await asyncio.wrap_future(done)
+        return await self.adapter_info(name)
+
+    async def demote_adapter(self, name: str) -> dict[str, Any]:
+        await self.call(lambda core: core.adapters.demote(name))
+        return await self.adapter_info(name)
+
+    async def delete_adapter(self, name: str) -> dict[str, Any]:
+        """Unregister now; in-flight requests finish first. Returns how many were in flight."""
+        in_flight = await self.call(lambda core: core.adapters.delete(name))
+        return {"id": name, "object": "adapter", "deleted": True, "in_flight": in_flight}
 
     # ---------------------------------------------------------------- requests
     async def generate(
@@ -104,9 +161,16 @@ class AsyncEngine:
         stream: asyncio.Queue[RequestDelta] = asyncio.Queue()
         self._streams[request_id] = stream
         finished = False
+        # Made here, so that however this coroutine ends, the release below finds it.
+        lease = AdapterLease(adapter) if adapter else None
         try:
+            if lease is not None:
+                await self.call(lambda core: core.adapters.acquire(lease))
+                await asyncio.wrap_future(lease.ready)  # the host load, off the engine thread
             await self.call(
-                lambda core: core.add_request(request_id, prompt_token_ids, params, adapter, logits_processor)
+                lambda core: core.add_request(
+                    request_id, prompt_token_ids, params, adapter, logits_processor, lease=lease
+                )
             )
             while True:
                 delta = await stream.get()
@@ -116,6 +180,8 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
+            if lease is not None:  # a no-op once the request took the reference over
+                self._post(lambda core: core.adapters.release(lease), None)
             if not finished:
                 self.abort(request_id)
 
@@ -137,6 +203,10 @@ class AsyncEngine:
 
     def adapter_refcounts(self) -> dict[str, int]:
         return self._core.adapter_refcounts()
+
+    def adapter_counters(self) -> dict[str, int]:
+        """Registry totals (loads, evictions, residency) as of the last step."""
+        return {k: v for k, v in self._stats.items() if k.startswith("adapter")}
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._token_text.token_bytes(token_id)

@@ -24,6 +24,10 @@ class AdapterUnavailableError(EngineError):
         self.reason = reason
 
 
+class AdapterFailedError(AdapterUnavailableError):
+    """The adapter failed to load or validate (registry state `failed`). HTTP 400 with the reason."""
+
+
 class EngineOverloadedError(EngineError):
     """Too many queued requests (HTTP 429 with Retry-After)."""
 

@@ -8,19 +8,24 @@ async bridge (engine/async_engine.py) drives it from a single thread.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from adapters.weights import LoraWeights, load_adapter
-from engine.adapter_slots import AdapterSlotTable
+from adapters.config import AdapterConfig
+from adapters.loader import LoadPolicy, base_names
+from adapters.registry import AdapterRegistry
+from adapters.sources import scan_root, source_from_operator
+from engine.adapter_manager import AdapterLease, AdapterManager, gpu_slots_for_budget
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import RequestTooLongError, UnknownAdapterError
+from engine.errors import RequestTooLongError
 from engine.kv_cache import allocate_kv_cache
 from engine.logits_processor import LogitsProcessor
-from engine.lora.slots import LoraSlots
+from engine.lora.slots import FUSED_NAMES, LoraSlots
 from engine.model_runner import ModelRunner
 from engine.models.loader import load_model
 from engine.outputs import RequestDelta, TokenLogprob
@@ -44,22 +49,18 @@ class _Request:
     eos_ids: list[int]
 
 
-@dataclass
-class _Adapter:
-    adapter_id: int
-    name: str
-    path: Path
-    weights: LoraWeights
-    refcount: int = 0
-    requests: int = 0
-    extra: dict = field(default_factory=dict)
-
-
 class LLMEngine:
     """Owns the model, KV cache, LoRA slots, scheduler, sampler and request state."""
 
-    def __init__(self, config: EngineConfig, adapters: dict[str, Path] | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        adapters: Mapping[str, Path | str] | None = None,
+        adapter_config: AdapterConfig | None = None,
+    ) -> None:
+        """`adapters`: NAME -> directory or `hf://org/repo[@rev]`, registered now and loaded on first use."""
         self.config = config
+        self.adapter_config = adapter_config or AdapterConfig()
         self.device = config.torch_device
         self.dtype = config.torch_dtype
         loaded = load_model(config.model, self.dtype, self.device)
@@ -70,8 +71,12 @@ class LLMEngine:
         self.eos_token_ids: set[int] = eos_token_ids(self.model_dir, self.hf_config, self.tokenizer)
         self.max_model_len = min(config.max_model_len, _model_max_len(self.hf_config))
 
-        self.lora = LoraSlots(self.model, num_slots=config.max_loras, max_rank=config.max_lora_rank)
-        self.slot_table = AdapterSlotTable(config.max_loras)
+        num_slots = config.max_loras
+        if self.adapter_config.max_gpu_adapter_memory > 0:
+            num_slots = gpu_slots_for_budget(_lora_geometry(self.model), config.max_lora_rank,
+                                             torch.empty((), dtype=self.dtype).element_size(),
+                                             self.adapter_config.max_gpu_adapter_memory)
+        self.lora = LoraSlots(self.model, num_slots=num_slots, max_rank=config.max_lora_rank)
         num_blocks = _num_kv_blocks(config, self.hf_config, self.dtype, self.device, self.max_model_len)
         allocate_kv_cache(self.model, num_blocks, config.block_size, self.dtype, self.device)
         self.num_kv_blocks = num_blocks
@@ -84,7 +89,7 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
                 max_model_len=self.max_model_len,
-                max_adapters_per_batch=config.max_loras,
+                max_adapters_per_batch=num_slots,
                 enable_prefix_caching=config.enable_prefix_caching,
             )
         )
@@ -92,41 +97,49 @@ class LLMEngine:
         self.sampler = Sampler()
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[int, _Request] = {}
-        self._adapters: dict[str, _Adapter] = {}
-        self._adapter_by_id: dict[int, _Adapter] = {}
         self._next_seq_id = 0
         self.num_preemptions = 0
-        self._next_adapter_id = 1
-        for name, path in (adapters or {}).items():
-            self.add_adapter(name, path)
+        self.adapters = self._adapter_manager(adapters or {})
 
     # ----------------------------------------------------------------- adapters
-    def add_adapter(self, name: str, path: Path) -> int:
-        """Validate and load an adapter into host memory; returns its id."""
-        if name in self._adapters:
-            raise ValueError(f"adapter {name!r} is already registered")
-        weights = load_adapter(
-            Path(path),
-            name,
+    def _adapter_manager(self, adapters: Mapping[str, Path | str]) -> AdapterManager:
+        cfg = self.adapter_config
+        num_slots = self.lora.num_slots
+        registry = AdapterRegistry(cfg.max_cpu_adapters or max(64, num_slots), cfg.adapter_root)
+        policy = LoadPolicy(
             expected_shapes=self.lora.expected_shapes(),
             num_layers=self.lora.num_layers,
             max_rank=self.config.max_lora_rank,
             dtype=self.dtype,
+            base_names=base_names(self.config.model, self.model_dir, getattr(self.hf_config, "_name_or_path", None)),
+            refuse_base_mismatch=cfg.refuse_base_mismatch,
+            pin_memory=self.device.type == "cuda",
+            hub_cache_dir=cfg.hub_cache_dir,
         )
-        adapter = _Adapter(self._next_adapter_id, name, Path(path), weights)
-        self._next_adapter_id += 1
-        self._adapters[name] = adapter
-        self._adapter_by_id[adapter.adapter_id] = adapter
-        return adapter.adapter_id
+        manager = AdapterManager(self.lora, registry, policy, self.scheduler.running_adapter_ids)
+        for name, source in adapters.items():
+            manager.register(name, source_from_operator(source), load=False)
+        registry.add_discovered(scan_root(cfg.adapter_root))
+        return manager
+
+    def add_adapter(self, name: str, path: Path | str) -> int:
+        """Register an adapter and load it into host memory; returns its id.
+
+        The synchronous engine loads inline and raises AdapterFailedError if it is invalid.
+        """
+        done = self.adapters.register(name, source_from_operator(path), load=True)
+        if done is not None and done.done() and done.exception() is not None:
+            raise done.exception()  # type: ignore[misc]
+        return self.adapters.lookup(name).adapter_id
 
     def adapter_names(self) -> list[str]:
-        return list(self._adapters)
+        return self.adapters.names()
 
     def has_adapter(self, name: str) -> bool:
-        return name in self._adapters
+        return self.adapters.has(name)
 
     def adapter_refcounts(self) -> dict[str, int]:
-        return {name: a.refcount for name, a in self._adapters.items()}
+        return self.adapters.refcounts()
 
     # ----------------------------------------------------------------- requests
     def add_request(
@@ -136,7 +149,10 @@ class LLMEngine:
         params: SamplingParams,
         adapter: str | None = None,
         logits_processor: LogitsProcessor | None = None,
+        lease: AdapterLease | None = None,
     ) -> None:
+        """Queue a request. `lease` (from `adapters.acquire`) carries an adapter already loaded
+        off the engine thread; without one the adapter is loaded here (inline) if needed."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -152,14 +168,7 @@ class LLMEngine:
                 f"requested {total} tokens ({len(prompt_token_ids)} in the prompt, {params.max_tokens} "
                 "for the completion). Please reduce the prompt or max_tokens."
             )
-        adapter_id = BASE_ADAPTER_ID
-        if adapter:
-            entry = self._adapters.get(adapter)
-            if entry is None:
-                raise UnknownAdapterError(adapter)
-            adapter_id = entry.adapter_id
-            entry.refcount += 1
-            entry.requests += 1
+        adapter_id = self._take_adapter(adapter, lease) if adapter else BASE_ADAPTER_ID
         seq = Sequence(
             seq_id=self._next_seq_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -183,6 +192,19 @@ class LLMEngine:
         self.scheduler.add(seq)
         self._requests[request_id] = request
         self._by_seq[seq.seq_id] = request
+
+    def _take_adapter(self, name: str, lease: AdapterLease | None) -> int:
+        if lease is not None:
+            if lease.name != name:
+                raise ValueError(f"the lease is for adapter {lease.name!r}, not {name!r}")
+            return self.adapters.consume(lease)
+        lease = AdapterLease(name)
+        self.adapters.acquire(lease)
+        try:
+            return self.adapters.consume(lease)
+        except BaseException:
+            self.adapters.release(lease)
+            raise
 
     def abort(self, request_id: str) -> bool:
         request = self._requests.get(request_id)
@@ -213,16 +235,22 @@ class LLMEngine:
             "num_free_blocks": bm.num_free_blocks,
             "num_total_blocks": self.num_kv_blocks,
             "num_requests": len(self._requests),
-            "adapter_refcount_total": sum(a.refcount for a in self._adapters.values()),
+            **self.adapters.registry.totals(),
         }
 
     # --------------------------------------------------------------------- step
     def step(self) -> list[RequestDelta]:
+        running = self.scheduler.running_adapter_ids()
+        self.adapters.place_pinned(running)
+        # Pinned adapters hold slots whether or not they run; the cap keeps a batch within the rest.
+        self.scheduler.config.max_adapters_per_batch = self.adapters.scheduler_cap(running)
         batch = self.scheduler.schedule()
         self.num_preemptions += len(batch.preempted)
         if batch.is_empty:
             return []
-        lora_slots = self._make_adapters_resident(batch.seqs)
+        lora_slots = self.adapters.make_resident(
+            [s.adapter_id for s in batch.seqs], self.scheduler.running_adapter_ids()
+        )
         logits = self.runner.execute(batch.seqs, batch.num_new_tokens, batch.is_prefill, lora_slots)
         requests = [self._by_seq[seq.seq_id] for seq in batch.seqs]
         rows = [
@@ -241,17 +269,6 @@ class LLMEngine:
         return [
             self._postprocess(r, token_id, logprob)
             for r, token_id, logprob in zip(requests, sampled.token_ids, sampled.logprobs, strict=True)
-        ]
-
-    def _make_adapters_resident(self, seqs: list[Sequence]) -> list[int]:
-        needed = {s.adapter_id for s in seqs if s.adapter_id != BASE_ADAPTER_ID}
-        if needed:
-            in_use = self.scheduler.running_adapter_ids()
-            for slot, adapter_id in self.slot_table.assign(needed, in_use):
-                self.lora.load(slot, self._adapter_by_id[adapter_id].weights)
-        return [
-            -1 if s.adapter_id == BASE_ADAPTER_ID else self.slot_table.slot_of(s.adapter_id)  # type: ignore[misc]
-            for s in seqs
         ]
 
     def _postprocess(self, request: _Request, token_id: int, logprob: TokenLogprob | None) -> RequestDelta:
@@ -288,9 +305,17 @@ class LLMEngine:
         self._requests.pop(request.request_id, None)
         self._by_seq.pop(request.seq.seq_id, None)
         if request.seq.adapter_id != BASE_ADAPTER_ID:
-            adapter = self._adapter_by_id.get(request.seq.adapter_id)
-            if adapter is not None:
-                adapter.refcount -= 1
+            self.adapters.unref(request.seq.adapter_id)
+
+
+def _lora_geometry(model: nn.Module) -> list[tuple[int, list[int]]]:
+    """(in_features, output_sizes) of every projection LoRA wraps, to size slots from a byte budget."""
+    return [
+        (int(module.in_features), [int(n) for n in module.output_sizes])
+        for layer in model.model.layers
+        for path, module in layer.named_modules()
+        if path.rpartition(".")[2] in FUSED_NAMES
+    ]
 
 
 def _model_max_len(hf_config) -> int:

@@ -74,11 +74,11 @@ def add_serve_parser(subparsers: Any) -> None:
         "serve", help="Serve a base model and its LoRA adapters over the OpenAI API.",
         description="Serve a base model and its LoRA adapters over the OpenAI API. Each option can also "
                     "be set by the environment variable shown; the flag wins.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for flag, kind, default, help_text in _SERVE_OPTIONS:
+        shown = "" if default is None else f" (default: {default})"
         parser.add_argument(flag, type=kind, default=_env_default(flag, kind, default, parser),
-                            help=f"{help_text} [env {env_name(flag)}]")
+                            help=f"{help_text}{shown} [env {env_name(flag)}]")
     env_adapters = [item for item in os.environ.get("QUIVER_ADAPTERS", "").split(",") if item.strip()]
     try:
         adapter_defaults = [_parse_adapter(item) for item in env_adapters]

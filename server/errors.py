@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from engine.errors import (
+    AdapterFailedError,
     AdapterUnavailableError,
     EngineDeadError,
     EngineError,
@@ -102,6 +103,9 @@ def from_engine_error(exc: Exception, model: str) -> APIError:
     """Map what `engine.generate` raises before its first delta to a status."""
     if isinstance(exc, UnknownAdapterError):
         return model_not_found(model)
+    if isinstance(exc, AdapterFailedError):
+        # The adapter failed validation: retrying cannot help until an operator replaces it.
+        return bad_request(str(exc), param="model", code="adapter_failed")
     if isinstance(exc, AdapterUnavailableError):
         # The adapter exists but cannot serve: the client may retry later or pick another.
         return APIError(503, str(exc), param="model", code="model_unavailable",

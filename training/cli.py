@@ -158,7 +158,7 @@ def _train_logged(config: TrainConfig, events: EventLog, progress: bool) -> int:
 def _validate_only(config: TrainConfig) -> int:
     from transformers import AutoTokenizer
 
-    from training.trainer import load_data, effective_max_length
+    from training.trainer import effective_max_length, load_data
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.model)

@@ -37,7 +37,7 @@ class EventLog:
         self._handle: TextIO | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(self.path, "a", encoding="utf-8")
+            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
 
     def emit(self, type: str, **fields: Any) -> dict[str, Any]:
         event = {"type": type, "time": round(time.time(), 3), **{k: _clean(v) for k, v in fields.items()}}

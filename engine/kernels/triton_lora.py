@@ -27,19 +27,43 @@ from engine.context import LoraContext
 
 
 @triton.jit
+def _find_tile(seg_starts_ptr, seg_slots_ptr, num_segs, BLOCK_M: tl.constexpr, SEG_CAP: tl.constexpr):
+    """(slot, first token, end of run) of this program's BLOCK_M-token tile; slot -1: no work.
+
+    Program p takes the p-th tile when every LoRA run is cut into BLOCK_M-token tiles, in run
+    order. Every program finds its own from the (small) segment table, so the grid only needs
+    the bound cdiv(T, BLOCK_M) + num_segs: no host-side run lengths, same launch for any layout
+    of a fixed-size table (what a captured CUDA graph needs).
+    """
+    pid = tl.program_id(0)
+    offs = tl.arange(0, SEG_CAP)
+    live = offs < num_segs
+    starts = tl.load(seg_starts_ptr + offs, mask=live, other=0)
+    ends = tl.load(seg_starts_ptr + offs + 1, mask=live, other=0)
+    slots = tl.load(seg_slots_ptr + offs, mask=live, other=-1)
+    tiles = tl.where(slots >= 0, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0).to(tl.int32)
+    # Inclusive prefix sums never decrease, so the run holding tile `pid` is the first whose
+    # prefix exceeds it: the count of prefixes <= pid.
+    seg = tl.sum((tl.cumsum(tiles, axis=0) <= pid).to(tl.int32), axis=0)
+    before = tl.sum(tl.where(offs < seg, tiles, 0), axis=0)
+    inside = seg < num_segs
+    seg = tl.minimum(seg, num_segs - 1)
+    slot = tl.where(inside, tl.load(seg_slots_ptr + seg), -1)
+    m0 = tl.load(seg_starts_ptr + seg) + (pid - before) * BLOCK_M
+    end = tl.load(seg_starts_ptr + seg + 1)
+    return slot, m0, end
+
+
+@triton.jit
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, h_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr,
-    K, R, split_k,
+    K, R, split_k, num_segs,
     stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_hm, stride_hr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SEG_CAP: tl.constexpr,
     HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    seg = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    slot = tl.load(seg_slots_ptr + seg)
-    end = tl.load(seg_starts_ptr + seg + 1)
-    m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
+    slot, m0, end = _find_tile(seg_starts_ptr, seg_slots_ptr, num_segs, BLOCK_M, SEG_CAP)
+    pid_k = tl.program_id(1)
     if (slot < 0) | (m0 >= end):
         return
     rank = R
@@ -73,17 +97,13 @@ def _sgmv_shrink_kernel(
 @triton.jit
 def _sgmv_expand_kernel(
     h_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, ranks_ptr,
-    N, R,
+    N, R, num_segs,
     stride_hm, stride_hr, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SEG_CAP: tl.constexpr,
     HAS_RANKS: tl.constexpr, ADD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    seg = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2)
-    slot = tl.load(seg_slots_ptr + seg)
-    end = tl.load(seg_starts_ptr + seg + 1)
-    m0 = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
+    slot, m0, end = _find_tile(seg_starts_ptr, seg_slots_ptr, num_segs, BLOCK_M, SEG_CAP)
+    pid_n = tl.program_id(1)
     if (slot < 0) | (m0 >= end):
         return
     rank = R
@@ -197,12 +217,18 @@ def _block_r(max_rank: int) -> int:
     return max(16, triton.next_power_of_2(max_rank))
 
 
-def _block_m(max_seg_len: int, num_tokens: int) -> int:
+def _block_m(num_tokens: int, num_segs: int) -> int:
     """Token rows per tile. Small batches (decode) want many small tiles to fill the GPU; the
     extra A/B re-reads that costs come from L2. Long prefill runs want fewer, taller tiles."""
-    if max_seg_len <= 16 or num_tokens <= 1024:
+    mean_run = num_tokens / max(num_segs, 1)
+    if num_tokens <= 1024 or mean_run <= 16:
         return 16
-    return 32 if max_seg_len <= 32 else 64
+    return 32 if mean_run <= 32 else 64
+
+
+def _seg_grid(num_tokens: int, num_segs: int, block_m: int) -> tuple[int, int]:
+    """(programs along the token axis, SEG_CAP): every tile of every run fits in the first."""
+    return triton.cdiv(num_tokens, block_m) + num_segs, max(16, triton.next_power_of_2(num_segs))
 
 
 def _split_k(tiles: int, k: int, block_k: int, device: torch.device) -> int:
@@ -242,7 +268,6 @@ def sgmv_shrink(
     a_stack: torch.Tensor,
     seg_starts: torch.Tensor,
     seg_slots: torch.Tensor,
-    max_seg_len: int,
     ranks: torch.Tensor | None = None,
     split_k: int | None = None,
 ) -> torch.Tensor:
@@ -254,23 +279,27 @@ def sgmv_shrink(
             if s >= 0:
                 for t in range(seg_starts[i], seg_starts[i + 1]):
                     h[t, :] = x[t] @ a_stack[s].T      # float32; rows of base tokens unspecified
-    `max_seg_len` (host int, >= the longest run) sizes the grid; pass T when capturing a graph.
-    `split_k` (how many programs share one K loop) is a tuning knob; by default it fills the GPU.
+    The launch depends on T and len(seg_slots) only (runs may be empty), so a fixed-size
+    segment table can be captured in a CUDA graph. `split_k` (how many programs share one K
+    loop) is a tuning knob; by default it fills the GPU.
     """
     _check(x, a_stack)
     t, k = x.shape
     r = a_stack.shape[1]
-    block_m = _block_m(max_seg_len, t)
+    num_segs = seg_slots.numel()
+    block_m = _block_m(t, num_segs)
     block_k = 128
+    tiles, seg_cap = _seg_grid(t, num_segs, block_m)
     if split_k is None:
-        split_k = _split_k(triton.cdiv(t, block_m) + seg_slots.numel(), k, block_k, x.device)
+        split_k = _split_k(tiles, k, block_k, x.device)
     out = (torch.zeros if split_k > 1 else torch.empty)(t, r, device=x.device, dtype=torch.float32)
-    grid = (seg_slots.numel(), triton.cdiv(max(max_seg_len, 1), block_m), split_k)
-    _sgmv_shrink_kernel[grid](
+    if t == 0 or num_segs == 0:
+        return out
+    _sgmv_shrink_kernel[(tiles, split_k)](
         x, a_stack, out, seg_starts, seg_slots, ranks if ranks is not None else seg_slots,
-        k, r, split_k,
+        k, r, split_k, num_segs,
         x.stride(0), x.stride(1), *a_stack.stride(), *out.stride(),
-        BLOCK_M=block_m, BLOCK_R=_block_r(r), BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_R=_block_r(r), BLOCK_K=block_k, SEG_CAP=seg_cap,
         HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype),
         num_warps=4, num_stages=3,
     )  # fmt: skip
@@ -282,7 +311,6 @@ def sgmv_expand(
     b_stack: torch.Tensor,
     seg_starts: torch.Tensor,
     seg_slots: torch.Tensor,
-    max_seg_len: int,
     y: torch.Tensor,
     out_offset: int = 0,
     ranks: torch.Tensor | None = None,
@@ -302,17 +330,19 @@ def sgmv_expand(
     """
     _check_expand(h, b_stack, y, out_offset)
     n, r = b_stack.shape[1], b_stack.shape[2]
-    block_m = _block_m(max_seg_len, y.shape[0])
-    m_tiles = triton.cdiv(max(max_seg_len, 1), block_m)
+    t, num_segs = y.shape[0], seg_slots.numel()
+    block_m = _block_m(t, num_segs)
+    tiles, seg_cap = _seg_grid(t, num_segs, block_m)
     if block_n is None:
-        block_n = _expand_block_n(n, triton.cdiv(y.shape[0], block_m), y.device)
-    grid = (seg_slots.numel(), m_tiles, triton.cdiv(n, block_n))
+        block_n = _expand_block_n(n, triton.cdiv(t, block_m), y.device)
+    if t == 0 or num_segs == 0 or n == 0:
+        return
     y_view = y[:, out_offset:]
-    _sgmv_expand_kernel[grid](
+    _sgmv_expand_kernel[(tiles, triton.cdiv(n, block_n))](
         h, b_stack, y_view, seg_starts, seg_slots, ranks if ranks is not None else seg_slots,
-        n, r,
+        n, r, num_segs,
         *h.stride(), *b_stack.stride(), y_view.stride(0), y_view.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(r),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(r), SEG_CAP=seg_cap,
         HAS_RANKS=ranks is not None, ADD=add, PRECISION=_precision(b_stack.dtype),
         num_warps=4, num_stages=1,
     )  # fmt: skip
@@ -341,6 +371,8 @@ def bgmv_shrink(
     if split_k is None:
         split_k = _split_k(t, k, block_k, x.device)
     out = (torch.zeros if split_k > 1 else torch.empty)(t, r, device=x.device, dtype=torch.float32)
+    if t == 0:
+        return out
     _bgmv_shrink_kernel[(t, split_k)](
         x, a_stack, out, token_slots, ranks if ranks is not None else token_slots,
         k, r, split_k,
@@ -373,6 +405,8 @@ def bgmv_expand(
     n, r = b_stack.shape[1], b_stack.shape[2]
     block_r = _block_r(r)
     block_n = max(16, min(256, 4096 // block_r, triton.next_power_of_2(n)))
+    if y.shape[0] == 0 or n == 0:
+        return
     y_view = y[:, out_offset:]
     _bgmv_expand_kernel[(y.shape[0], triton.cdiv(n, block_n))](
         h, b_stack, y_view, token_slots, ranks if ranks is not None else token_slots,
@@ -393,7 +427,7 @@ def lora_shrink(
     """h = x @ A[slot].T per token (float32 [T, max_rank]); SGMV over `lora`'s segments unless `per_token`."""
     if per_token:
         return bgmv_shrink(x, a_stack, lora.token_slots, ranks)
-    return sgmv_shrink(x, a_stack, lora.seg_starts, lora.seg_slots, _max_seg_len(lora), ranks)
+    return sgmv_shrink(x, a_stack, lora.seg_starts, lora.seg_slots, ranks)
 
 
 def lora_expand(
@@ -410,7 +444,7 @@ def lora_expand(
     if per_token:
         bgmv_expand(h, b_stack, lora.token_slots, y, out_offset, ranks, add)
     else:
-        sgmv_expand(h, b_stack, lora.seg_starts, lora.seg_slots, _max_seg_len(lora), y, out_offset, ranks, add)
+        sgmv_expand(h, b_stack, lora.seg_starts, lora.seg_slots, y, out_offset, ranks, add)
 
 
 def lora_apply(
@@ -431,6 +465,11 @@ def lora_apply(
             s = slot of token t (lora.token_slots[t], equivalently its segment's slot)
             if s >= 0:
                 y[t, out_offset:out_offset + out] += (x[t] @ a_stack[s].T) @ b_stack[s].T
+
+    CUDA graphs: the launches depend only on T and the length of `lora.seg_slots`, never on
+    the run lengths, so a graph captured with a segment table of fixed length (padding runs:
+    slot -1, empty, starting at T) replays correctly for any layout; `any_lora` must be True
+    at capture.
     """
     if not lora.any_lora:
         return
@@ -463,9 +502,8 @@ def lora_shrink_expand_sgmv(
             bounds.append(live[i + 1][0])
     seg_starts = torch.tensor(bounds, dtype=torch.int64).to(x.device, non_blocking=True)
     seg_slots = torch.tensor(slots, dtype=torch.int64).to(x.device, non_blocking=True)
-    longest = max(e - s for s, e, _ in live)
-    h = sgmv_shrink(x, a_stack, seg_starts, seg_slots, longest)
-    sgmv_expand(h, b_stack, seg_starts, seg_slots, longest, y, out_offset)
+    h = sgmv_shrink(x, a_stack, seg_starts, seg_slots)
+    sgmv_expand(h, b_stack, seg_starts, seg_slots, y, out_offset)
 
 
 def lora_bgmv(
@@ -480,7 +518,3 @@ def lora_bgmv(
     _check(x, a_stack, b_stack)
     h = bgmv_shrink(x, a_stack, token_slots)
     bgmv_expand(h, b_stack, token_slots, y, out_offset)
-
-
-def _max_seg_len(lora: LoraContext) -> int:
-    return max((end - start for start, end, slot in lora.seg_bounds if slot >= 0), default=0)

@@ -154,6 +154,27 @@ def test_lora_never_reads_base_rows(tl_lora):
         assert (y[ctx.token_slots >= 0] != 0).any()
 
 
+def test_sgmv_padded_segments_for_graph_capture(tl_lora):
+    """A fixed-length segment table (padding runs: slot -1, empty, at T), as a captured graph
+    needs: every layout gives the reference's result through the same launch."""
+    gen = torch.Generator().manual_seed(11)
+    t, capacity = 24, 8
+    a, b = _stacks(4, [16, 4, 8, 16], 64, 48, torch.float32, gen)
+    x = torch.randn(t, 64, generator=gen).to(DEVICE)
+    y0 = torch.randn(t, 48, generator=gen).to(DEVICE)
+    base = _lora_ctx(_segments([(t, 0)]))
+    for layout in ([(t, 0)], [(2, -1), (5, 3), (1, 0), (16, 1)], [(3, 2), (3, 1), (3, 0), (3, 3), (12, -1)]):
+        seg_bounds = _segments(layout)
+        starts = [s for s, _, _ in seg_bounds] + [t] * (capacity + 1 - len(seg_bounds))
+        slots = [slot for _, _, slot in seg_bounds] + [-1] * (capacity - len(seg_bounds))
+        base.seg_starts = torch.tensor(starts, dtype=torch.long, device=DEVICE)
+        base.seg_slots = torch.tensor(slots, dtype=torch.long, device=DEVICE)
+        y_ref, y = y0.clone(), y0.clone()
+        lora_shrink_expand_sgmv(y_ref, x, a, b, seg_bounds, 0)
+        tl_lora.lora_apply(y, x, a, b, base, 0)
+        assert _rel_err(y - y0, y_ref - y0) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_drop_in_functions_match_reference(tl_lora, dtype):
     """Same signatures as lora_ref; runs that are not adjacent and unsorted decode slots."""

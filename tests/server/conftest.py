@@ -126,21 +126,3 @@ def live(start_server: Callable[..., LiveServer]) -> LiveServer:
 def client(live: LiveServer) -> OpenAI:
     return live.client()
 
-
-# TEMP-SHIM (remove once engine/sampler.py takes logits_processor)
-def _temp_shim() -> None:
-    import dataclasses
-
-    import engine.llm_engine as le
-    import engine.sampler as sm
-
-    if "logits_processor" not in {f.name for f in dataclasses.fields(sm.SamplerInput)}:
-        orig = sm.SamplerInput
-
-        def shim(logits_processor: Any = None, **kw: Any) -> Any:
-            return orig(**kw)
-
-        le.SamplerInput = shim  # type: ignore[misc,assignment]
-
-
-_temp_shim()

@@ -1,0 +1,135 @@
+"""The `quiver` command line: options, environment variables, the demo default, a real launch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server import cli
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _parse(*argv: str):
+    return cli.build_parser().parse_args(["serve", *argv])
+
+
+def test_help_explains_every_option():
+    result = subprocess.run([sys.executable, "-m", "server", "serve", "--help"], capture_output=True, text=True,
+                            cwd=REPO, timeout=60, check=True)
+    for flag, _, _, _ in cli._SERVE_OPTIONS:
+        assert flag in result.stdout and cli.env_name(flag) in result.stdout
+    assert "--adapter NAME=PATH" in result.stdout and "QUIVER_ADAPTERS" in result.stdout
+    top = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True, cwd=REPO,
+                         timeout=60, check=True)
+    assert "serve" in top.stdout
+
+
+def test_flags_win_over_environment(monkeypatch):
+    monkeypatch.setenv("QUIVER_PORT", "9100")
+    monkeypatch.setenv("QUIVER_MODEL", "/models/from-env")
+    monkeypatch.setenv("QUIVER_MAX_LORAS", "3")
+    monkeypatch.setenv("QUIVER_ADAPTERS", "a=/x/a, b=/x/b")
+    args = _parse()
+    assert (args.port, args.model, args.max_loras) == (9100, "/models/from-env", 3)
+    assert args.adapters is None and args.adapter_defaults == [("a", Path("/x/a")), ("b", Path("/x/b"))]
+    args = _parse("--port", "9200", "--model", "/models/flag", "--adapter", "c=/x/c", "--adapter", "d=/x/d")
+    assert (args.port, args.model, args.max_loras) == (9200, "/models/flag", 3)
+    assert args.adapters == [("c", Path("/x/c")), ("d", Path("/x/d"))]
+
+
+def test_defaults_without_environment(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("QUIVER_"):
+            monkeypatch.delenv(name)
+    args = _parse()
+    assert (args.host, args.port, args.model) == (cli.DEFAULT_HOST, cli.DEFAULT_PORT, None)
+    config = cli.engine_config(_parse("--max-model-len", "512", "--dtype", "float32"), "m")
+    assert (config.max_model_len, config.dtype, config.model) == (512, "float32", "m")
+
+
+@pytest.mark.parametrize("argv", [["--adapter", "no-equals"], ["--adapter", "=path"], ["--port", "eighty"]])
+def test_bad_options_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        _parse(*argv)
+    assert info.value.code == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_bad_environment_value_is_named(monkeypatch, capsys):
+    monkeypatch.setenv("QUIVER_MAX_NUM_SEQS", "many")
+    with pytest.raises(SystemExit):
+        _parse()
+    assert "QUIVER_MAX_NUM_SEQS" in capsys.readouterr().err
+
+
+def test_no_model_serves_the_demo_bundle_with_its_adapters(monkeypatch, server_model_dir, server_adapters):
+    import engine.demo
+    from engine.demo import DemoBundle
+
+    names = list(server_adapters)[:2]
+    bundle = DemoBundle(model_dir=server_model_dir, adapters={n: server_adapters[n] for n in names})
+    monkeypatch.setattr(engine.demo, "ensure_demo_bundle", lambda cache_dir=None: bundle)
+    extra = list(server_adapters)[2]
+    for name in list(os.environ):
+        if name.startswith("QUIVER_"):
+            monkeypatch.delenv(name)
+    args = _parse("--adapter", f"{extra}={server_adapters[extra]}", "--device", "cpu", "--max-model-len", "128")
+    built = cli.engine_factory(args)()
+    assert built.model_name == server_model_dir.name
+    assert sorted(built.adapter_names()) == sorted([*names, extra])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_launches_a_working_server(server_model_dir, server_adapters):
+    port = _free_port()
+    adapter = next(iter(server_adapters))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUIVER_")}
+    env.update(QUIVER_MAX_MODEL_LEN="128", PYTHONPATH=str(REPO))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--model", str(server_model_dir), "--port", str(port),
+         "--served-model-name", "cli-base", "--adapter", f"{adapter}={server_adapters[adapter]}",
+         "--device", "cpu", "--log-level", "warning"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the server never became ready"
+            try:
+                if httpx.get(f"{base_url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["cli-base", adapter]
+        answer = client.chat.completions.create(model=adapter, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=4)
+        assert answer.model == adapter and answer.usage.completion_tokens >= 1
+        assert answer.usage.prompt_tokens + 4 <= 128
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+        process.stdout.close()
+    assert process.returncode == 0

@@ -1,0 +1,147 @@
+"""response_format json_object / json_schema: constrained outputs parse and validate."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from server.structured import JSONLogitsProcessor, StructuredOutputs
+from tests.factories import build_tokenizer
+from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME
+from tests.server.helpers import joined_stream
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "tags": {"type": "array", "items": {"enum": ["red", "green"]}, "maxItems": 3},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 8}, "zip": {"type": "string",
+                                                                               "pattern": "^[0-9]{5}$"}},
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "age", "tags", "address"],
+    "additionalProperties": False,
+}
+MESSAGES = [{"role": "user", "content": "Give me JSON"}]
+
+
+def _person_format(schema=PERSON):
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+
+
+@pytest.mark.parametrize("model", [MODEL_NAME, ADAPTER_NAMES[0], ADAPTER_NAMES[5]])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_output_validates(client, model, temperature):
+    response = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=120, seed=5,
+                                              temperature=temperature, response_format=_person_format())
+    choice = response.choices[0]
+    assert choice.finish_reason == "stop"
+    jsonschema.validate(json.loads(choice.message.content), PERSON)
+
+
+def test_json_schema_stream_equals_non_stream_and_n_choices(client):
+    kwargs = dict(model=ADAPTER_NAMES[1], messages=MESSAGES, max_tokens=120, temperature=1.0, seed=9,
+                  response_format=_person_format())
+    full = client.chat.completions.create(n=3, **kwargs)
+    streamed = joined_stream(list(client.chat.completions.create(n=3, stream=True, **kwargs)))
+    for choice in full.choices:
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+        assert streamed[choice.index] == choice.message.content
+
+
+def test_json_object_output_parses(live, client):
+    tokenizer = live.engine.tokenizer
+    # A random model would happily write one endless string; nudging it towards quotes and
+    # braces lets the grammar close the object within budget.
+    bias = {str(tokenizer.convert_tokens_to_ids(t)): 6 for t in ['"', "}"]}
+    for model in (MODEL_NAME, ADAPTER_NAMES[2]):
+        for temperature in (0.0, 1.0):
+            response = client.chat.completions.create(
+                model=model, messages=MESSAGES, max_tokens=100, temperature=temperature, seed=1,
+                logit_bias=bias, response_format={"type": "json_object"})
+            assert response.choices[0].finish_reason == "stop"
+            assert isinstance(json.loads(response.choices[0].message.content), dict)
+
+
+def test_multi_byte_characters_split_across_tokens_never_show_u_fffd(client):
+    text = "中文测试 🎯✨"
+    schema = {"enum": [text]}
+    split_seen = False
+    for seed in range(4):
+        kwargs = dict(model=ADAPTER_NAMES[seed], messages=MESSAGES, max_tokens=40, temperature=1.0, seed=seed,
+                      response_format=_person_format(schema))
+        full = client.chat.completions.create(logprobs=True, **kwargs)
+        assert full.choices[0].message.content == json.dumps(text, ensure_ascii=False)
+        pieces = [bytes(entry.bytes) for entry in full.choices[0].logprobs.content]
+        assert b"".join(pieces).decode("utf-8") == full.choices[0].message.content
+        for piece in pieces:
+            try:
+                piece.decode("utf-8")
+            except UnicodeDecodeError:
+                split_seen = True
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        deltas = [ch.delta.content for c in chunks for ch in c.choices if ch.delta.content]
+        assert all("\ufffd" not in delta for delta in deltas)
+        assert "".join(deltas) == full.choices[0].message.content
+    assert split_seen, "no token split a character: the test did not exercise the detokenizer"
+
+
+def test_text_format_is_unconstrained(client):
+    plain = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=10, temperature=0)
+    text = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=10, temperature=0,
+                                          response_format={"type": "text"})
+    assert plain.choices[0].message.content == text.choices[0].message.content
+
+
+@pytest.mark.parametrize("schema", [{"type": "strin"}, {"type": "string", "pattern": "(("},
+                                    {"$ref": "#/nowhere"}, {"type": "string", "format": "no-such-format"}])
+def test_bad_schema_is_400(live, schema):
+    with live.http() as http:
+        response = http.post("/v1/chat/completions", json={
+            "model": MODEL_NAME, "messages": MESSAGES, "response_format": _person_format(schema)})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "response_format"
+
+
+# ---- the processor on its own ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def test_processor_masks_and_finishes(tokenizer):
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    [processor] = StructuredOutputs(tokenizer, {eos}).processors({"enum": ["over"]}, 1)
+    assert isinstance(processor, JSONLogitsProcessor)
+    target = tokenizer.encode('"over"', add_special_tokens=False)
+    vocab = len(tokenizer) + 7  # model vocabularies are often padded past the tokenizer's
+    for token_id in target:
+        logits = torch.zeros(vocab)
+        processor.apply(logits)
+        allowed = torch.isfinite(logits)
+        assert allowed[token_id] and not allowed[len(tokenizer):].any()
+        assert allowed.sum() < len(tokenizer) // 2
+        assert not processor.is_finished()
+        processor.accept(token_id)
+    logits = torch.zeros(vocab)
+    processor.apply(logits)
+    assert processor.is_finished() or torch.isfinite(logits).nonzero().flatten().tolist() == [eos]
+
+
+def test_processors_for_n_choices_are_independent(tokenizer):
+    first, second = StructuredOutputs(tokenizer).processors({"enum": ["ab", "cd"]}, 2)
+    first.accept(tokenizer.convert_tokens_to_ids('"'))
+    logits_first, logits_second = torch.zeros(len(tokenizer)), torch.zeros(len(tokenizer))
+    first.apply(logits_first)
+    second.apply(logits_second)
+    assert not torch.equal(torch.isfinite(logits_first), torch.isfinite(logits_second))

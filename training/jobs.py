@@ -1,0 +1,320 @@
+"""Fine-tuning jobs: each runs `python -m training` in its own process, so serving never stalls.
+
+States follow OpenAI's: validating_files -> queued -> running -> succeeded | failed | cancelled.
+One monitor thread moves jobs along: it re-checks their files, starts queued jobs while
+fewer than `max_concurrent` run, tails each child's events.jsonl (metrics, checkpoints,
+errors) and reaps it when it exits. When a checkpoint appears it is handed to
+`on_adapter_ready(f"{model}:ckpt-{step}", path)`, and the final adapter, when the child
+exits cleanly, to `on_adapter_ready(f"ft-{job_id}", path)`. The callbacks run on the
+monitor thread: one that must reach an event loop or engine thread posts to it and waits.
+A failure there, in the child, or a cancel leaves the manager as it was, with the reason
+in the job's `error` and events.
+
+Layout under `root`: `files/` (uploads) and `jobs/<job-id>/` with `job.json` (the record),
+`events.jsonl` (the API's events), `train.log` (the child's output) and `output/` (the
+`quiver train` output directory: adapter, checkpoints, its own events, loss.png).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from training.checkpoints import list_checkpoints
+from training.data import DataError, read_records
+from training.errors import ConflictError, InvalidRequestError, NotFoundError
+from training.events import EVENTS_NAME, read_events
+from training.files import FileStore
+from training.job_params import cli_arguments, merge_hyperparameters, resolve_hyperparameters, train_config
+from training.job_record import TERMINAL, JobRecord, fine_tuned_model_name, load_records, page
+
+logger = logging.getLogger(__name__)
+
+AdapterCallback = Callable[[str, Path], None]
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_KILL_GRACE_S = 5.0
+
+__all__ = ["JobManager", "fine_tuned_model_name"]
+
+
+class JobManager:
+    """Runs fine-tuning jobs of `base_model` (the path or hub id the server loaded), called `model_name`.
+
+    train_args: extra `quiver train` flags for every job (e.g. `--device cpu`, `--max-length 4096`).
+    env:        extra environment for the child processes (e.g. `CUDA_VISIBLE_DEVICES`, `OMP_NUM_THREADS`).
+    """
+
+    def __init__(self, root: Path, *, base_model: str, model_name: str,
+                 on_adapter_ready: AdapterCallback | None = None,
+                 on_adapter_removed: Callable[[str], None] | None = None,
+                 max_concurrent: int = 1, train_args: Sequence[str] = (), python: str = sys.executable,
+                 env: dict[str, str] | None = None, poll_interval: float = 0.2) -> None:
+        self.root = Path(root)
+        self.files = FileStore(self.root / "files")
+        self.jobs_dir = self.root / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.base_model, self.model_name = str(base_model), model_name
+        self.on_adapter_ready, self.on_adapter_removed = on_adapter_ready, on_adapter_removed
+        self.max_concurrent, self.train_args, self.python = max_concurrent, list(train_args), python
+        self.env = dict(env or {})
+        self.poll_interval = poll_interval
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._offsets: dict[str, int] = {}
+        self._jobs: dict[str, JobRecord] = {}
+        for record in load_records(self.jobs_dir):
+            if record.status == "running":  # its process died with the previous server
+                record.fail("interrupted", "The server stopped while the job was running; create a new job.")
+            self._jobs[record.id] = record
+
+    # ------------------------------------------------------------------ lifetime
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._monitor, name="finetune-jobs", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop monitoring; running jobs are killed and marked failed."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        with self._lock:
+            procs, self._procs = self._procs, {}
+            for job_id in procs:
+                self._jobs[job_id].fail("server_shutdown", "The server stopped while the job was running.")
+        for proc in procs.values():
+            _kill(proc)
+
+    def servable_adapters(self) -> dict[str, Path]:
+        """Adapters finished jobs left on disk, by served name (to register when the server starts)."""
+        out: dict[str, Path] = {}
+        with self._lock:
+            for job in self._jobs.values():
+                out.update({c["fine_tuned_model_checkpoint"]: Path(c["path"]) for c in job.checkpoints
+                            if Path(c["path"]).is_dir()})
+                if job.status == "succeeded" and job.fine_tuned_model:
+                    out[job.fine_tuned_model] = job.output_dir
+        return out
+
+    # ------------------------------------------------------------------ API
+    def create_job(self, *, model: str, training_file: str, validation_file: str | None = None,
+                   hyperparameters: dict[str, Any] | None = None, method: dict[str, Any] | None = None,
+                   seed: int | None = None, suffix: str | None = None,
+                   metadata: dict[str, str] | None = None) -> dict[str, Any]:
+        if model not in (self.model_name, self.base_model):
+            raise InvalidRequestError(f"Model {model!r} cannot be fine-tuned here; this server fine-tunes "
+                                      f"its base model {self.model_name!r}.", param="model",
+                                      code="model_not_available")
+        self.files.get(training_file)
+        if validation_file is not None:
+            self.files.get(validation_file)
+        hp = resolve_hyperparameters(merge_hyperparameters(hyperparameters, method))
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise InvalidRequestError(f"seed must be a non-negative integer, got {seed!r}", param="seed")
+        job_id = f"ftjob-{secrets.token_hex(6)}"  # short: it is part of the served model name
+        while job_id in self._jobs or (self.jobs_dir / job_id).exists():
+            job_id = f"ftjob-{secrets.token_hex(6)}"
+        record = JobRecord.new(self.jobs_dir / job_id, job_id, model=self.model_name, training_file=training_file,
+                               validation_file=validation_file, hyperparameters=hp,
+                               seed=seed if seed is not None else secrets.randbelow(2**31),
+                               suffix=suffix, metadata=metadata or {})
+        with self._lock:
+            self._jobs[job_id] = record
+        record.add_event(f"Created fine-tuning job: {job_id}")
+        self._wake.set()
+        return record.to_openai()
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        with self._lock:
+            return self._job(job_id).to_openai()
+
+    def list_jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[dict[str, Any]], bool]:
+        with self._lock:
+            jobs = sorted(self._jobs.values(), key=lambda j: (j.created_at, j.id), reverse=True)
+            items, more = page(jobs, after, limit, key=lambda j: j.id)
+            return [j.to_openai() for j in items], more
+
+    def list_events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict[str, Any]], bool]:
+        with self._lock:
+            events = list(reversed(self._job(job_id).events))
+        return page(events, after, limit, key=lambda e: e["id"])
+
+    def list_checkpoints(self, job_id: str, after: str | None = None,
+                         limit: int = 10) -> tuple[list[dict[str, Any]], bool]:
+        with self._lock:
+            job = self._job(job_id)
+            items = [job.checkpoint_to_openai(c) for c in reversed(job.checkpoints)]
+        return page(items, after, limit, key=lambda c: c["id"])
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        with self._lock:
+            job = self._job(job_id)
+            if job.status in TERMINAL:
+                raise ConflictError(f"Job {job_id} has already {job.status}; it cannot be cancelled.",
+                                    param="fine_tuning_job_id", code="job_not_cancellable")
+            proc = self._procs.pop(job_id, None)
+            job.set_status("cancelled", "The job was cancelled.")
+        if proc is not None:
+            _kill(proc)
+        return self.get_job(job_id)
+
+    def _job(self, job_id: str) -> JobRecord:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFoundError(f"No such fine-tuning job: {job_id!r}.", param="fine_tuning_job_id",
+                                code="job_not_found")
+        return job
+
+    # ------------------------------------------------------------------ the monitor thread
+    def _monitor(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception:  # the monitor must outlive any one job's surprise
+                logger.exception("fine-tuning monitor step failed")
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+
+    def _tick(self) -> None:
+        with self._lock:
+            pending = [j for j in self._jobs.values() if j.status == "validating_files"]
+        for job in pending:
+            self._validate(job)
+        with self._lock:
+            running = list(self._procs.items())
+        for job_id, proc in running:
+            self._follow(job_id, proc)
+        with self._lock:
+            queued = sorted((j for j in self._jobs.values() if j.status == "queued"), key=lambda j: j.created_at)
+            for job in queued[: max(0, self.max_concurrent - len(self._procs))]:
+                self._launch(job)
+
+    def _validate(self, job: JobRecord) -> None:
+        try:
+            for file_id, param in ((job.training_file, "training_file"), (job.validation_file, "validation_file")):
+                if file_id is not None:
+                    path = self.files.path(self.files.get(file_id).id)
+                    read_records(path, label=file_id, param=param)
+        except (DataError, NotFoundError) as exc:
+            param = exc.param if isinstance(exc, DataError) else "training_file"
+            with self._lock:
+                if job.status == "validating_files":
+                    job.fail(f"invalid_{param}", str(exc), param=param)
+            return
+        with self._lock:
+            if job.status == "validating_files":
+                job.set_status("queued", "Files validated; the job is queued.")
+
+    def _launch(self, job: JobRecord) -> None:
+        job.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        valid = None
+        if job.validation_file is not None:
+            valid = self.files.copy_to(job.validation_file, job.directory / "validation.jsonl")
+        config = train_config(job.hyperparameters, model=self.base_model,
+                              data=self.files.copy_to(job.training_file, job.directory / "training.jsonl"),
+                              output=job.output_dir, validation_data=valid, seed=job.seed,
+                              name=job.fine_tuned_name)
+        command = [self.python, "-m", "training", *cli_arguments(config), "--no-progress", "--overwrite",
+                   *self.train_args]
+        env = dict(os.environ)
+        # The child imports this package from where the server found it, installed or not.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        env.update(self.env)
+        with open(job.directory / "train.log", "ab") as log:
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=job.directory, env=env, start_new_session=os.name == "posix")
+        self._procs[job.id] = proc
+        self._offsets[job.id] = 0
+        job.set_status("running", f"Fine-tuning job started (process {proc.pid}).")
+        job.started_at = int(time.time())
+
+    def _follow(self, job_id: str, proc: subprocess.Popen[bytes]) -> None:
+        code = proc.poll()  # before reading: every event of an exited child is then on disk
+        job = self._jobs[job_id]
+        events, self._offsets[job_id] = read_events(job.output_dir / EVENTS_NAME, self._offsets.get(job_id, 0))
+        for event in events:
+            self._on_event(job, event)
+        if code is None:
+            return
+        with self._lock:
+            if self._procs.pop(job_id, None) is None:
+                return  # cancelled meanwhile
+        if code == 0 and job.final_event is not None:
+            self._succeed(job)
+        else:
+            with self._lock:
+                job.fail_from_child(code, job.directory / "train.log")
+
+    def _on_event(self, job: JobRecord, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        with self._lock:
+            job.record_child_event(event)
+        if kind == "checkpoint":
+            name = f"{job.fine_tuned_name}:ckpt-{event['step']}"
+            self._register(job, name, Path(event["path"]))
+        elif kind == "checkpoint_removed" and self.on_adapter_removed is not None:
+            try:
+                self.on_adapter_removed(f"{job.fine_tuned_name}:ckpt-{event['step']}")
+            except Exception:
+                logger.exception("unregistering a removed checkpoint failed")
+
+    def _register(self, job: JobRecord, name: str, path: Path) -> bool:
+        if self.on_adapter_ready is None:
+            return True
+        try:
+            self.on_adapter_ready(name, path)
+        except Exception as exc:
+            logger.exception("registering adapter %s failed", name)
+            with self._lock:
+                job.add_event(f"Could not register {name}: {type(exc).__name__}: {exc}", level="warn")
+            return False
+        return True
+
+    def _succeed(self, job: JobRecord) -> None:
+        name = job.fine_tuned_name
+        present = {step for step, _ in list_checkpoints(job.output_dir)}
+        with self._lock:
+            job.checkpoints = [c for c in job.checkpoints if c["step_number"] in present]
+        if not self._register(job, name, job.output_dir):
+            with self._lock:
+                job.fail("adapter_registration_failed",
+                         f"Training finished, but the server could not load the adapter {name}; see the events.")
+            return
+        with self._lock:
+            job.succeed(name)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate the child and anything it started; escalate to SIGKILL after a grace period."""
+    if proc.poll() is not None:
+        return
+    try:
+        if os.name == "posix":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.terminate()
+        proc.wait(_KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        if os.name == "posix":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
