@@ -214,6 +214,14 @@ class AdapterManager:
         self._retire(entry)
         return in_flight
 
+    def abandon(self, error: BaseException) -> None:
+        """Answer every waiter with `error` (the engine stopped; no load will finish)."""
+        for waiters in [*self._load_waiters.values(), *self._pin_waiters.values()]:
+            _resolve(waiters, error)
+        self._load_waiters.clear()
+        self._pin_waiters.clear()
+        self._pending.clear()
+
     # ------------------------------------------------------------------------ loads
     def _wait_load(self, entry: AdapterEntry, done: Future[None]) -> None:
         waiters = self._load_waiters.get(entry.adapter_id)

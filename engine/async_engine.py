@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -78,10 +79,13 @@ class AsyncEngine:
     async def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
+        thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 30)
             self._thread = None
         self._loader.shutdown(wait=False, cancel_futures=True)
+        if thread is None or not thread.is_alive():  # nothing will apply a load result any more
+            self._core.adapters.abandon(EngineDeadError("the engine was shut down"))
 
     @property
     def is_running(self) -> bool:
@@ -265,10 +269,8 @@ class AsyncEngine:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
             loop.call_soon_threadsafe(self._dispatch, deltas)
-        except RuntimeError:  # loop closed between the check and the call
-            pass
 
     def _dispatch(self, deltas: list[RequestDelta]) -> None:
         for delta in deltas:

@@ -23,6 +23,10 @@ class EngineConfig:
     max_lora_rank:       largest adapter rank accepted; slot buffers are this wide.
     enable_prefix_caching: share computed KV blocks between requests with the same
                          (adapter, token prefix): a common system prompt is prefilled once.
+    enforce_eager:       never capture CUDA graphs (decode then pays one CPU launch per kernel).
+    cuda_graph_max_batch: largest decode batch run from a captured graph; bigger ones run eagerly.
+    kernels:             "auto" (Triton on CUDA, torch reference on CPU) or "torch" (the
+                         reference everywhere: the oracle the GPU path is tested against).
     """
 
     model: str
@@ -40,18 +44,23 @@ class EngineConfig:
     max_waiting: int = 1024
     enable_prefix_caching: bool = True
     seed: int = 0
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 256
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                     "max_loras", "max_lora_rank", "max_waiting"):
+                     "max_loras", "max_lora_rank", "max_waiting", "cuda_graph_max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_model_len:
             self.max_num_batched_tokens = self.max_model_len
         if not 0.1 <= self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in [0.1, 1], got {self.gpu_memory_utilization}")
+        if self.kernels not in ("auto", "torch"):
+            raise ValueError(f"kernels must be 'auto' or 'torch', got {self.kernels!r}")
         if self.num_kv_blocks < 0 or self.kv_cache_memory < 0:
             raise ValueError("num_kv_blocks and kv_cache_memory must not be negative")
 

@@ -281,9 +281,8 @@ class LLMEngine:
             if request.logits_processor is not None:
                 request.logits_processor.accept(token_id)
             text = request.detokenizer.add(token_id)
-            if request.detokenizer.stopped:
-                finish = "stop"
-            elif request.logits_processor is not None and request.logits_processor.is_finished():
+            processor = request.logits_processor
+            if request.detokenizer.stopped or (processor is not None and processor.is_finished()):
                 finish = "stop"
             elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
                 finish = "length"

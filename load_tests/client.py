@@ -2,8 +2,10 @@
 
 Open loop: each request leaves at its planned time whether or not earlier ones finished (that
 is what an arrival process means; a closed loop would hide queueing). Every request streams,
-so the record holds the time of each content chunk: TTFT is the first chunk with text, ITL the
-gaps between chunks, TPOT (latency - TTFT) / (output tokens - 1), as in vLLM's bench client.
+so the record holds the time of each content chunk: TTFT is the first chunk with text (or the
+final chunk, for an answer whose tokens never formed a whole character), ITL the gaps between
+chunks, TPOT (latency - TTFT) / (output tokens - 1), as in vLLM's bench client. The server sends
+no chunk for a token that completes no character, so chunks can be fewer than tokens.
 Runs are bounded: at `deadline_s` requests not yet sent are dropped and those in flight are
 cancelled (the client disconnects, the server aborts them) and recorded as such.
 """
@@ -170,6 +172,8 @@ async def send_one(client: openai.AsyncOpenAI, config: DriverConfig, req: Planne
                     parts.append(text)
                 if choice.finish_reason is not None:
                     record.finish_reason = choice.finish_reason
+                    if record.first_token is None:  # every token was a partial character: no text until now
+                        record.first_token = now
         record.text = "".join(parts)
         record.done = clock()
     except asyncio.CancelledError:

@@ -83,7 +83,9 @@ def _lora_ctx(batch: int, adapters: int) -> LoraContext:
         else:
             bounds.append((t, t + 1, s))
     dev = lambda v: torch.tensor(v, dtype=torch.long, device="cuda")  # noqa: E731
-    return LoraContext(dev(slots), dev([b[0] for b in bounds] + [batch]), dev([b[2] for b in bounds]), bounds, True)
+    return LoraContext(
+        dev(slots), dev([b[0] for b in bounds] + [batch]), dev([b[2] for b in bounds]), bounds, True
+    )
 
 
 def bench_lora(batch: int, adapters: int, k: int, n: int, rank: int, quick: bool) -> dict:
@@ -101,7 +103,9 @@ def bench_lora(batch: int, adapters: int, k: int, n: int, rank: int, quick: bool
         sets.append((y, x, a, b))
     ref_sets = sets[: min(copies, 16)]
     res = {"batch": batch, "adapters": adapters, "in": k, "out": n, "rank": rank, "min_bytes": min_bytes}
-    res["ref_bgmv_eager_us"] = _time([lambda s=s: lora_bgmv(*s, ctx.token_slots, 0) for s in ref_sets], False, 3)
+    res["ref_bgmv_eager_us"] = _time(
+        [lambda s=s: lora_bgmv(*s, ctx.token_slots, 0) for s in ref_sets], False, 3
+    )
     res["ref_sgmv_eager_us"] = _time(
         [lambda s=s: lora_shrink_expand_sgmv(*s, ctx.seg_bounds, 0) for s in ref_sets], False, 3
     )
@@ -168,7 +172,9 @@ def bench_lora_prefill(tokens: int, adapters: int, k: int, n: int, rank: int) ->
     ]
     min_bytes = 2 * (tokens * k + adapters * rank * (k + n) + 2 * tokens * n)
     res = {"tokens": tokens, "adapters": adapters, "in": k, "out": n, "rank": rank, "min_bytes": min_bytes}
-    res["ref_sgmv_eager_us"] = _time([lambda s=s: lora_shrink_expand_sgmv(*s, ctx.seg_bounds, 0) for s in sets], False)
+    res["ref_sgmv_eager_us"] = _time(
+        [lambda s=s: lora_shrink_expand_sgmv(*s, ctx.seg_bounds, 0) for s in sets], False
+    )
     res["sgmv_eager_us"] = _time([lambda s=s: tlora.lora_apply(*s, ctx, 0) for s in sets], False)
     res["sgmv_graph_us"] = _time([lambda s=s: tlora.lora_apply(*s, ctx, 0) for s in sets], True)
     res["sgmv_graph_tbs"] = min_bytes / res["sgmv_graph_us"] / 1e6
@@ -183,7 +189,9 @@ def launch_overhead() -> dict:
     xs = torch.zeros(1, 16, device="cuda", dtype=DTYPE)
     return {
         "torch_add_eager_us": _time([lambda: x.add_(1)] * 200, False),
-        "triton_shrink_eager_us": _time([lambda: tlora.sgmv_shrink(xs, a, ctx.seg_starts, ctx.seg_slots)] * 200, False),
+        "triton_shrink_eager_us": _time(
+            [lambda: tlora.sgmv_shrink(xs, a, ctx.seg_starts, ctx.seg_slots)] * 200, False
+        ),
     }
 
 
@@ -198,15 +206,27 @@ def bench_attention(batch: int, ctx_len: int, hq: int, hkv: int, d: int, page: i
     k_cache = torch.randn(pool, page, hkv, d, device="cuda", dtype=DTYPE)
     v_cache = torch.randn(pool, page, hkv, d, device="cuda", dtype=DTYPE)
     perm = torch.randperm(pool, device="cuda", dtype=torch.int32)
-    tables = [perm[c * batch * per_seq : (c + 1) * batch * per_seq].view(batch, per_seq) for c in range(copies)]
+    tables = [
+        perm[c * batch * per_seq : (c + 1) * batch * per_seq].view(batch, per_seq) for c in range(copies)
+    ]
     lens = torch.full((batch,), ctx_len, dtype=torch.int32, device="cuda")
     qs = [torch.randn(batch, hq, d, device="cuda", dtype=DTYPE) for _ in range(copies)]
     scale = d**-0.5
-    res = {"batch": batch, "ctx_len": ctx_len, "hq": hq, "hkv": hkv, "d": d, "page": page, "min_bytes": kv_bytes}
+    res = {
+        "batch": batch,
+        "ctx_len": ctx_len,
+        "hq": hq,
+        "hkv": hkv,
+        "d": d,
+        "page": page,
+        "min_bytes": kv_bytes,
+    }
 
     def paged(**kw):
         return [
-            lambda q=q, t=t: tattn.paged_decode_attention(q, k_cache, v_cache, t, lens, scale, None, ctx_len, **kw)
+            lambda q=q, t=t: tattn.paged_decode_attention(
+                q, k_cache, v_cache, t, lens, scale, None, ctx_len, **kw
+            )
             for q, t in zip(qs, tables, strict=True)
         ]
 
@@ -319,17 +339,29 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer cases and copies (a smoke run)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_tbs": copy_bandwidth()}
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "copy_tbs": copy_bandwidth(),
+    }
     save = lambda: args.out.write_text(json.dumps(report, indent=1))  # noqa: E731
     report["lora"] = []
     for model, (hidden, hq, hkv, d) in MODELS.items():
-        shapes = {"q": (hidden, hq * d), "k": (hidden, hkv * d), "v": (hidden, hkv * d), "o": (hq * d, hidden)}
+        shapes = {
+            "q": (hidden, hq * d),
+            "k": (hidden, hkv * d),
+            "v": (hidden, hkv * d),
+            "o": (hq * d, hidden),
+        }
         for batch in (64,) if args.quick else (64, 256):
             for adapters in (1, 32) if args.quick else (1, 8, 32, 128):
                 for proj, (k, n) in shapes.items():
                     r = bench_lora(batch, adapters, k, n, 16, args.quick)
                     report["lora"].append({"model": model, "proj": proj, **r})
-                    print(f"lora {model} {proj} B={batch} A={adapters}: sgmv {r['sgmv_graph_us']:.1f} us", flush=True)
+                    print(
+                        f"lora {model} {proj} B={batch} A={adapters}: sgmv {r['sgmv_graph_us']:.1f} us",
+                        flush=True,
+                    )
     save()
     report["launch"] = launch_overhead()
     report["lora_breakdown"] = [
@@ -337,14 +369,18 @@ def main() -> None:
         lora_breakdown(256, 128, 4096, 4096, 16),
         lora_breakdown(64, 32, 2048, 512, 16),
     ]
-    report["lora_prefill"] = [bench_lora_prefill(t, a, 4096, 4096, 16) for t, a in ((2048, 4), (2048, 64), (8192, 8))]
+    report["lora_prefill"] = [
+        bench_lora_prefill(t, a, 4096, 4096, 16) for t, a in ((2048, 4), (2048, 64), (8192, 8))
+    ]
     save()
     report["attention"] = []
     cases = [(m, b, 512, 16) for m in MODELS for b in (64, 256)]
     cases += [("llama-8b", 64, 512, 32), ("llama-8b", 8, 4096, 16), ("llama-8b", 64, 4096, 16)]
     for model, batch, ctx_len, page in cases[:1] if args.quick else cases:
         _, hq, hkv, d = MODELS[model]
-        r = bench_attention(batch, ctx_len, hq, hkv, d, page, sweep=batch <= 64 and ctx_len == 512 or batch == 8)
+        r = bench_attention(
+            batch, ctx_len, hq, hkv, d, page, sweep=batch <= 64 and ctx_len == 512 or batch == 8
+        )
         report["attention"].append({"model": model, **r})
         print(f"attn {model} B={batch} L={ctx_len}: {r['triton_graph_us']:.1f} us", flush=True)
         save()

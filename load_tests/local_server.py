@@ -102,7 +102,8 @@ class InProcessServer:
         from server.app import create_app
         from server.state import ServerState
 
-        self.app = create_app(ServerState(engine), api_key=api_key, extra_routes=_unmounted_admin_routes())
+        state = ServerState(engine)
+        self.app = create_app(state, api_key=api_key, extra_routes=_admin_routes(state))
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
@@ -137,20 +138,16 @@ class InProcessServer:
         self.stop()
 
 
-def _unmounted_admin_routes() -> list[Any]:
-    """The adapter admin routes, when they exist and `create_app` does not mount them itself."""
+def _admin_routes(state: Any) -> list[Any]:
+    """The adapter admin routes, mounted as `quiver serve` mounts them (when they exist)."""
     import importlib.util
 
     if importlib.util.find_spec("server.routes_adapters") is None:
         return []
-    import inspect
-
-    from server import app as app_module
     from server import routes_adapters
 
-    if "routes_adapters" in inspect.getsource(app_module):
-        return []
-    return list(getattr(routes_adapters, "routes", []))
+    factory = getattr(routes_adapters, "adapter_routes", None)
+    return list(factory(state)) if factory is not None else list(getattr(routes_adapters, "routes", []))
 
 
 def serve_option_supported(flag: str) -> bool:

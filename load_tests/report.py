@@ -44,8 +44,13 @@ def summarize(records: Sequence[RequestRecord], *, offered_rate: float, slo_ttft
     adapters = Counter(r.adapter for r in sent if r.adapter is not None)
     send_times = sorted(r.sent for r in sent if r.sent is not None)
     span = send_times[-1] - send_times[0] if len(send_times) > 1 else 0.0
+    latencies = [r.latency for r in ok if r.latency is not None]
+    # The last completions trail the last arrival by about one latency even when the server keeps
+    # up; discounting one median latency keeps short points from looking saturated.
+    window = max(span, duration - float(np.median(latencies))) if latencies else duration
     return {
         "offered_rate": None if math.isinf(offered_rate) else offered_rate,
+        "sustained_rate": len(ok) / window if window > 0 else None,
         "arrival_rate": (len(send_times) - 1) / span if span > 0 else None,
         "num_planned": len(records),
         "num_sent": len(sent),
@@ -88,11 +93,13 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 def markdown_table(points: Sequence[dict[str, Any]]) -> str:
     """One row per load point of one or more series (each point carries its series label)."""
-    head = ("| series | offered req/s | achieved req/s | output tok/s | TTFT p50 / p99 ms | "
+    head = ("| series | offered (arrived) req/s | completed req/s | output tok/s | TTFT p50 / p99 ms | "
             "TPOT p50 / p99 ms | ITL p50 / p99 ms | SLO | errors | GPU adapter loads / evictions |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for p in points:
         offered = "max" if p["offered_rate"] is None else _fmt(p["offered_rate"], 2)
+        if p["offered_rate"] is not None and p.get("arrival_rate") is not None:
+            offered += f" ({p['arrival_rate']:.2f})"
         errors = ", ".join(f"{k} {v}" for k, v in sorted(p["errors"].items())) or "0"
         slo = p["slo"]["attainment"]
         loads = p.get("server", {}).get("adapter_gpu_loads")

@@ -72,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     rates.add_argument("--sweep", help="START:FACTOR:MAX geometric rates, stopping after the first saturated one.")
     p.add_argument("--max-point", action="store_true",
                    help="Also run every request at once (the throughput ceiling).")
+    p.add_argument("--max-point-requests", type=int, default=64,
+                   help="Requests of the all-at-once point (--max-point, or --rate inf).")
     p.add_argument("--duration", type=float, default=30.0, help="Seconds of arrivals per rate.")
-    p.add_argument("--min-requests", type=int, default=10)
+    p.add_argument("--min-requests", type=int, default=16)
     p.add_argument("--max-requests", type=int, default=2000)
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="Seconds a point may run past its arrivals before the rest is cancelled.")
@@ -137,7 +139,7 @@ def served_models(base_url: str, api_key: str) -> tuple[str, list[str]]:
 
 def point_size(rate: float, args: argparse.Namespace) -> int:
     if math.isinf(rate):
-        return args.max_requests if args.rate is not None else max(args.min_requests, min(args.max_requests, 64))
+        return args.max_point_requests
     return int(min(args.max_requests, max(args.min_requests, math.ceil(rate * args.duration))))
 
 
@@ -191,7 +193,7 @@ async def run(args: argparse.Namespace, base_url: str, pid: int | None) -> dict[
         for i, rate in enumerate(rates):
             point = await _point(args, driver, names, base, metrics, pid, name, alpha, rate, i)
             points.append(point)
-            if stop_when_saturated and (is_saturated(point["arrival_rate"] or rate, point["request_throughput"], 0.8)
+            if stop_when_saturated and (is_saturated(point["arrival_rate"] or rate, point["sustained_rate"] or 0.0, 0.8)
                                         or (point["slo"]["attainment"] or 0.0) < 0.5):
                 print(f"  saturated at {rate:g} req/s", file=sys.stderr)
                 break
@@ -211,6 +213,7 @@ def _echo(point: dict[str, Any]) -> None:
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(),
                             "cpu_count": os.cpu_count(), "device": args.device}
+    info["git"] = _git_revision()
     try:
         import torch
 
@@ -220,6 +223,21 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def _git_revision() -> str | None:
+    """The checkout's commit, with "+dirty" when the work tree differs from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+dirty" if dirty else "")) or None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

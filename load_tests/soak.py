@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-source", action="append", default=[], metavar="NAME=DIR",
                    help="--base-url: the directory a served adapter was loaded from (to copy it for churn).")
     p.add_argument("--server-pid", type=int, help="--base-url: the server's pid, for its RSS.")
-    p.add_argument("--duration", type=float, default=60.0, help="Seconds the run may take (it ends by itself).")
+    p.add_argument("--duration", type=float, default=60.0,
+                   help="Seconds of rounds after the references are taken; the run then ends by itself.")
     p.add_argument("--max-rounds", type=int, default=1000)
     p.add_argument("--round-seconds", type=float, default=5.0)
     p.add_argument("--valid", type=int, default=12, help="Valid requests per round.")

@@ -178,13 +178,14 @@ class Soak:
                                                    f"(missing {sorted(missing)}): {response.text[:200]}")
 
     async def disconnect(self, model: str, after_chunks: int) -> None:
-        """Drop a stream after `after_chunks` chunks; -1 drops it before the response headers."""
+        """Drop a stream after `after_chunks` chunks; -1 gives up 10 ms into any read, which is
+        usually before the response headers (the server sends them with the first token)."""
         body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}], "stream": True,
                 "max_tokens": 64, "temperature": 0}
         if after_chunks < 0:
             with contextlib.suppress(httpx.TimeoutException):
                 await self.http.post("/v1/chat/completions", json=body, timeout=httpx.Timeout(5.0, read=0.01))
-            self.ledger.count("disconnect", "before_headers")
+            self.ledger.count("disconnect", "read_timeout_10ms")
             return
         try:
             stream: Any = await self.client.chat.completions.create(**body)
@@ -220,7 +221,9 @@ class Soak:
         source = sources[round_index % len(sources)]
         name = f"churn-r{round_index}"
         path = copy_adapter(self.cfg.adapter_sources[source], root / f"{name}-files")
-        if await self.admin_call("POST", "/v1/adapters", True, json={"name": name, "source": str(path)}) is None:
+        registered = await self.admin_call("POST", "/v1/adapters", True,
+                                           json={"name": name, "source": str(path.relative_to(root))})
+        if registered is None:
             return
         await self.valid(name, 0, "chat", False, ref_model=source, kind="churn")
         await self.admin_call("POST", f"/v1/adapters/{name}/promote", True)
@@ -256,9 +259,14 @@ class Soak:
         kind = BROKEN_KINDS[round_index % len(BROKEN_KINDS)]
         name = f"{kind}-r{round_index}"
         path = self.cfg.adapter_root / kind  # type: ignore[operator]
-        response = await self.admin_call("POST", "/v1/adapters", False, json={"name": name, "source": str(path)})
+        response = await self.admin_call("POST", "/v1/adapters", False, json={"name": name, "source": kind})
         if response is None:
             return
+        for hostile in ("../" + kind, str(path), "/etc"):  # sources outside the adapter root
+            refused = await self.admin_call("POST", "/v1/adapters", False,
+                                            json={"name": f"{name}-escape", "source": hostile})
+            if refused is not None and not 400 <= refused.status_code < 500:
+                self.ledger.violate("churn", f"source {hostile!r} outside the root answered {refused.status_code}")
         for model in (name, kind):  # the registered name, and the name discovery gives the directory
             try:
                 await self.generate(model, 0, "chat", False)
@@ -292,8 +300,10 @@ class Soak:
         pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
         work = [self.valid(pick(self.models), int(rng.integers(len(PROMPTS))), pick(("chat", "completions")),
                            bool(rng.integers(2))) for _ in range(cfg.valid_per_round)]
+        # In turn rather than at random, so that a run of enough rounds tries every case.
         invalid = invalid_requests(self.models[0])
-        work += [self.raw(pick(invalid), True) for _ in range(cfg.invalid_per_round)]
+        first = index * cfg.invalid_per_round
+        work += [self.raw(invalid[(first + k) % len(invalid)], True) for k in range(cfg.invalid_per_round)]
         work += [self.raw(r, False) for r in fuzzed_bodies(self.models[0], rng, cfg.fuzz_per_round)]
         work += [self.disconnect(pick(self.models), int(rng.integers(-1, 4))) for _ in range(cfg.disconnects_per_round)]
         tasks = [self.delayed(w) for w in work]
@@ -342,7 +352,9 @@ class Soak:
     async def setup(self) -> None:
         body = (await self.http.get("/v1/models")).json()
         names = [m["id"] for m in body["data"]]
-        self.models = [names[0]] + names[1: 1 + self.cfg.num_adapters]
+        # Adapters this run made (or breaks) on purpose are never valid traffic.
+        usable = [n for n in names[1:] if not n.startswith(("broken-", "churn-"))]
+        self.models = [names[0]] + usable[: self.cfg.num_adapters]
         for model in self.models:  # references: one request at a time, nothing else running
             for prompt in range(len(PROMPTS)):
                 for endpoint in ("chat", "completions"):
@@ -359,15 +371,15 @@ class Soak:
 
     async def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        started = time.monotonic()
         await self.setup()
+        started = time.monotonic()
         stop = asyncio.Event()
         watcher = asyncio.create_task(self.health(stop))
         rounds: list[dict[str, Any]] = []
         try:
             for index in range(cfg.max_rounds):
                 elapsed = time.monotonic() - started
-                if index and elapsed + cfg.round_s + 5 > cfg.duration_s:
+                if index and elapsed + cfg.round_s > cfg.duration_s:
                     break
                 self.ledger.round, self.health_max_s = index, 0.0
                 budget = max(1.0, cfg.duration_s - elapsed) + cfg.request_timeout_s

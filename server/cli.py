@@ -33,8 +33,13 @@ _SERVE_OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--max-num-seqs", int, 64, "Most sequences in one running batch."),
     ("--max-num-batched-tokens", int, 4096, "Most tokens in one forward pass (raised to --max-model-len)."),
     ("--max-waiting", int, 1024, "Queued requests beyond which new ones get 429 with Retry-After."),
-    ("--max-loras", int, 8, "GPU LoRA slots: the most distinct adapters in one running batch."),
+    ("--max-loras", int, 8, "GPU LoRA slots: the most distinct adapters in one running batch "
+                            "(alias --max-gpu-adapters)."),
     ("--max-lora-rank", int, 64, "Largest adapter rank accepted."),
+    ("--max-cpu-adapters", int, None, "Adapters kept in host memory, LRU (at least --max-loras; default: "
+                                      "the larger of 64 and --max-loras)."),
+    ("--adapter-root", str, None, "Directory whose adapter subdirectories are served by name; sources "
+                                  "registered over HTTP must lie inside it."),
     ("--dtype", str, "auto", "Weights and activations: auto (float32 on CPU, bfloat16 on CUDA), float32, "
                              "float16 or bfloat16."),
     ("--device", str, "auto", "auto (CUDA when available), cpu, cuda or cuda:N."),
@@ -52,10 +57,12 @@ def env_name(flag: str) -> str:
     return "QUIVER_" + flag.lstrip("-").replace("-", "_").upper()
 
 
-def _parse_adapter(value: str) -> tuple[str, Path]:
+def _parse_adapter(value: str) -> tuple[str, Path | str]:
     name, sep, path = value.partition("=")
     if not sep or not name.strip() or not path.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    if path.strip().startswith("hf://"):  # a hub id, not a path
+        return name.strip(), path.strip()
     return name.strip(), Path(path.strip()).expanduser()
 
 
@@ -79,6 +86,14 @@ def add_serve_parser(subparsers: Any) -> None:
         shown = "" if default is None else f" (default: {default})"
         parser.add_argument(flag, type=kind, default=_env_default(flag, kind, default, parser),
                             help=f"{help_text}{shown} [env {env_name(flag)}]")
+    parser.add_argument("--max-gpu-adapters", dest="max_loras", type=int, default=argparse.SUPPRESS,
+                        help="Alias of --max-loras.")
+    parser.add_argument(
+        "--refuse-base-mismatch", action="store_true",
+        default=os.environ.get(env_name("--refuse-base-mismatch"), "").lower() in ("1", "true", "yes"),
+        help="Fail adapters whose base_model_name_or_path names another model (default: load them with a "
+             f"warning). [env {env_name('--refuse-base-mismatch')}]",
+    )
     env_adapters = [item for item in os.environ.get("QUIVER_ADAPTERS", "").split(",") if item.strip()]
     try:
         adapter_defaults = [_parse_adapter(item) for item in env_adapters]
@@ -86,7 +101,7 @@ def add_serve_parser(subparsers: Any) -> None:
         parser.error(f"QUIVER_ADAPTERS: {exc}")
     parser.add_argument(
         "--adapter", dest="adapters", metavar="NAME=PATH", type=_parse_adapter, action="append", default=None,
-        help="A LoRA adapter (PEFT directory) served under NAME; repeat for more. "
+        help="A LoRA adapter (PEFT directory, or hf://org/repo[@revision]) served under NAME; repeat for more. "
              "[env QUIVER_ADAPTERS, comma-separated; flags replace it]",
     )
     parser.set_defaults(func=run_serve, adapter_defaults=adapter_defaults)
@@ -123,23 +138,36 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
     )
 
 
+def adapter_config(args: argparse.Namespace) -> Any:
+    from adapters.config import AdapterConfig
+
+    if args.max_cpu_adapters is not None and args.max_cpu_adapters < args.max_loras:
+        raise ValueError(f"--max-cpu-adapters ({args.max_cpu_adapters}) must be at least --max-loras "
+                         f"({args.max_loras}): an adapter on the GPU keeps its host copy")
+    root = Path(args.adapter_root) if args.adapter_root else None
+    return AdapterConfig(max_cpu_adapters=args.max_cpu_adapters, adapter_root=root,
+                         refuse_base_mismatch=args.refuse_base_mismatch)
+
+
 def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
     """What builds the engine (in a worker thread, after the server listens)."""
     adapters = dict(args.adapters if args.adapters is not None else args.adapter_defaults)
-    if args.model is not None:
-        config = engine_config(args, args.model)  # fail before listening on a bad option
+    adapter_settings = adapter_config(args)  # fail before listening on a bad option
+    config = engine_config(args, args.model or "demo")  # fail before listening on a bad option
 
     def build() -> Any:
         from engine.async_engine import AsyncEngine
 
         if args.model is not None:
-            return AsyncEngine(config, adapters=adapters, served_model_name=args.served_model_name)
-        from engine.demo import ensure_demo_bundle
+            return AsyncEngine(config, adapters=adapters, served_model_name=args.served_model_name,
+                               adapter_config=adapter_settings)
+        from engine.demo import DEMO_MODEL_NAME, ensure_demo_bundle
 
         bundle = ensure_demo_bundle()
         demo_adapters = {**bundle.adapters, **adapters}
         return AsyncEngine(engine_config(args, str(bundle.model_dir)), adapters=demo_adapters,
-                           served_model_name=args.served_model_name)
+                           served_model_name=args.served_model_name or DEMO_MODEL_NAME,
+                           adapter_config=adapter_settings)
 
     return build
 
@@ -148,6 +176,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.routes_adapters import adapter_routes
     from server.state import ServerState
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -156,7 +185,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"quiver serve: {exc}", file=sys.stderr)
         return 2
-    app = create_app(ServerState(engine_factory=factory), api_key=args.api_key)
+    state = ServerState(engine_factory=factory)
+    app = create_app(state, api_key=args.api_key, extra_routes=adapter_routes(state))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=5)
     return 0

@@ -88,8 +88,10 @@ def from_validation_error(exc: ValidationError) -> APIError:
     errors = exc.errors(include_url=False)
     if not errors:
         return bad_request(str(exc))
+    from server.schemas import FIELD_NAMES
+
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if not str(part).startswith("function-")]
+    loc = [str(part) for part in first.get("loc", ()) if isinstance(part, int) or part in FIELD_NAMES]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid value")
     if param:

@@ -21,6 +21,7 @@ from engine.errors import AdapterFailedError, UnknownAdapterError
 from server.errors import APIError, bad_request, parse_json_body
 from server.state import ServerState
 
+
 def adapter_routes(state: ServerState) -> list[Route]:
     """The `/v1/adapters` routes over `state`'s engine."""
 

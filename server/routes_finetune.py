@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -61,6 +61,14 @@ def _limit(request: Request, default: int) -> int:
     return value
 
 
+def _invalid_body(exc: ValidationError) -> APIError:
+    # The job body's own field path (e.g. `hyperparameters`, or an unknown key) names the param.
+    first = exc.errors(include_url=False)[0]
+    param = ".".join(str(part) for part in first.get("loc", ())) or None
+    return bad_request(f"Invalid value for `{param}`: {first.get('msg', 'invalid value')}", param=param,
+                       code="invalid_value")
+
+
 def _page(items: list[dict[str, Any]], has_more: bool) -> JSONResponse:
     return JSONResponse({"object": "list", "data": items, "has_more": has_more})
 
@@ -95,7 +103,10 @@ def finetune_routes(manager: JobManager) -> list[Route]:
         return JSONResponse(record.to_openai())
 
     async def create_job(request: Request) -> Response:
-        body = _JobCreate.model_validate(await parse_json_body(request))
+        try:
+            body = _JobCreate.model_validate(await parse_json_body(request))
+        except ValidationError as exc:
+            raise _invalid_body(exc) from None
         if body.integrations:
             raise bad_request("integrations are not supported.", param="integrations")
         job = await _call(manager.create_job, model=body.model, training_file=body.training_file,

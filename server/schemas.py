@@ -144,3 +144,19 @@ class CompletionRequest(_SamplingFields):
         if isinstance(value, list) and not value:
             raise ValueError("`prompt` must not be an empty list")
         return value
+
+
+def _field_names(*models: type[BaseModel]) -> frozenset[str]:
+    names: set[str] = set()
+    for model in models:
+        for name, info in model.model_fields.items():
+            names.add(name)
+            if info.alias:
+                names.add(info.alias)
+    return frozenset(names)
+
+
+# What may appear in an error's `param`; pydantic also puts union member tags ("str",
+# "list[str]", ...) in error locations, which mean nothing to a client.
+FIELD_NAMES = _field_names(ChatCompletionRequest, CompletionRequest, ChatMessage, TextPart, StreamOptions,
+                           ResponseFormat, JSONSchemaFormat)

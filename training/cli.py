@@ -128,7 +128,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train_logged(config: TrainConfig, events: EventLog, progress: bool) -> int:
+    from transformers.utils import logging as transformers_logging
+
     from training.trainer import train
+
+    if not progress:
+        transformers_logging.disable_progress_bar()  # no weight-loading bars in logs either
 
     try:
         result = train(config, events, progress=progress)

@@ -45,6 +45,7 @@ class JobRecord:
     estimated_finish: int | None = None
     trained_tokens: int | None = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    created_ns: int = 0  # orders jobs created within the same second
     child_error: dict[str, Any] | None = None
     final_event: dict[str, Any] | None = None
     directory: Path = field(default=Path("."), repr=False, compare=False)
@@ -53,7 +54,8 @@ class JobRecord:
     @classmethod
     def new(cls, directory: Path, job_id: str, **fields: Any) -> JobRecord:
         directory.mkdir(parents=True, exist_ok=True)
-        record = cls(id=job_id, created_at=int(time.time()), directory=directory, **fields)
+        now = time.time_ns()
+        record = cls(id=job_id, created_at=now // 10**9, created_ns=now, directory=directory, **fields)
         record.save()
         return record
 

@@ -4,8 +4,9 @@ States follow OpenAI's: validating_files -> queued -> running -> succeeded | fai
 One monitor thread moves jobs along: it re-checks their files, starts queued jobs while
 fewer than `max_concurrent` run, tails each child's events.jsonl (metrics, checkpoints,
 errors) and reaps it when it exits. When a checkpoint appears it is handed to
-`on_adapter_ready(f"{model}:ckpt-{step}", path)`, and the final adapter, when the child
-exits cleanly, to `on_adapter_ready(f"ft-{job_id}", path)`. The callbacks run on the
+`on_adapter_ready("ft-<job-id>:ckpt-<step>", path)`, and the final adapter, when the child
+exits cleanly, to `on_adapter_ready("ft-<job-id>", path)`; a checkpoint rotated out of the
+run (`save_total_limit`) goes to `on_adapter_removed(name)`. The callbacks run on the
 monitor thread: one that must reach an event loop or engine thread posts to it and waits.
 A failure there, in the child, or a cancel leaves the manager as it was, with the reason
 in the job's `error` and events.
@@ -144,7 +145,7 @@ class JobManager:
 
     def list_jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[dict[str, Any]], bool]:
         with self._lock:
-            jobs = sorted(self._jobs.values(), key=lambda j: (j.created_at, j.id), reverse=True)
+            jobs = sorted(self._jobs.values(), key=lambda j: (j.created_ns, j.id), reverse=True)
             items, more = page(jobs, after, limit, key=lambda j: j.id)
             return [j.to_openai() for j in items], more
 
@@ -199,9 +200,13 @@ class JobManager:
         for job_id, proc in running:
             self._follow(job_id, proc)
         with self._lock:
-            queued = sorted((j for j in self._jobs.values() if j.status == "queued"), key=lambda j: j.created_at)
+            queued = sorted((j for j in self._jobs.values() if j.status == "queued"), key=lambda j: j.created_ns)
             for job in queued[: max(0, self.max_concurrent - len(self._procs))]:
-                self._launch(job)
+                try:
+                    self._launch(job)
+                except Exception as exc:  # a job that cannot start fails alone, once
+                    logger.exception("starting fine-tuning job %s failed", job.id)
+                    job.fail("launch_failed", f"The training process could not start: {type(exc).__name__}: {exc}")
 
     def _validate(self, job: JobRecord) -> None:
         try:
@@ -241,8 +246,8 @@ class JobManager:
                                     cwd=job.directory, env=env, start_new_session=os.name == "posix")
         self._procs[job.id] = proc
         self._offsets[job.id] = 0
-        job.set_status("running", f"Fine-tuning job started (process {proc.pid}).")
         job.started_at = int(time.time())
+        job.set_status("running", f"Fine-tuning job started (process {proc.pid}).")
 
     def _follow(self, job_id: str, proc: subprocess.Popen[bytes]) -> None:
         code = proc.poll()  # before reading: every event of an exited child is then on disk
@@ -259,7 +264,8 @@ class JobManager:
             self._succeed(job)
         else:
             with self._lock:
-                job.fail_from_child(code, job.directory / "train.log")
+                if job.status == "running":
+                    job.fail_from_child(code, job.directory / "train.log")
 
     def _on_event(self, job: JobRecord, event: dict[str, Any]) -> None:
         kind = event.get("type")
@@ -291,13 +297,15 @@ class JobManager:
         present = {step for step, _ in list_checkpoints(job.output_dir)}
         with self._lock:
             job.checkpoints = [c for c in job.checkpoints if c["step_number"] in present]
-        if not self._register(job, name, job.output_dir):
-            with self._lock:
+        registered = self._register(job, name, job.output_dir)
+        with self._lock:
+            if job.status != "running":
+                return  # cancelled while the adapter was being registered
+            if registered:
+                job.succeed(name)
+            else:
                 job.fail("adapter_registration_failed",
                          f"Training finished, but the server could not load the adapter {name}; see the events.")
-            return
-        with self._lock:
-            job.succeed(name)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

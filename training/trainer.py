@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,10 +70,19 @@ def train(config: TrainConfig, events: EventLog, progress: bool = False) -> Trai
     metrics = loop.run(progress, started)
     final_meta = loop.metadata(total, metrics)
     save_adapter(model, config.output, final_meta, servable=not config.use_dora)
-    plot = plot_losses(events.events, config.output / PLOT_NAME, f"{config.name} ({config.model})")
+    plot = _plot(events, config)
     events.emit("done", step=total, path=str(config.output), metrics=metrics, trained_tokens=loop.tokens,
                 elapsed_s=round(time.monotonic() - started, 2))
     return TrainResult(config.output, total, loop.tokens, metrics, loop.kept, plot)
+
+
+def _plot(events: EventLog, config: TrainConfig) -> Path | None:
+    try:
+        return plot_losses(events.events, config.output / PLOT_NAME, f"{config.name} ({config.model})")
+    except ImportError:
+        # matplotlib comes with the `training` extra; the adapter is worth keeping without a plot.
+        events.message("No loss plot: matplotlib is not installed (install quiver[training]).", level="warning")
+        return None
 
 
 def effective_max_length(config: TrainConfig) -> int:
@@ -130,7 +140,10 @@ def _build_model(config: TrainConfig, device: torch.device, dtype: torch.dtype) 
         bias="none", task_type="CAUSAL_LM",
     )
     # autocast_adapter_dtype (the default) keeps LoRA weights float32 under a bf16 base.
-    peft_model = get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft asks transformers a question transformers has renamed: noise for our users.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, lora)
     peft_model.peft_config["default"].base_model_name_or_path = config.model
     return peft_model
 

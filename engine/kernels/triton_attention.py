@@ -43,7 +43,11 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     ctx_len = tl.load(lens_ptr + b)
     lo = tl.maximum(tl.maximum(ctx_len - window, 0), split * tokens_per_split)
-    hi = tl.minimum(ctx_len, (split + 1) * tokens_per_split)
+    # The last partition runs to the end of the context, so a `max_context_len` hint that is
+    # too small (a graph replayed on longer contexts) costs speed, never correctness.
+    hi = tl.where(
+        split == tl.num_programs(2) - 1, ctx_len, tl.minimum(ctx_len, (split + 1) * tokens_per_split)
+    )
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -85,7 +89,9 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    o_ptrs = o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    o_ptrs = (
+        o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    )
     o_mask = mask_g[:, None] & mask_d[None, :]
     if SPLIT:
         # Unnormalised partial; an empty partition leaves m = -inf, l = 0 and acc = 0.
@@ -124,7 +130,11 @@ def _merge_splits_kernel(
         other=0.0,
     )
     out = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(
+        o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
+        out.to(o_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
 
 
 @triton.jit
@@ -146,8 +156,16 @@ def _store_kv_kernel(
     mask = offs < NUM_HEADS * HEAD_DIM
     k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + head * stride_kh + d, mask=mask)
     v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + head * stride_vh + d, mask=mask)
-    tl.store(kc_ptr + page * stride_kcb + within * stride_kct + head * stride_kch + d, k.to(kc_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc_ptr + page * stride_vcb + within * stride_vct + head * stride_vch + d, v.to(vc_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        kc_ptr + page * stride_kcb + within * stride_kct + head * stride_kch + d,
+        k.to(kc_ptr.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        vc_ptr + page * stride_vcb + within * stride_vct + head * stride_vch + d,
+        v.to(vc_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -189,15 +207,18 @@ def paged_decode_attention(
             K[j] = k_cache[block_tables[b, j // block_size], j % block_size, h // G]   (V alike)
             out[b, h] = softmax(scale * q[b, h] . K[j]) @ V[j]     (float32 softmax)
         a row with no visible key (C == 0) gives zeros.
-    `max_context_len` (host int) only sizes the split; it defaults to the block table's
-    capacity, so the launch needs no device sync and is the same under graph capture.
+    `max_context_len` (host int) only sizes the partitions (any value is correct; the last
+    partition takes whatever is left); it defaults to the block table's capacity, so the launch
+    needs no device sync and suits graph capture.
     `num_splits`, `block_n` (tokens per tile, a multiple of block_size) and `num_warps` are
     tuning knobs; the defaults are what measured best (load_tests/results/KERNELS.md).
     """
     batch, hq, d = q.shape
     _, page, hkv, d_cache = k_cache.shape
     if d_cache != d or v_cache.shape != k_cache.shape:
-        raise ValueError(f"q {list(q.shape)} does not match caches {list(k_cache.shape)} / {list(v_cache.shape)}")
+        raise ValueError(
+            f"q {list(q.shape)} does not match caches {list(k_cache.shape)} / {list(v_cache.shape)}"
+        )
     if hq % hkv:
         raise ValueError(f"query heads {hq} are not a multiple of kv heads {hkv}")
     if sliding_window is not None and sliding_window < 1:
@@ -284,7 +305,7 @@ def triton_decode(
 ) -> torch.Tensor:
     """`engine.attention` decode signature over `paged_decode_attention`."""
     return paged_decode_attention(
-        q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, sliding_window, ctx.max_context_len
+        q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, sliding_window
     )
 
 

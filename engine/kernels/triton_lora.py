@@ -257,7 +257,13 @@ def _check(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor | None 
 
 def _check_expand(h: torch.Tensor, b_stack: torch.Tensor, y: torch.Tensor, out_offset: int) -> None:
     n, r = b_stack.shape[1], b_stack.shape[2]
-    if h.dim() != 2 or out_offset < 0 or out_offset + n > y.shape[1] or h.shape[1] < r or h.shape[0] != y.shape[0]:
+    if (
+        h.dim() != 2
+        or out_offset < 0
+        or out_offset + n > y.shape[1]
+        or h.shape[1] < r
+        or h.shape[0] != y.shape[0]
+    ):
         raise ValueError(
             f"y {list(y.shape)} / h {list(h.shape)} cannot take b_stack {list(b_stack.shape)} at column {out_offset}"
         )

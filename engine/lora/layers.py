@@ -4,9 +4,18 @@ The model never knows LoRA exists: `LoraSlots` swaps each projection for a `LoRA
 forward adds the adapters' deltas chosen by the current step's `LoraContext`. Buffers are
 allocated once (`num_slots` x `max_rank`), so loading an adapter is a copy, never an allocation,
 and every slot has the same shape, which is what the segmented/gathered kernels need.
+
+On CUDA the deltas come from the Triton SGMV kernels (`engine.kernels.triton_lora.lora_apply`),
+whose launch depends only on the token count and the segment-table length, so a decode step
+can be captured in a CUDA graph; on the CPU (or with `use_triton = False`) from the torch
+reference. Each slice keeps an int32 rank per slot so the kernels skip the zero padding of
+adapters smaller than `max_rank`.
 """
 
 from __future__ import annotations
+
+import functools
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -19,6 +28,8 @@ class LoRALinear(nn.Module):
     """Wraps a fused linear (`.weight` [out, in], `.output_sizes`); one A/B stack per output slice.
 
     a_stacks[i]: [num_slots, max_rank, in]        b_stacks[i]: [num_slots, output_sizes[i], max_rank]
+    ranks[i]:    [num_slots] int32, the rank loaded into each slot for slice i (0: not targeted)
+    `use_triton` picks the kernels; the model runner sets it (True by default on CUDA).
     """
 
     def __init__(self, base_layer: nn.Module, num_slots: int, max_rank: int) -> None:
@@ -42,6 +53,9 @@ class LoRALinear(nn.Module):
             b = torch.zeros(num_slots, size, max_rank, device=weight.device, dtype=weight.dtype)
             self.register_buffer(f"lora_a_{i}", a, persistent=False)
             self.register_buffer(f"lora_b_{i}", b, persistent=False)
+            rank = torch.zeros(num_slots, device=weight.device, dtype=torch.int32)
+            self.register_buffer(f"lora_rank_{i}", rank, persistent=False)
+        self.use_triton = weight.is_cuda
 
     @property
     def weight(self) -> torch.Tensor:
@@ -61,6 +75,10 @@ class LoRALinear(nn.Module):
         return [getattr(self, f"lora_b_{i}") for i in range(len(self.output_sizes))]
 
     @property
+    def ranks(self) -> list[torch.Tensor]:
+        return [getattr(self, f"lora_rank_{i}") for i in range(len(self.output_sizes))]
+
+    @property
     def slice_offsets(self) -> list[int]:
         offsets = [0]
         for size in self.output_sizes[:-1]:
@@ -76,9 +94,12 @@ class LoRALinear(nn.Module):
         for i, pair in enumerate(slice_weights):
             if pair is not None:
                 self._check_pair(i, *pair)
-        for a_stack, b_stack, pair in zip(self.a_stacks, self.b_stacks, slice_weights, strict=True):
+        for a_stack, b_stack, ranks, pair in zip(
+            self.a_stacks, self.b_stacks, self.ranks, slice_weights, strict=True
+        ):
             a_stack[slot].zero_()
             b_stack[slot].zero_()
+            ranks[slot] = 0 if pair is None else pair[0].shape[0]
             if pair is not None:
                 a, b = pair
                 rank = a.shape[0]
@@ -88,9 +109,10 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def reset_lora(self, slot: int) -> None:
         self._check_slot(slot)
-        for a_stack, b_stack in zip(self.a_stacks, self.b_stacks, strict=True):
+        for a_stack, b_stack, ranks in zip(self.a_stacks, self.b_stacks, self.ranks, strict=True):
             a_stack[slot].zero_()
             b_stack[slot].zero_()
+            ranks[slot] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -99,6 +121,13 @@ class LoRALinear(nn.Module):
             return y
         x2 = x.reshape(-1, self.in_features)
         y2 = y.view(-1, self.out_features)
+        if self.use_triton and x.is_cuda:
+            apply = _triton_lora().lora_apply
+            for a_stack, b_stack, ranks, offset in zip(
+                self.a_stacks, self.b_stacks, self.ranks, self.slice_offsets, strict=True
+            ):
+                apply(y2, x2, a_stack, b_stack, lora, offset, ranks)
+            return y
         # Prefill has few long segments (SGMV); decode has one token per sequence (BGMV).
         prefill = get_context().is_prefill
         for a_stack, b_stack, offset in zip(self.a_stacks, self.b_stacks, self.slice_offsets, strict=True):
@@ -123,3 +152,11 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"output_sizes={self.output_sizes}, num_slots={self.num_slots}, max_rank={self.max_rank}"
+
+
+@functools.cache
+def _triton_lora() -> ModuleType:
+    # Imported on first CUDA use: Triton is not installed where only the CPU path runs.
+    from engine.kernels import triton_lora
+
+    return triton_lora

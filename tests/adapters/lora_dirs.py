@@ -3,7 +3,9 @@ make dozens, and broken ones (wrong shapes, pickle, corrupt bytes) on purpose.""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,38 +112,53 @@ def merged_greedy(
 ) -> list[list[int]]:
     """Reference greedy tokens per (prompt, adapter-or-None): transformers with the adapter merged
     into the base weights (W + alpha/r * B @ A), one adapter at a time. Fast for many adapters."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     params = dict(model.named_parameters())
     original = {name: p.detach().clone() for name, p in params.items()}
-    outputs: list[list[int]] = [[] for _ in jobs]
     by_adapter: dict[str | None, list[int]] = {}
     for i, (_, adapter) in enumerate(jobs):
         by_adapter.setdefault(adapter, []).append(i)
-    with torch.no_grad():
+    outputs: list[list[int]] = [[] for _ in jobs]
+    with one_torch_thread(), torch.no_grad():
         for adapter, indexes in by_adapter.items():
             for name, value in original.items():
                 params[name].copy_(value)
             if adapter is not None:
-                _merge(params, adapters[adapter], load_file)
+                _merge(params, adapters[adapter])
             for i in indexes:
-                ids = list(jobs[i][0])
-                for _ in range(max_new):
-                    logits = model(torch.tensor([ids])).logits[0, -1]
-                    ids.append(int(logits.argmax()))
-                outputs[i] = ids[len(jobs[i][0]):]
+                outputs[i] = _greedy(model, jobs[i][0], max_new)
     return outputs
 
 
-def _merge(params: dict[str, torch.Tensor], adapter_dir: Path, load_file: Any) -> None:
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny matmuls: a second thread only adds synchronisation, which costs a lot on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _greedy(model: Any, prompt: list[int], max_new: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(max_new):
+        logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def _merge(params: dict[str, torch.Tensor], adapter_dir: Path) -> None:
+    from safetensors.torch import load_file
+
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     scaling = cfg["lora_alpha"] / cfg["r"]
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     for key, a in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
-        params[f"{module}.weight"].add_(scaling * (b @ a))
+        if ".lora_A." in key:
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            params[f"{module}.weight"].add_(scaling * (b @ a))

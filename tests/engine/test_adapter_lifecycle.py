@@ -16,8 +16,9 @@ from adapters.config import AdapterConfig
 from adapters.registry import AdapterState
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.errors import EngineDeadError
 from engine.sampling_params import SamplingParams
-from tests.adapters.lora_dirs import ALL_TARGETS, merged_greedy, model_dims, write_lora_dir
+from tests.adapters.lora_dirs import ALL_TARGETS, merged_greedy, model_dims, one_torch_thread, write_lora_dir
 
 NUM_ADAPTERS = 40
 GPU_SLOTS = 4
@@ -26,6 +27,12 @@ MAX_NEW = 5
 RANKS = (2, 4, 8, 16)
 TARGETS = (("q_proj", "v_proj"), ALL_TARGETS, ("k_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj"))
 PINNED = ("ada-00", "ada-21")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +96,7 @@ def _watch_invariants(engine: AsyncEngine) -> list[str]:
     return violations
 
 
-def test_forty_adapters_through_four_slots_match_peft(setup):
+def test_forty_adapters_through_four_slots_match_their_references(setup):
     model_dir, root, jobs, refs = setup
 
     async def main():
@@ -163,5 +170,31 @@ def test_a_slow_load_does_not_hold_up_other_adapters(setup, monkeypatch):
         finally:
             release.set()
             await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_shutdown_answers_requests_waiting_for_a_load(setup, monkeypatch):
+    model_dir, root, jobs, _ = setup
+    release = threading.Event()
+    real_load = adapter_manager.load_from_source
+
+    def load(name, *args, **kwargs):
+        release.wait(30)
+        return real_load(name, *args, **kwargs)
+
+    monkeypatch.setattr(adapter_manager, "load_from_source", load)
+
+    async def main():
+        engine = _engine(model_dir, root)
+        await engine.start()
+        try:
+            waiting = asyncio.create_task(_tokens(engine, "w", jobs[0][0], "ada-03"))
+            await asyncio.sleep(0.05)
+            await engine.shutdown()
+            with pytest.raises(EngineDeadError, match="shut down"):
+                await asyncio.wait_for(waiting, 10)
+        finally:
+            release.set()
 
     asyncio.run(main())

@@ -82,7 +82,7 @@ def test_validation_failures_are_400_naming_the_field(http, patch, param):
     body = {k: v for k, v in body.items() if v is not None}
     error = _assert_envelope(http.post(CHAT, json=body), 400)
     if param is not None:
-        assert error["param"] == param or error["param"].startswith(param)
+        assert error["param"] == param
 
 
 @pytest.mark.parametrize("key", ["abc", "-1", "99999", "1.5"])
@@ -109,7 +109,7 @@ def test_completions_specific_validation(http):
                          ({"suffix": "x"}, "suffix"), ({"stream_options": {"include_usage": True}},
                                                        "stream_options")]:
         error = _assert_envelope(http.post("/v1/completions", json={**base, **patch}), 400)
-        assert error["param"] is not None and error["param"].startswith(param), (patch, error)
+        assert error["param"] == param, (patch, error)
 
 
 def test_unknown_model_is_404_naming_it(http):

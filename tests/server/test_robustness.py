@@ -36,16 +36,15 @@ def _assert_nothing_leaked(live) -> None:
 
 
 def test_closing_a_stream_aborts_its_request_at_once(live):
-    with live.http() as http:
-        with http.stream("POST", CHAT, json={"model": ADAPTER_NAMES[0], "stream": True, **LONG}) as response:
-            lines = response.iter_lines()
-            seen = 0
-            for line in lines:
-                seen += line.startswith("data:")
-                if seen == 3:
-                    break
-            assert live.engine.stats()["num_requests"] == 1
-            closed_at = time.monotonic()
+    body = {"model": ADAPTER_NAMES[0], "stream": True, **LONG}
+    with live.http() as http, http.stream("POST", CHAT, json=body) as response:
+        seen = 0
+        for line in response.iter_lines():
+            seen += line.startswith("data:")
+            if seen == 3:
+                break
+        assert live.engine.stats()["num_requests"] == 1
+        closed_at = time.monotonic()
     _wait_idle(live, timeout=1.0)
     assert time.monotonic() - closed_at < 1.0
     _assert_nothing_leaked(live)
@@ -86,7 +85,7 @@ async def _cancelled_stream(client: httpx.AsyncClient, i: int) -> None:
 def test_200_cancelled_streams_then_a_healthy_answer(live):
     async def run() -> None:
         limits = httpx.Limits(max_connections=32)
-        async with httpx.AsyncClient(base_url=live.base_url, timeout=30.0, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=live.base_url, timeout=10.0, limits=limits) as client:
             gate = asyncio.Semaphore(24)
 
             async def one(i: int) -> None:
@@ -115,7 +114,7 @@ def test_64_concurrent_streams_over_8_adapters_and_base_match_each_alone(live):
         return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
 
     async def run(batch: list[tuple[str, str]], concurrent: bool) -> list[str]:
-        client = openai.AsyncOpenAI(base_url=f"{live.base_url}/v1", api_key="x", max_retries=0,
+        client = openai.AsyncOpenAI(base_url=f"{live.base_url}/v1", api_key="x", max_retries=0, timeout=30.0,
                                     http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=80)))
         async with client:
             if concurrent:

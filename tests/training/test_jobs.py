@@ -1,8 +1,8 @@
 """The job manager with real `python -m training` children on a tiny model.
 
-A failing job and a cancelled job run first, side by side; a job created after both must
-still succeed, register its adapter and its checkpoints, and leave everything on disk for
-a restarted manager.
+A failing job, a cancelled job and a good one run side by side: the good one must still
+succeed, register its adapter and its checkpoints, and leave everything on disk for a
+restarted manager; a job created after all that must still start.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def runs(tiny_model_factory, tmp_path_factory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("jobs")
     registry = Registry()
     manager = JobManager(root, base_model=str(model_dir), model_name="tiny", on_adapter_ready=registry.add,
-                         on_adapter_removed=registry.removed.append, max_concurrent=2, poll_interval=0.05,
+                         on_adapter_removed=registry.removed.append, max_concurrent=3, poll_interval=0.05,
                          train_args=["--device", "cpu"], env=CHILD_ENV)
     manager.start()
     good = _upload(manager, "".join(_chat(q, "The lazy dog.") for q in ("Hello world!", "The quick fox.",
@@ -73,15 +73,20 @@ def runs(tiny_model_factory, tmp_path_factory) -> Iterator[dict]:
     long = _upload(manager, _chat("Hi", "Yo") + _chat("Hello world! " * 20, "ok"), "long.jsonl")
     failing = manager.create_job(model="tiny", training_file=long, hyperparameters={"max_length": 32})
     endless = manager.create_job(model="tiny", training_file=good, hyperparameters={"max_steps": 100000})
-    _wait(manager, endless["id"], lambda j: any(e["type"] == "metrics" for e in _events(manager, j["id"])))
-    cancelled = manager.cancel_job(endless["id"])
-    failed = _wait(manager, failing["id"], lambda j: j["status"] in TERMINAL)
     job = manager.create_job(model="tiny", training_file=good, validation_file=good, seed=3, suffix="dog",
                              hyperparameters={"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 50,
                                               "lora_rank": 4, "save_total_limit": 2})
+    _wait(manager, endless["id"], lambda j: any(e["type"] == "metrics" for e in _events(manager, j["id"])))
+    cancelled = manager.cancel_job(endless["id"])
+    failed = _wait(manager, failing["id"], lambda j: j["status"] in TERMINAL)
     done = _wait(manager, job["id"], lambda j: j["status"] in TERMINAL)
+    # After a failure and a cancel the manager still takes jobs and starts them.
+    after = manager.create_job(model="tiny", training_file=good)
+    started = _wait(manager, after["id"], lambda j: j["status"] == "running")
+    manager.cancel_job(after["id"])
     yield {"manager": manager, "registry": registry, "root": root, "model_dir": model_dir, "good": good,
-           "failed": failed, "cancelled": cancelled, "endless": endless, "done": done, "created": job}
+           "failed": failed, "cancelled": cancelled, "endless": endless, "done": done, "created": job,
+           "after": started}
     manager.close()
 
 
@@ -143,10 +148,10 @@ def test_a_later_job_succeeds_and_its_adapters_are_registered(runs) -> None:
 def test_listing_is_newest_first_with_cursors(runs) -> None:
     manager = runs["manager"]
     jobs, more = manager.list_jobs(limit=2)
-    assert more and jobs[0]["id"] == runs["done"]["id"]
+    assert more and jobs[0]["id"] == runs["after"]["id"]
     rest, more = manager.list_jobs(after=jobs[-1]["id"], limit=10)
     assert not more and {j["id"] for j in jobs + rest} == {runs["done"]["id"], runs["failed"]["id"],
-                                                           runs["endless"]["id"]}
+                                                           runs["endless"]["id"], runs["after"]["id"]}
     first, more = manager.list_events(runs["done"]["id"], limit=3)
     second, _ = manager.list_events(runs["done"]["id"], after=first[-1]["id"], limit=3)
     assert more and first[0]["message"] == "The job has successfully completed."
@@ -249,3 +254,19 @@ def test_a_child_that_dies_without_a_word_and_a_registration_failure(tmp_path, t
         manager.close()
     assert failed["error"]["code"] == "adapter_registration_failed"
     assert any("no room for ft-" in e["message"] for e in _events(manager, job["id"]))
+
+
+def test_a_job_whose_process_cannot_start_fails_alone(tmp_path) -> None:
+    manager = JobManager(tmp_path, base_model="b", model_name="b", python=str(tmp_path / "no-python"),
+                         poll_interval=0.05)
+    manager.start()
+    try:
+        file_id = _upload(manager, _chat("q", "a"))
+        first = manager.create_job(model="b", training_file=file_id)
+        failed = _wait(manager, first["id"], lambda j: j["status"] in TERMINAL, timeout=20)
+        second = manager.create_job(model="b", training_file=file_id)
+        assert _wait(manager, second["id"], lambda j: j["status"] in TERMINAL, timeout=20)["status"] == "failed"
+    finally:
+        manager.close()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "launch_failed"
+    assert "could not start" in failed["error"]["message"]

@@ -1,0 +1,160 @@
+"""Files and fine-tuning routes through the real app and the real openai client."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from server.app import create_app
+from server.routes_finetune import finetune_routes
+from server.state import ServerState
+from tests.server.conftest import LiveServer
+from training.jobs import JobManager
+
+API_KEY = "sekrit"
+GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "Hello world!"},
+                                     {"role": "assistant", "content": "The quick brown fox."}]})
+
+
+class _StubEngine:
+    """What the app needs of an engine to start; these routes never touch it."""
+
+    model_name = "tiny-base"
+
+    async def start(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def live(tiny_model_factory, tmp_path_factory) -> Iterator[tuple[LiveServer, JobManager, dict[str, Path]]]:
+    registered: dict[str, Path] = {}
+    manager = JobManager(tmp_path_factory.mktemp("ft"), base_model=str(tiny_model_factory("llama")),
+                         model_name="tiny-base", on_adapter_ready=registered.__setitem__, poll_interval=0.05,
+                         env={"OMP_NUM_THREADS": "1"})
+    manager.start()
+    app = create_app(ServerState(_StubEngine()), api_key=API_KEY, extra_routes=finetune_routes(manager))
+    server = LiveServer(app).start()
+    yield server, manager, registered
+    server.stop()
+    manager.close()
+
+
+@pytest.fixture
+def client(live) -> OpenAI:
+    return OpenAI(base_url=f"{live[0].base_url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def _error(exc: openai.APIStatusError) -> dict[str, Any]:
+    return exc.response.json()["error"]
+
+
+def _upload(client: OpenAI, text: str, name: str = "train.jsonl"):
+    return client.files.create(file=(name, text.encode()), purpose="fine-tune")
+
+
+def test_upload_retrieve_and_list(client) -> None:
+    uploaded = _upload(client, (GOOD_LINE + "\n") * 3)
+    assert uploaded.object == "file" and uploaded.purpose == "fine-tune" and uploaded.filename == "train.jsonl"
+    assert uploaded.bytes == len((GOOD_LINE + "\n") * 3) and uploaded.status == "processed"
+    assert client.files.retrieve(uploaded.id) == uploaded
+    assert uploaded.id in [f.id for f in client.files.list()]
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve("file-nope")
+
+
+def test_bad_uploads_are_400_with_the_line(client) -> None:
+    bad = GOOD_LINE + "\n" + json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n"
+    with pytest.raises(openai.BadRequestError) as info:
+        _upload(client, bad, "bad.jsonl")
+    error = _error(info.value)
+    assert "bad.jsonl: line 2: no assistant turn" in error["message"]
+    assert (error["param"], error["code"], error["type"]) == ("file", "invalid_file", "invalid_request_error")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.files.create(file=("t.jsonl", GOOD_LINE.encode()), purpose="batch")
+    assert _error(info.value)["param"] == "purpose"
+
+
+def test_a_form_without_a_file_is_400(live) -> None:
+    with httpx.Client(base_url=live[0].base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        response = http.post("/v1/files", json={"purpose": "fine-tune"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "file"
+        response = http.post("/v1/files", data={"purpose": "fine-tune"})
+        assert response.status_code == 400 and "`file`" in response.json()["error"]["message"]
+
+
+def test_routes_need_the_api_key(live) -> None:
+    anonymous = OpenAI(base_url=f"{live[0].base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.fine_tuning.jobs.list()
+    with pytest.raises(openai.AuthenticationError):
+        _upload(anonymous, GOOD_LINE)
+
+
+def test_bad_job_requests(client) -> None:
+    file_id = _upload(client, GOOD_LINE + "\n").id
+    cases = [
+        (dict(model="gpt-4o-mini", training_file=file_id), openai.BadRequestError, "model"),
+        (dict(model="tiny-base", training_file="file-nope"), openai.NotFoundError, "file_id"),
+        (dict(model="tiny-base", training_file=file_id, hyperparameters={"n_epochs": "many"}),
+         openai.BadRequestError, "hyperparameters.n_epochs"),
+        (dict(model="tiny-base", training_file=file_id, method={"type": "dpo"}), openai.BadRequestError,
+         "method.type"),
+        (dict(model="tiny-base", training_file=file_id, extra_body={"colour": "red"}), openai.BadRequestError,
+         "colour"),
+    ]
+    for kwargs, kind, param in cases:
+        with pytest.raises(kind) as info:
+            client.fine_tuning.jobs.create(**kwargs)
+        assert _error(info.value)["param"] == param, kwargs
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.retrieve("ftjob-nope")
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.list(limit=0)
+
+
+def test_a_job_from_upload_to_adapter(client, live) -> None:
+    _, _, registered = live
+    training = _upload(client, "".join(f"{GOOD_LINE}\n" for _ in range(6)))
+    job = client.fine_tuning.jobs.create(
+        model="tiny-base", training_file=training.id, seed=5,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 2,
+                                                                          "lora_rank": 2}}},
+    )
+    assert job.status == "validating_files" and job.hyperparameters.n_epochs == 2
+    deadline = time.monotonic() + 90
+    while job.status not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft-{job.id}" and job.trained_tokens and job.finished_at
+    assert job.method.supervised.hyperparameters.batch_size == 2
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=4))  # pages of 4, followed by the client
+    assert len(events) > 8 and len({e.id for e in events}) == len(events)
+    assert events[0].message == "The job has successfully completed."
+    metrics = [e for e in events if e.type == "metrics"]
+    assert [e.data["step"] for e in metrics] == [6, 5, 4, 3, 2, 1]
+
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [c.step_number for c in checkpoints] == [6, 3]
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"ft-{job.id}:ckpt-6"
+    assert checkpoints[0].metrics.train_loss is not None and checkpoints[0].fine_tuning_job_id == job.id
+    assert set(registered) >= {f"ft-{job.id}", f"ft-{job.id}:ckpt-3", f"ft-{job.id}:ckpt-6"}
+
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list()]
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.cancel(job.id)
+    cancelled = client.fine_tuning.jobs.cancel(
+        client.fine_tuning.jobs.create(model="tiny-base", training_file=training.id).id)
+    assert cancelled.status == "cancelled" and cancelled.error is None
