@@ -247,6 +247,10 @@ class AsyncEngine:
                 fn, future = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            if False:
+                # The caller was cancelled (client gone) before the command ran: skip it, as an
+                # executor would; setting a result on the cancelled future would raise here.
+                continue
             try:
                 result = fn(self._core)
             except Exception as exc:  # noqa: BLE001 - returned to the caller

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -181,7 +180,7 @@ class DecodeGraphs:
             raise ValueError(f"{len(inputs.seg_bounds)} LoRA segments exceed the graph's {segs - 1}")
         # The previous step's copies read these host buffers; they must have finished.
         self._copied.synchronize()
-        h, pad = self._np_i64, size - n
+        h = self._np_i64
         h[0:n] = inputs.input_ids
         h[n:size] = 0
         h[size : size + n] = inputs.positions
@@ -198,7 +197,6 @@ class DecodeGraphs:
         o += segs + 1
         h[o : o + live] = [slot for _, _, slot in inputs.seg_bounds]
         h[o + live : o + segs] = -1
-        del pad
         width = max(len(t) for t in inputs.block_tables)
         lens = self._np_i32[:size]
         lens[:n] = inputs.context_lens
@@ -220,11 +218,3 @@ class DecodeGraphs:
         )
         self._copied.record()
 
-
-def as_numpy_rows(rows: list[list[int]]) -> np.ndarray:
-    """Helper for tests: pad ragged rows with -1 into an int32 array."""
-    width = max(len(r) for r in rows)
-    out = np.full((len(rows), width), -1, dtype=np.int32)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out

@@ -35,6 +35,19 @@ def num_blocks_for_budget(budget_bytes: int, hf_config, block_size: int, dtype: 
     return num_blocks
 
 
+def kv_budget_after_profile(device: torch.device, utilization: float, peak_bytes: int) -> int:
+    """Bytes left for the KV pool on a CUDA device after a profiling forward peaked at `peak_bytes`.
+
+    Everything resident now (weights, LoRA slots, the CUDA context, other processes) is read
+    from the driver; the forward's transient peak above what is allocated now is kept free
+    for real steps. Call with the allocator's cache emptied.
+    """
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    transient = max(0, peak_bytes - torch.cuda.memory_allocated(device))
+    return int(total * utilization - used - transient)
+
+
 def attention_layers(model: nn.Module) -> list[Attention]:
     return [m for m in model.modules() if isinstance(m, Attention)]
 

@@ -77,11 +77,18 @@ class LLMEngine:
                                              torch.empty((), dtype=self.dtype).element_size(),
                                              self.adapter_config.max_gpu_adapter_memory)
         self.lora = LoraSlots(self.model, num_slots=num_slots, max_rank=config.max_lora_rank)
-        num_blocks = _num_kv_blocks(config, self.hf_config, self.dtype, self.device, self.max_model_len)
+        # --- GPU set-up: KV pool sized after a warm-up forward, then decode CUDA graphs.
+        self.runner = ModelRunner(self.model, config.block_size, self.device, kernels=config.kernels)
+        num_blocks = _num_kv_blocks(config, self.hf_config, self.dtype, self.device, self.max_model_len,
+                                    self.runner)
         allocate_kv_cache(self.model, num_blocks, config.block_size, self.dtype, self.device)
         self.num_kv_blocks = num_blocks
         # A sequence must fit the pool alone, or it could wait forever.
         self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
+        if self.runner.use_triton and not config.enforce_eager:
+            self.runner.capture_decode_graphs(min(config.max_num_seqs, config.cuda_graph_max_batch),
+                                              self.max_model_len)
+        # --- end GPU set-up
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_blocks=num_blocks,
@@ -93,7 +100,6 @@ class LLMEngine:
                 enable_prefix_caching=config.enable_prefix_caching,
             )
         )
-        self.runner = ModelRunner(self.model, config.block_size, self.device)
         self.sampler = Sampler()
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[int, _Request] = {}
@@ -321,7 +327,9 @@ def _model_max_len(hf_config) -> int:
     return int(getattr(hf_config, "max_position_embeddings", 0) or 1 << 20)
 
 
-def _num_kv_blocks(config: EngineConfig, hf_config, dtype: torch.dtype, device: torch.device, max_len: int) -> int:
+def _num_kv_blocks(
+    config: EngineConfig, hf_config, dtype: torch.dtype, device: torch.device, max_len: int, runner: ModelRunner
+) -> int:
     from engine.kv_cache import kv_cache_bytes_per_block
 
     if config.num_kv_blocks > 0:
@@ -330,8 +338,8 @@ def _num_kv_blocks(config: EngineConfig, hf_config, dtype: torch.dtype, device: 
     if config.kv_cache_memory > 0:
         budget = config.kv_cache_memory
     elif device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = int(free - (1 - config.gpu_memory_utilization) * total)
+        budget = runner.kv_cache_budget(config.gpu_memory_utilization,
+                                        max(config.max_num_batched_tokens, max_len), max_len, config.max_num_seqs)
     else:
         # CPU: room for every sequence at full length, capped at 2 GiB.
         want = config.max_num_seqs * (-(-max_len // config.block_size)) * per_block

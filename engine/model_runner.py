@@ -2,6 +2,11 @@
 
 The batch is reordered by LoRA slot so each slot's tokens form one contiguous segment
 (what SGMV/BGMV kernels want); logits come back in the caller's order.
+
+Kernels: on CUDA (`kernels="auto"`) attention runs the Triton decode / fused prefill backend
+and LoRA the Triton SGMV kernels; `kernels="torch"` (and every CPU run) uses the torch
+references. After `capture_decode_graphs`, decode steps that fit a captured batch size
+replay a CUDA graph (engine/cuda_graphs.py); prefill always runs eagerly.
 """
 
 from __future__ import annotations
@@ -11,8 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.attention import set_attention_backend
 from engine.context import ForwardContext, LoraContext, set_context
+from engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from engine.kv_cache import kv_budget_after_profile
+from engine.lora.layers import LoRALinear
 from scheduler.sequence import Sequence
+
+KERNELS = ("auto", "torch")
 
 
 @dataclass
@@ -34,13 +45,24 @@ class _HostBatch:
 class ModelRunner:
     """Runs `model` over batches of sequences whose KV lives in the bound paged cache."""
 
-    def __init__(self, model: nn.Module, block_size: int, device: torch.device | str) -> None:
+    def __init__(
+        self, model: nn.Module, block_size: int, device: torch.device | str, kernels: str = "auto"
+    ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
         self._pin = self.device.type == "cuda"
+        self.use_triton = kernels == "auto" and self.device.type == "cuda"
+        self._attention_backend = "torch"
+        if self.use_triton:
+            from engine.kernels.cuda_attention import register_cuda_backend
+
+            self._attention_backend = register_cuda_backend()
+        self.graphs: DecodeGraphs | None = None
 
     def execute(
         self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int]
@@ -53,6 +75,11 @@ class ModelRunner:
                 f"seqs, num_new_tokens and lora_slots differ in length: "
                 f"{len(seqs)}, {len(num_new_tokens)}, {len(lora_slots)}"
             )
+        self._select_kernels()
+        if not is_prefill and self.graphs is not None:
+            logits = self._decode_from_graph(self.graphs, seqs, num_new_tokens, lora_slots)
+            if logits is not None:
+                return logits
         batch = self._build(seqs, num_new_tokens, is_prefill, lora_slots)
         ctx = self._context(batch, is_prefill)
         input_ids = self._to_device(batch.input_ids, torch.long)
@@ -71,6 +98,123 @@ class ModelRunner:
         finally:
             set_context(None)
 
+    # ------------------------------------------------------------- GPU set-up
+    def kv_cache_budget(self, utilization: float, max_num_batched_tokens: int, max_model_len: int,
+                        max_num_seqs: int) -> int:
+        """Bytes the KV pool may take on this CUDA device, measured after a warm-up forward.
+
+        Runs the largest prefill the scheduler can send (`max_num_batched_tokens` tokens in
+        sequences of `max_model_len`) and the logits of `max_num_seqs` rows, records the peak,
+        and leaves `utilization` of the device for weights, LoRA slots, that peak and the pool.
+        """
+        if self.device.type != "cuda":
+            raise ValueError("kv_cache_budget measures a CUDA device")
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_forward(max_num_batched_tokens, max_model_len, max_num_seqs)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.empty_cache()
+        return kv_budget_after_profile(self.device, utilization, peak)
+
+    def _profile_forward(self, num_tokens: int, max_len: int, num_seqs: int) -> None:
+        lengths = [max_len] * (num_tokens // max_len)
+        if num_tokens % max_len:
+            lengths.append(num_tokens % max_len)
+        seqs = []
+        for i, n in enumerate(lengths):
+            seq = Sequence(seq_id=-1 - i, prompt_token_ids=[0] * n, max_tokens=1)
+            seq.block_table = list(range(-(-n // self.block_size)))
+            seqs.append(seq)
+        self.execute(seqs, lengths, True, [-1] * len(seqs))
+        hidden_size = self.model.config.hidden_size
+        with torch.inference_mode():
+            hidden = torch.zeros(num_seqs, hidden_size, device=self.device, dtype=self._dtype())
+            # The sampler keeps a few float32 copies of the step's logits.
+            logits = self.model.compute_logits(hidden).float()
+            logits.log_softmax(dim=-1).add_(logits.clone())
+
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Capture decode graphs for batch sizes up to `max_batch` (KV caches must be bound)."""
+        if not self.use_triton:
+            raise ValueError("CUDA graphs need the CUDA kernels (device cuda, kernels='auto')")
+        self._select_kernels()
+        lora = self._lora_modules()
+        graphs = DecodeGraphs(
+            self.model, self.block_size, max_batch, max_model_len,
+            lora[0].num_slots if lora else 1, self.device,
+        )  # fmt: skip
+        graphs.capture(with_lora=bool(lora))
+        self.graphs = graphs
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _lora_modules(self) -> list[LoRALinear]:
+        return [m for m in self.model.modules() if isinstance(m, LoRALinear)]
+
+    def _select_kernels(self) -> None:
+        # The backend table is process-wide and LoRA layers carry their own switch: set both
+        # so runners of different kernels over one model (the tests' oracle) never mix.
+        set_attention_backend(self._attention_backend)
+        if getattr(self.model, "_quiver_use_triton", None) is not self.use_triton:
+            for module in self._lora_modules():
+                module.use_triton = self.use_triton
+            self.model._quiver_use_triton = self.use_triton
+
+    # -------------------------------------------------------------- graph path
+    def _decode_from_graph(
+        self, graphs: DecodeGraphs, seqs: list[Sequence], num_new_tokens: list[int], lora_slots: list[int]
+    ) -> torch.Tensor | None:
+        if graphs.size_for(len(seqs)) is None:
+            return None
+        inputs, order = self._build_decode(seqs, num_new_tokens, lora_slots)
+        if not graphs.fits(inputs):
+            return None
+        any_lora = any(slot >= 0 for _, _, slot in inputs.seg_bounds)
+        logits = graphs.run(inputs, any_lora)
+        if order == list(range(len(order))):
+            return logits
+        inverse = [0] * len(order)
+        for pos, caller_index in enumerate(order):
+            inverse[caller_index] = pos
+        return logits.index_select(0, self._to_device(inverse, torch.long))
+
+    def _build_decode(
+        self, seqs: list[Sequence], num_new_tokens: list[int], lora_slots: list[int]
+    ) -> tuple[DecodeInputs, list[int]]:
+        """The decode step's host inputs in slot order, in one lean pass (this runs every step)."""
+        bs = self.block_size
+        order = sorted(range(len(seqs)), key=lora_slots.__getitem__)
+        d = DecodeInputs([], [], [], [], [], [], [])
+        seg_bounds = d.seg_bounds
+        for pos_in_batch, i in enumerate(order):
+            seq, slot = seqs[i], lora_slots[i]
+            if num_new_tokens[i] != 1:
+                raise ValueError(f"sequence {seq.seq_id}: a decode step computes 1 token, got {num_new_tokens[i]}")
+            if slot < -1:
+                raise ValueError(f"sequence {seq.seq_id}: LoRA slot must be -1 (base) or >= 0, got {slot}")
+            table = seq.block_table
+            pos = seq.num_tokens - 1
+            block, offset = divmod(pos, bs)
+            if block >= len(table):
+                raise RuntimeError(
+                    f"sequence {seq.seq_id} holds {len(table)} blocks of {bs}, needs {pos + 1} tokens"
+                )
+            d.input_ids.append(seq.last_token_id)
+            d.positions.append(pos)
+            d.slot_mapping.append(table[block] * bs + offset)
+            d.context_lens.append(pos + 1)
+            d.block_tables.append(table)
+            d.token_slots.append(slot)
+            if seg_bounds and seg_bounds[-1][2] == slot:
+                seg_bounds[-1] = (seg_bounds[-1][0], pos_in_batch + 1, slot)
+            else:
+                seg_bounds.append((pos_in_batch, pos_in_batch + 1, slot))
+        return d, order
+
+    # -------------------------------------------------------------- eager path
     def _build(
         self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int]
     ) -> _HostBatch:

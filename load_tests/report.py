@@ -45,9 +45,10 @@ def summarize(records: Sequence[RequestRecord], *, offered_rate: float, slo_ttft
     send_times = sorted(r.sent for r in sent if r.sent is not None)
     span = send_times[-1] - send_times[0] if len(send_times) > 1 else 0.0
     latencies = [r.latency for r in ok if r.latency is not None]
-    # The last completions trail the last arrival by about one latency even when the server keeps
-    # up; discounting one median latency keeps short points from looking saturated.
-    window = max(span, duration - float(np.median(latencies))) if latencies else duration
+    # The last completion trails the last arrival by at least one latency even when the server
+    # keeps up; discounting the shortest latency keeps short points from looking saturated, while a
+    # growing queue (latencies far above the shortest) still shows.
+    window = max(span, duration - min(latencies)) if latencies else duration
     return {
         "offered_rate": None if math.isinf(offered_rate) else offered_rate,
         "sustained_rate": len(ok) / window if window > 0 else None,

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuzz", type=int, default=4, help="Fuzzed bodies per round.")
     p.add_argument("--disconnects", type=int, default=4, help="Dropped streams per round.")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--request-timeout", type=float, default=60.0,
+                   help="Seconds one request may take; a round may overrun --duration by at most this.")
     p.add_argument("--adapters", type=int, default=4, help="Served adapters the valid traffic uses.")
     p.add_argument("--rss-tolerance-mb", type=float, default=64.0)
     p.add_argument("--gpu-tolerance-mb", type=float, default=16.0)
@@ -116,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_adapters=args.adapters, adapter_root=root, adapter_sources=sources,
             rss_tolerance_bytes=int(args.rss_tolerance_mb * 2**20),
             gpu_tolerance_bytes=int(args.gpu_tolerance_mb * 2**20), seed=args.seed, pid=pid,
+            request_timeout_s=args.request_timeout,
             exact_metrics=dict(m.split("=", 1) for m in args.metric),
         )
         result = asyncio.run(run_soak(config))

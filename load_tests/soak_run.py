@@ -122,7 +122,7 @@ class Soak:
             result = await self.client.completions.create(prompt=PROMPTS[prompt], **common)
         if not stream:
             choice = result.choices[0]
-            return choice.message.content or "" if endpoint == "chat" else choice.text
+            return (choice.message.content or "") if endpoint == "chat" else choice.text
         parts = []
         async for chunk in result:
             for c in chunk.choices:
@@ -189,12 +189,17 @@ class Soak:
             return
         try:
             stream: Any = await self.client.chat.completions.create(**body)
-            seen = 0
-            async for _ in stream:
-                seen += 1
-                if seen >= after_chunks:
-                    break
-            await stream.close()
+            chunks = stream.__aiter__()
+            try:
+                for _ in range(after_chunks):
+                    await chunks.__anext__()
+            except StopAsyncIteration:
+                pass
+            finally:
+                # Close the chunk generator before the response, so that it is not finalized later
+                # by the garbage collector while the connection is already gone.
+                await chunks.aclose()
+                await stream.close()
             self.ledger.count("disconnect", f"after_{after_chunks}_chunks")
         except Exception as exc:  # noqa: BLE001
             self._api_error("disconnect", exc, f"stream to drop ({model})")

@@ -121,6 +121,8 @@ def from_engine_error(exc: Exception, model: str) -> APIError:
         return APIError(503, str(exc) or "The engine stopped.", code="engine_dead")
     if isinstance(exc, EngineError):
         return APIError(500, str(exc), type="server_error", code="engine_error")
+    if isinstance(exc, ValueError):  # the engine's own checks of what the request carries
+        return bad_request(str(exc))
     logger.exception("unexpected error from the engine", exc_info=exc)
     return APIError(500, "Internal server error.", type="server_error", code="internal_error")
 

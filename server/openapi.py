@@ -69,6 +69,14 @@ def _simple_get(summary: str, description: str, *errors: int) -> dict[str, Any]:
     }}}
 
 
+def _model_get() -> dict[str, Any]:
+    operation = _simple_get("Describe one model (the base or an adapter)", "A model", 404, 503)
+    operation["get"]["parameters"] = [
+        {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+    ]
+    return operation
+
+
 def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
     _, defs = models_json_schema(
         [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
@@ -86,6 +94,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
             "/v1/completions": _generation_op("Create a (legacy) text completion", "CompletionRequest",
                                               "text_completion"),
             "/v1/models": _simple_get("List the base model and its adapters", "A list of models", 503),
+            "/v1/models/{model}": _model_get(),
             "/health": _simple_get("Liveness", "The process is up"),
             "/ready": _simple_get("Readiness", "The model is loaded", 503),
         },

@@ -198,3 +198,31 @@ def test_shutdown_answers_requests_waiting_for_a_load(setup, monkeypatch):
             release.set()
 
     asyncio.run(main())
+
+
+def test_callers_cancelled_at_any_point_leak_nothing(setup):
+    model_dir, root, jobs, refs = setup
+
+    async def main():
+        engine = _engine(model_dir, root)
+        await engine.start()
+        try:
+            for round_ in range(4):
+                tasks = [asyncio.create_task(_tokens(engine, f"c{round_}-{i}", prompt, adapter))
+                         for i, (prompt, adapter) in enumerate(jobs[:30])]
+                # Cancel while acquiring, while waiting for a host load, while queued or running.
+                await asyncio.sleep(0.002 * round_)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            assert await asyncio.wait_for(_tokens(engine, "after", jobs[1][0], jobs[1][1]), 30) == refs[1]
+            for _ in range(200):
+                if engine.stats()["num_requests"] == 0 and engine.stats()["adapter_refcount_total"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.stats()["num_requests"] == 0
+            assert all(count == 0 for count in engine.adapter_refcounts().values())
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())

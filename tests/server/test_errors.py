@@ -269,3 +269,25 @@ def _settles(live: LiveServer, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def test_a_bad_adapter_fails_only_the_requests_naming_it(start_server, server_adapters, tmp_path):
+    good = ADAPTER_NAMES[0]
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text('{"r": 8')
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((server_adapters[good] / "adapter_config.json").read_text())
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    bad = {"missing": tmp_path / "nowhere", "corrupt": corrupt, "pickled": pickled}
+    live = start_server(adapters={good: server_adapters[good], **bad})
+    with live.http() as http:
+        for name in bad:
+            for stream in (False, True):
+                body = {"model": name, "messages": MESSAGES, "max_tokens": 2, "stream": stream}
+                error = _assert_envelope(http.post(CHAT, json=body), 400, param="model")
+                assert name in error["message"]
+        for name in (good, MODEL_NAME):
+            response = http.post(CHAT, json={"model": name, "messages": MESSAGES, "max_tokens": 2})
+            assert response.status_code == 200 and response.json()["model"] == name

@@ -29,7 +29,7 @@ def operations(fuzz_live):
 
 def test_every_route_is_described(operations):
     assert set(operations) == {"POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
-                               "GET /health", "GET /ready"}
+                               "GET /v1/models/{model}", "GET /health", "GET /ready"}
 
 
 @pytest.mark.parametrize(
@@ -40,6 +40,7 @@ def test_every_route_is_described(operations):
         ("POST /v1/completions", GenerationMode.POSITIVE),
         ("POST /v1/completions", GenerationMode.NEGATIVE),
         ("GET /v1/models", GenerationMode.POSITIVE),  # no parameters: nothing to make invalid
+        ("GET /v1/models/{model}", GenerationMode.POSITIVE),
     ],
 )
 def test_no_server_errors(operations, fuzz_live, label, mode):

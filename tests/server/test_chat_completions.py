@@ -203,3 +203,20 @@ def test_penalties_and_sampling_knobs_change_the_output(client):
         sampled = _chat(client, max_tokens=30, temperature=2.0, seed=3, extra_body={"ignore_eos": True, **extra},
                         **kwargs)
         assert sampled.choices[0].message.content == plain_text
+
+
+def test_eos_ends_the_choice_without_its_text(live, client):
+    eos = next(iter(live.engine.eos_token_ids))
+    kwargs = dict(max_tokens=20, temperature=0, logprobs=True, logit_bias={str(eos): 100},
+                  extra_body={"min_tokens": 3})
+    full = _chat(client, **kwargs)
+    choice = full.choices[0]
+    assert choice.finish_reason == "stop" and full.usage.completion_tokens == 4
+    assert "<|im_end|>" not in choice.message.content and choice.message.content
+    content = choice.logprobs.content
+    assert len(content) == 4 and content[-1].token == "" and content[-1].bytes == []
+    assert logprob_bytes(content).decode("utf-8", errors="replace") == choice.message.content
+    chunks = list(_chat(client, stream=True, **kwargs))
+    assert joined_stream(chunks)[0] == choice.message.content
+    streamed = [e for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in content]

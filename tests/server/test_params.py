@@ -1,0 +1,59 @@
+"""Request models and the checks that turn them into SamplingParams."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from server.errors import APIError, from_validation_error
+from server.params import build_sampling_params, parse_logit_bias, resolve_max_tokens
+from server.schemas import ChatCompletionRequest, CompletionRequest
+
+
+def test_null_means_default_and_extra_fields_are_kept():
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "temperature": None,
+                                                "n": None, "future_field": 1})
+    assert req.temperature == 1.0 and req.n == 1 and req.model_extra == {"future_field": 1}
+
+
+def test_max_completion_tokens_wins_and_logprobs_resolution():
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                                                "max_completion_tokens": 9, "logprobs": True})
+    assert req.wanted_max_tokens() == 9 and req.wanted_top_logprobs() == 0
+    assert ChatCompletionRequest.model_validate({"messages": [{"role": "user"}]}).wanted_top_logprobs() is None
+
+
+def test_stop_list_drops_empty_strings():
+    req = CompletionRequest.model_validate({"prompt": "x", "stop": ["", "a"]})
+    assert req.stop_list() == ["a"]
+    assert CompletionRequest.model_validate({"prompt": "x", "stop": "b"}).stop_list() == ["b"]
+
+
+def test_validation_error_param_names_the_field_not_the_union_member():
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5})
+    error = from_validation_error(info.value)
+    assert error.status == 400 and error.param == "stop"
+
+
+def test_logit_bias_and_context_checks():
+    assert parse_logit_bias({"3": 1.5}, vocab_size=10) == {3: 1.5}
+    for bad in ({"x": 1}, {"10": 1}, {"-1": 1}, {"1": 101}):
+        with pytest.raises(APIError) as info:
+            parse_logit_bias(bad, vocab_size=10)
+        assert info.value.status == 400 and info.value.param == "logit_bias"
+    assert resolve_max_tokens(None, 10, 32, "messages") == 22
+    assert resolve_max_tokens(5, 10, 32, "messages") == 5
+    for wanted, prompt_len in ((23, 10), (None, 32)):
+        with pytest.raises(APIError) as info:
+            resolve_max_tokens(wanted, prompt_len, 32, "messages")
+        assert info.value.code == "context_length_exceeded"
+
+
+def test_seed_per_choice():
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user"}], "seed": 40})
+    seeds = [build_sampling_params(req, max_tokens=4, top_logprobs=None, vocab_size=10, choice_index=i).seed
+             for i in range(3)]
+    assert seeds == [40, 41, 42]
+    unseeded = ChatCompletionRequest.model_validate({"messages": [{"role": "user"}]})
+    assert build_sampling_params(unseeded, max_tokens=4, top_logprobs=None, vocab_size=10, choice_index=2).seed is None
