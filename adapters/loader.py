@@ -102,10 +102,8 @@ def base_mismatch(spec: AdapterSpec, names: frozenset[str]) -> str | None:
     tails = {_tail(n) for n in names}
     if norm in names or _tail(norm) in tails:
         return None
-    return (
-        f"base_model_name_or_path {wanted!r} names a different model than the served base "
-        f"({sorted(names)[0]!r})"
-    )
+    known = ", ".join(repr(n) for n in sorted(names, key=len)[:3])
+    return f"base_model_name_or_path {wanted!r} names a different model than the served base ({known})"
 
 
 def _norm(text: str) -> str:

@@ -48,6 +48,8 @@ class AdapterLease:
 
 
 class AdapterManager:
+    """Owns the registry, the slot table and the load queue; the engine calls it at each step."""
+
     def __init__(
         self,
         lora: LoraSlots,
@@ -202,6 +204,7 @@ class AdapterManager:
         """Unpin `name` and move it off the GPU to host memory (at once unless a running sequence uses it)."""
         entry = self.lookup(name)
         self._unpin(entry, None)
+        self.registry.touch(entry)  # the most recent in host memory, not the next to go to disk
         if entry.gpu_slot is not None and entry.adapter_id not in self._running_ids():
             self.slots.remove(entry.adapter_id)
             entry.gpu_slot = None

@@ -247,7 +247,7 @@ class AsyncEngine:
                 fn, future = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if False:
+            if future is not None and not future.set_running_or_notify_cancel():
                 # The caller was cancelled (client gone) before the command ran: skip it, as an
                 # executor would; setting a result on the cancelled future would raise here.
                 continue

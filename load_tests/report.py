@@ -88,7 +88,7 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def _fmt(value: float | None, digits: int = 1) -> str:
+def fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
@@ -98,7 +98,7 @@ def markdown_table(points: Sequence[dict[str, Any]]) -> str:
             "TPOT p50 / p99 ms | ITL p50 / p99 ms | SLO | errors | GPU adapter loads / evictions |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for p in points:
-        offered = "max" if p["offered_rate"] is None else _fmt(p["offered_rate"], 2)
+        offered = "max" if p["offered_rate"] is None else fmt(p["offered_rate"], 2)
         if p["offered_rate"] is not None and p.get("arrival_rate") is not None:
             offered += f" ({p['arrival_rate']:.2f})"
         errors = ", ".join(f"{k} {v}" for k, v in sorted(p["errors"].items())) or "0"
@@ -106,12 +106,12 @@ def markdown_table(points: Sequence[dict[str, Any]]) -> str:
         loads = p.get("server", {}).get("adapter_gpu_loads")
         evictions = p.get("server", {}).get("adapter_gpu_evictions")
         lines.append(
-            f"| {p.get('series', '')} | {offered} | {_fmt(p['request_throughput'], 2)} | "
-            f"{_fmt(p['output_throughput'])} | {_fmt(p['ttft_ms']['p50'], 0)} / {_fmt(p['ttft_ms']['p99'], 0)} | "
-            f"{_fmt(p['tpot_ms']['p50'], 1)} / {_fmt(p['tpot_ms']['p99'], 1)} | "
-            f"{_fmt(p['itl_ms']['p50'], 1)} / {_fmt(p['itl_ms']['p99'], 1)} | "
+            f"| {p.get('series', '')} | {offered} | {fmt(p['request_throughput'], 2)} | "
+            f"{fmt(p['output_throughput'])} | {fmt(p['ttft_ms']['p50'], 0)} / {fmt(p['ttft_ms']['p99'], 0)} | "
+            f"{fmt(p['tpot_ms']['p50'], 1)} / {fmt(p['tpot_ms']['p99'], 1)} | "
+            f"{fmt(p['itl_ms']['p50'], 1)} / {fmt(p['itl_ms']['p99'], 1)} | "
             f"{'–' if slo is None else f'{slo:.0%}'} | {errors} | "
-            f"{_fmt(loads, 0) if loads is not None else 'n/a'} / {_fmt(evictions, 0) if evictions is not None else 'n/a'} |"
+            f"{fmt(loads, 0) if loads is not None else 'n/a'} / {fmt(evictions, 0) if evictions is not None else 'n/a'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -155,3 +155,23 @@ def plot_sweeps(series: dict[str, Sequence[dict[str, Any]]], path: Path, title: 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def combine(paths: Sequence[Path], out: Path, title: str) -> None:
+    """One plot and one table over the series of several run_load.py JSON files."""
+    series: dict[str, Sequence[dict[str, Any]]] = {}
+    for path in paths:
+        series.update(json.loads(Path(path).read_text())["series"])
+    plot_sweeps(series, out.with_suffix(".png"), title)
+    out.with_suffix(".md").write_text(markdown_table([p for points in series.values() for p in points]))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Combine run_load.py JSON files into one plot and table.")
+    parser.add_argument("json", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="Output prefix: OUT.png and OUT.md.")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args()
+    combine(args.json, args.out, args.title)

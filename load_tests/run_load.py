@@ -206,8 +206,8 @@ def _echo(point: dict[str, Any]) -> None:
     offered = "max" if point["offered_rate"] is None else f"{point['offered_rate']:g}"
     ttft = point["ttft_ms"]
     print(f"  rate {offered:>6} req/s: {point['request_throughput']:.2f} req/s, "
-          f"{point['output_throughput']:.1f} out tok/s, TTFT p50 {report._fmt(ttft['p50'], 0)} ms "
-          f"p99 {report._fmt(ttft['p99'], 0)} ms, errors {point['errors'] or 0}", file=sys.stderr)
+          f"{point['output_throughput']:.1f} out tok/s, TTFT p50 {report.fmt(ttft['p50'], 0)} ms "
+          f"p99 {report.fmt(ttft['p99'], 0)} ms, errors {point['errors'] or 0}", file=sys.stderr)
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:

@@ -226,7 +226,8 @@ def test_promote_demote_delete_under_traffic(env: Env) -> None:
         assert victim not in _models(env) and victim not in _adapters(env)
         demoted = env.http.post("/v1/adapters/good-0/demote")
         assert demoted.status_code == 200 and demoted.json()["pinned"] is False
-        assert demoted.json()["state"] in ("gpu", "host")  # on the GPU only while a request runs on it
+        # Off the GPU unless a request runs on it; with host memory contended it may go on to disk.
+        assert demoted.json()["state"] in ("gpu", "host", "registered")
         results = [f.result() for f in traffic]
     served = {name for name, _, response in results if response.status_code == 200}
     assert set(names) <= served
@@ -242,7 +243,7 @@ def test_promote_demote_delete_under_traffic(env: Env) -> None:
     assert infos["good-1"]["state"] == "pinned", "never evicted while pinned"
     assert infos["good-1"]["gpu_evictions"] == pinned["gpu_evictions"]
     assert infos["good-1"]["host_evictions"] == pinned["host_evictions"]
-    assert env.http.post("/v1/adapters/good-1/demote").json()["state"] in ("gpu", "host")
+    assert env.http.post("/v1/adapters/good-1/demote").json()["state"] in ("gpu", "host", "registered")
     time.sleep(0.1)
     assert all(count == 0 for count in env.live.engine.adapter_refcounts().values())
 
