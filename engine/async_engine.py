@@ -89,7 +89,16 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._dead is None
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine thread stopped, if it died (None while healthy or not started)."""
+        if self._dead is not None:
+            return f"{type(self._dead).__name__}: {self._dead}"
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return "the engine thread exited"
+        return None
 
     # ----------------------------------------------------------------- adapters
     def adapter_names(self) -> list[str]:
@@ -224,6 +233,14 @@ class AsyncEngine:
         self._wake.set()
 
     def _run(self) -> None:
+        try:
+            self._loop_forever()
+        except BaseException as exc:  # noqa: BLE001 - record why, so health and callers can say it
+            log.exception("the engine thread stopped")
+            self._dead = exc
+            raise
+
+    def _loop_forever(self) -> None:
         while not self._stopping:
             self._drain_inbox()
             if not self._core.has_unfinished():

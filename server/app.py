@@ -19,6 +19,11 @@ from server.state import ServerState
 
 
 async def health(request: Request) -> Response:
+    """Liveness: the process answers and, once started, the engine thread is alive."""
+    engine = getattr(request.app.state.quiver, "engine", None)
+    failure = getattr(engine, "failure", None) if engine is not None else None
+    if failure:
+        return JSONResponse({"status": "unhealthy", "reason": failure}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
