@@ -19,7 +19,9 @@ from adapters.peft_format import CONFIG_NAME
 from adapters.weights import WEIGHTS_NAME
 
 HUB_PREFIX = "hf://"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# ':' is allowed after the first character: fine-tuning checkpoints are served as
+# `ft-<job-id>:ckpt-<step>`, the OpenAI form of a checkpoint's model name.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _HUB_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 _HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
@@ -49,7 +51,7 @@ def validate_name(name: object) -> str:
     """`name` if it can name an adapter (one path component, no `..`), else AdapterSourceError."""
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
         raise AdapterSourceError(
-            f"invalid adapter name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with "
+            f"invalid adapter name {name!r}: use 1-128 letters, digits, '.', '_', ':' or '-', starting with "
             "a letter or digit, without '..' or '/'"
         )
     return name

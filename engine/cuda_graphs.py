@@ -12,8 +12,9 @@ read, so only the live part is copied in. The LoRA segment table has a fixed len
 size (`segment_capacity`); unused segments are empty base runs starting at b, which the SGMV
 kernels skip (their launch depends only on b and that length, see `triton_lora.lora_apply`).
 
-Two sets are captured when the model has LoRA layers: base-only batches replay graphs that
-contain no LoRA kernels at all, so serving adapters costs base traffic nothing.
+Two sets: base-only batches replay graphs that contain no LoRA kernels at all, so serving
+adapters costs base traffic nothing; LoRA graphs are captured on first need and recaptured
+when a LoRA slice comes alive (see engine/lora/layers.py).
 """
 
 from __future__ import annotations
@@ -95,17 +96,41 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._logits: dict[tuple[int, bool], torch.Tensor] = {}
         self._pool = None
+        self.lora_version: int | None = None  # live_version the LoRA graphs were captured at
 
     # ------------------------------------------------------------------ capture
-    def capture(self, with_lora: bool) -> None:
-        """Capture every size (largest first, so the smaller ones reuse its memory pool)."""
-        variants = [False, True] if with_lora else [False]
-        for lora in variants:
-            for size in reversed(self.sizes):
-                self._capture_one(size, lora)
+    def capture(self) -> None:
+        """Capture the base-only graphs (largest first, so smaller ones reuse its memory pool)."""
+        for size in reversed(self.sizes):
+            self._capture_one(size, False)
         torch.cuda.synchronize(self.device)
 
+    def capture_lora(self, live_version: int) -> None:
+        """(Re)capture the LoRA graphs over the LoRA slices live now (`LoRALinear.live_slices`).
+
+        Done lazily, at the first LoRA decode step and again whenever a slice comes alive
+        (`live_version` changes): rare, since slices only ever join the captured set.
+        """
+        for size in self.sizes:
+            self._graphs.pop((size, True), None)
+            self._logits.pop((size, True), None)
+        for size in reversed(self.sizes):
+            self._capture_one(size, True)
+        torch.cuda.synchronize(self.device)
+        self.lora_version = live_version
+        log.info("captured LoRA decode graphs for batch sizes %s (live version %d)", self.sizes, live_version)
+
+    def _reset_inputs(self) -> None:
+        """Padding everywhere, so the warm-up run before a capture stores no K/V and reads none."""
+        torch.cuda.synchronize(self.device)
+        self.slot_mapping.fill_(-1)
+        self.token_slots.fill_(-1)
+        self.seg_slots.fill_(-1)
+        self.seg_starts.zero_()
+        self.context_lens.zero_()
+
     def _capture_one(self, size: int, lora: bool) -> None:
+        self._reset_inputs()
         ctx = self._context(size, lora)
         set_context(ctx)
         try:
@@ -169,7 +194,9 @@ class DecodeGraphs:
         size = self.size_for(n)
         if size is None:
             raise ValueError(f"no captured graph holds a batch of {n}")
-        lora = any_lora and (size, True) in self._graphs
+        if any_lora and (size, True) not in self._graphs:
+            raise RuntimeError("LoRA batch but no LoRA graphs: call capture_lora first")
+        lora = any_lora
         self._stage(inputs, n, size)
         self._graphs[(size, lora)].replay()
         return self._logits[(size, lora)][:n]

@@ -63,6 +63,7 @@ class ModelRunner:
 
             self._attention_backend = register_cuda_backend()
         self.graphs: DecodeGraphs | None = None
+        self._lora_cache: list[LoRALinear] | None = None
 
     def execute(
         self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int]
@@ -145,14 +146,16 @@ class ModelRunner:
             self.model, self.block_size, max_batch, max_model_len,
             lora[0].num_slots if lora else 1, self.device,
         )  # fmt: skip
-        graphs.capture(with_lora=bool(lora))
+        graphs.capture()
         self.graphs = graphs
 
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
     def _lora_modules(self) -> list[LoRALinear]:
-        return [m for m in self.model.modules() if isinstance(m, LoRALinear)]
+        if not self._lora_cache:  # an empty list is looked up again: LoRA may wrap the model later
+            self._lora_cache = [m for m in self.model.modules() if isinstance(m, LoRALinear)]
+        return self._lora_cache
 
     def _select_kernels(self) -> None:
         # The backend table is process-wide and LoRA layers carry their own switch: set both
@@ -173,6 +176,10 @@ class ModelRunner:
         if not graphs.fits(inputs):
             return None
         any_lora = any(slot >= 0 for _, _, slot in inputs.seg_bounds)
+        if any_lora:
+            version = sum(m.live_version for m in self._lora_modules())
+            if graphs.lora_version != version:
+                graphs.capture_lora(version)
         logits = graphs.run(inputs, any_lora)
         if order == list(range(len(order))):
             return logits

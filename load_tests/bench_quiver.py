@@ -155,6 +155,7 @@ class QuiverOffline:
         decode_batch = []
         out_tokens = 0
         partial = False
+        host_s = {"schedule": 0.0, "model_and_sample": 0.0, "update": 0.0}
         while sched.has_unfinished:
             t = time.perf_counter()
             if t - start > time_limit_s:
@@ -163,15 +164,22 @@ class QuiverOffline:
             batch = sched.schedule()
             if batch.is_empty:
                 raise RuntimeError("scheduler returned an empty batch with requests unfinished")
+            t_model = time.perf_counter()
             slots = [s.adapter_id - 1 for s in batch.seqs]
             logits = self.runner.execute(batch.seqs, batch.num_new_tokens, batch.is_prefill, slots)
-            sampled = sampler(logits, [rows[s.seq_id] for s in batch.seqs])
+            sampled = sampler(logits, [rows[s.seq_id] for s in batch.seqs])  # syncs (token ids to host)
+            t_update = time.perf_counter()
             sched.update(batch, sampled.token_ids)
             out_tokens += len(batch.seqs)
             for seq in batch.seqs:
                 if seq.num_output_tokens >= seq.max_tokens:
                     sched.finish(seq)
-            dt = time.perf_counter() - t
+            t_end = time.perf_counter()
+            dt = t_end - t
+            if not batch.is_prefill:
+                host_s["schedule"] += t_model - t
+                host_s["model_and_sample"] += t_update - t_model
+                host_s["update"] += t_end - t_update
             if batch.is_prefill:
                 prefill_s += dt
                 steps["prefill"] += 1
@@ -185,6 +193,7 @@ class QuiverOffline:
             output_tok_s=out_tokens / elapsed, prefill_s=prefill_s, decode_s=decode_s, steps=steps,
             mean_decode_batch=float(np.mean(decode_batch)) if decode_batch else 0.0,
             decode_step_ms=1e3 * decode_s / max(1, steps["decode"]), partial=partial,
+            decode_split_ms={k: round(1e3 * v / max(1, steps["decode"]), 3) for k, v in host_s.items()},
             prompt_tokens=sum(len(r.prompt) for r in requests),
         )  # fmt: skip
 

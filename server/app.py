@@ -14,6 +14,15 @@ from starlette.routing import BaseRoute, Route
 from server import routes_openai
 from server.auth import BearerAuth
 from server.errors import EXCEPTION_HANDLERS
+from server.hooks import EngineHooks
+from server.metrics import Metrics, RouteNames, metrics_route
+from server.middleware import (
+    BodySizeLimit,
+    ConcurrencyLimit,
+    Limits,
+    MaxTokensCeiling,
+    RequestContextMiddleware,
+)
 from server.openapi import build_openapi
 from server.state import ServerState
 
@@ -34,13 +43,27 @@ async def ready(request: Request) -> Response:
 
 
 def create_app(
-    state: ServerState, *, api_key: str | None = None, extra_routes: list[BaseRoute] | None = None
+    state: ServerState, *, api_key: str | None = None, extra_routes: list[BaseRoute] | None = None,
+    admin_key: str | None = None, protect_metrics: bool = False, limits: Limits | None = None,
+    metrics: Metrics | None = None,
 ) -> Starlette:
     """The app serving `state`'s engine.
 
-    api_key:      when set, /v1 routes need `Authorization: Bearer <api_key>` (401 otherwise).
-    extra_routes: routes other packages mount (admin, metrics, fine-tuning jobs).
+    api_key:         when set, /v1 routes need `Authorization: Bearer <api_key>` (401 otherwise).
+    extra_routes:    routes other packages mount (admin, fine-tuning jobs).
+    admin_key:       when set, the admin routes (adapters, files, fine-tuning) need it instead (server/auth.py).
+    protect_metrics: /metrics needs a key too (it is open by default, like /health and /ready).
+    limits:          request limits (server/middleware.py); default: only the body size.
+    metrics:         what /metrics serves (default: a fresh registry for this app).
     """
+    limits = limits or Limits()
+    metrics = metrics or Metrics()
+    hooks = EngineHooks(limits, metrics)
+
+    async def install_hooks(engine: object) -> None:
+        hooks.install(engine)
+
+    state.add_hooks(ready=install_hooks)
     document = build_openapi()
 
     async def openapi(request: Request) -> Response:
@@ -58,11 +81,24 @@ def create_app(
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        metrics_route(state, metrics),
         *routes_openai.routes,
         *(extra_routes or []),
     ]
-    middleware = [Middleware(BearerAuth, api_key=api_key)] if api_key else []
+    metrics.route_name = RouteNames(routes)
+    # Outermost first: every request gets its id; refusals cost the least work they can.
+    middleware = [Middleware(RequestContextMiddleware, on_response=metrics.observe_http)]
+    if api_key or admin_key:
+        middleware.append(Middleware(BearerAuth, api_key=api_key, admin_key=admin_key,
+                                     protect_metrics=protect_metrics))
+    if limits.max_request_bytes:
+        middleware.append(Middleware(BodySizeLimit, max_bytes=limits.max_request_bytes))
+    if limits.max_concurrent_requests:
+        middleware.append(Middleware(ConcurrencyLimit, max_concurrent=limits.max_concurrent_requests))
+    if limits.max_tokens:
+        middleware.append(Middleware(MaxTokensCeiling, ceiling=limits.max_tokens))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
                     lifespan=lifespan)
     app.state.quiver = state
+    app.state.metrics = metrics
     return app

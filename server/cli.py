@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -29,6 +28,9 @@ _SERVE_OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--port", int, DEFAULT_PORT, "TCP port to listen on."),
     ("--api-key", str, None,
      "Require `Authorization: Bearer KEY` on /v1 routes (401 otherwise). Default: no authentication."),
+    ("--admin-key", str, None,
+     "Require `Authorization: Bearer KEY` on the admin routes (adapters, files, fine-tuning jobs); the API key "
+     "then no longer opens them. Default: they need the API key, if one is set."),
     ("--max-model-len", int, 2048, "Longest sequence (prompt + output) in tokens."),
     ("--max-num-seqs", int, 64, "Most sequences in one running batch."),
     ("--max-num-batched-tokens", int, 4096, "Most tokens in one forward pass (raised to --max-model-len)."),
@@ -40,6 +42,10 @@ _SERVE_OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
                                       "the larger of 64 and --max-loras)."),
     ("--adapter-root", str, None, "Directory whose adapter subdirectories are served by name; sources "
                                   "registered over HTTP must lie inside it."),
+    ("--jobs-dir", str, None, "Where fine-tuning jobs keep uploads, runs and the adapters they train (default: "
+                              "jobs/ under $QUIVER_CACHE or ~/.cache/quiver)."),
+    ("--state-db", str, None, "SQLite file keeping projects, deployments and adapters registered at run time "
+                              "across restarts (default: state.sqlite3 in --jobs-dir)."),
     ("--dtype", str, "auto", "Weights and activations: auto (float32 on CPU, bfloat16 on CUDA), float32, "
                              "float16 or bfloat16."),
     ("--device", str, "auto", "auto (CUDA when available), cpu, cuda or cuda:N."),
@@ -50,6 +56,18 @@ _SERVE_OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--gpu-memory-utilization", float, 0.9, "Fraction of GPU memory the server may use."),
     ("--seed", int, 0, "Seed of the engine's random state (requests may pass their own `seed`)."),
     ("--log-level", str, "info", "Log level: debug, info, warning, error."),
+    ("--log-format", str, "json", "Log lines: json (one object per line, with the request id) or text."),
+    ("--max-request-bytes", int, 16 * 2**20, "Largest request body in bytes (413 beyond; 0: no limit). "
+                                             "Training-file uploads have their own cap."),
+    ("--max-prompt-tokens", int, 0, "Longest prompt in tokens (400 beyond; 0: the model's context)."),
+    ("--max-tokens-ceiling", int, 0, "Most tokens one choice may generate: a larger max_tokens gets 400, an "
+                                     "omitted one is capped to it (0: the model's context)."),
+    ("--max-concurrent-requests", int, 0, "Chat and completion requests in flight beyond which new ones get 429 "
+                                          "with Retry-After (0: no limit; --max-waiting still applies)."),
+    ("--shutdown-timeout", float, 30.0, "Seconds in-flight requests get to finish after SIGTERM before they "
+                                        "are cut; then the server exits 0."),
+    ("--metrics-max-adapters", int, 64, "Adapters that get their own label value in /metrics; later ones "
+                                        "share `other`."),
 ]
 
 
@@ -86,6 +104,12 @@ def add_serve_parser(subparsers: Any) -> None:
         shown = "" if default is None else f" (default: {default})"
         parser.add_argument(flag, type=kind, default=_env_default(flag, kind, default, parser),
                             help=f"{help_text}{shown} [env {env_name(flag)}]")
+    parser.add_argument(
+        "--protect-metrics", action="store_true",
+        default=os.environ.get(env_name("--protect-metrics"), "").lower() in ("1", "true", "yes"),
+        help="Make /metrics need the API key (or the admin key) like the /v1 routes (default: open). "
+             f"[env {env_name('--protect-metrics')}]",
+    )
     parser.add_argument("--max-gpu-adapters", dest="max_loras", type=int, default=argparse.SUPPRESS,
                         help="Alias of --max-loras.")
     parser.add_argument(
@@ -172,24 +196,52 @@ def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
     return build
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def _stateful_routes(args: argparse.Namespace, state: Any, admin_routes: list[Any]) -> list[Any]:
+    """Fine-tuning jobs, deployments and the `seekrai` routes, with what they keep across restarts."""
+    from server.wiring import served_base, stateful_routes
 
+    base_model, model_name = served_base(args.model, args.served_model_name)
+    if args.jobs_dir:
+        jobs_dir = Path(args.jobs_dir).expanduser()
+    else:
+        from engine.demo import default_cache_dir
+
+        jobs_dir = default_cache_dir() / "jobs"
+    state_db = Path(args.state_db).expanduser() if args.state_db else None
+    return stateful_routes(state, admin_routes, jobs_dir=jobs_dir, base_model=base_model, model_name=model_name,
+                           state_db=state_db)
+
+
+def run_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
+    from server.logging import configure_logging
+    from server.metrics import Metrics
+    from server.middleware import Limits
     from server.routes_adapters import adapter_routes
+    from server.shutdown import serve
     from server.state import ServerState
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        configure_logging(args.log_level, args.log_format)
         factory = engine_factory(args)
+        limits = Limits(max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                        max_tokens=args.max_tokens_ceiling, max_concurrent_requests=args.max_concurrent_requests)
+        metrics = Metrics(max_adapter_labels=args.metrics_max_adapters)
+        if args.shutdown_timeout < 0:
+            raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     except ValueError as exc:
         print(f"quiver serve: {exc}", file=sys.stderr)
         return 2
     state = ServerState(engine_factory=factory)
-    app = create_app(state, api_key=args.api_key, extra_routes=adapter_routes(state))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=5)
-    return 0
+    try:
+        extra_routes = _stateful_routes(args, state, adapter_routes(state))
+    except (ValueError, RuntimeError) as exc:  # a bad jobs directory or state database
+        print(f"quiver serve: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(state, api_key=args.api_key, admin_key=args.admin_key, protect_metrics=args.protect_metrics,
+                     limits=limits, metrics=metrics, extra_routes=extra_routes)
+    return serve(app, host=args.host, port=args.port, log_level=args.log_level,
+                 shutdown_timeout=args.shutdown_timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from server.errors import APIError, model_not_found, not_ready
@@ -18,6 +18,8 @@ from server.protocol import now
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[], Any]
+StartupHook = Callable[[], Awaitable[None]]
+ReadyHook = Callable[[Any], Awaitable[None]]
 
 
 class ServerState:
@@ -31,14 +33,40 @@ class ServerState:
         self.load_error: str | None = None
         self.created = now()
         self.structured: Any = None  # server.structured.StructuredOutputs, built on first use
+        self._startup_hooks: list[StartupHook] = []
+        self._ready_hooks: list[ReadyHook] = []
+        self._shutdown_hooks: list[StartupHook] = []
+
+    def add_hooks(self, *, startup: StartupHook | None = None, ready: ReadyHook | None = None,
+                  shutdown: StartupHook | None = None) -> None:
+        """Work other parts of the server tie to its lifetime (fine-tuning jobs, restored state).
+
+        startup:  awaited when the app starts, before the engine loads.
+        ready:    awaited with the started engine, before `/ready` turns 200 (restore adapters here).
+        shutdown: awaited, newest first, before the engine shuts down.
+        A failing hook is logged; it does not keep the server from starting or stopping.
+        """
+        if startup is not None:
+            self._startup_hooks.append(startup)
+        if ready is not None:
+            self._ready_hooks.append(ready)
+        if shutdown is not None:
+            self._shutdown_hooks.append(shutdown)
 
     async def startup(self) -> None:
         """Start the given engine, or begin loading one in the background."""
+        for hook in self._startup_hooks:
+            await _run_hook(hook)
         if self.engine is not None:
             await self.engine.start()
-            self.ready = True
+            await self._engine_ready(self.engine)
         else:
             self._load_task = asyncio.create_task(self._load())
+
+    async def _engine_ready(self, engine: Any) -> None:
+        for hook in self._ready_hooks:
+            await _run_hook(hook, engine)
+        self.ready = True
 
     async def _load(self) -> None:
         assert self._factory is not None
@@ -50,13 +78,15 @@ class ServerState:
             self.load_error = f"{type(exc).__name__}: {exc}"
             return
         self.engine = engine
-        self.ready = True
+        await self._engine_ready(engine)
         logger.info("model %s ready (adapters: %s)", engine.model_name, ", ".join(engine.adapter_names()) or "none")
 
     async def shutdown(self) -> None:
         self.ready = False
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
+        for hook in reversed(self._shutdown_hooks):
+            await _run_hook(hook)
         if self.engine is not None:
             await self.engine.shutdown()
 
@@ -76,3 +106,10 @@ class ServerState:
         if engine.has_adapter(requested):
             return requested
         raise model_not_found(requested)
+
+
+async def _run_hook(hook: Callable[..., Awaitable[None]], *args: Any) -> None:
+    try:
+        await hook(*args)
+    except Exception:
+        logger.exception("server lifetime hook %s failed", getattr(hook, "__qualname__", hook))

@@ -10,6 +10,12 @@ whose launch depends only on the token count and the segment-table length, so a 
 can be captured in a CUDA graph; on the CPU (or with `use_triton = False`) from the torch
 reference. Each slice keeps an int32 rank per slot so the kernels skip the zero padding of
 adapters smaller than `max_rank`.
+
+Slices no loaded adapter targets are skipped (`live_slices`): an engine serving q/k/v/o
+adapters launches no kernels for gate_up/down. A CUDA graph bakes in the slices live when it
+was captured, so `live_version` grows whenever a slice comes alive, and the model runner
+recaptures its LoRA graphs when the sum over layers changes. A slice that dies stays in the
+old graphs and adds exact zeros (rank 0 in every slot), so it needs no recapture.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ class LoRALinear(nn.Module):
 
     a_stacks[i]: [num_slots, max_rank, in]        b_stacks[i]: [num_slots, output_sizes[i], max_rank]
     ranks[i]:    [num_slots] int32, the rank loaded into each slot for slice i (0: not targeted)
+    The A stacks are views into one buffer `lora_a` [num_slots, slices * max_rank, in]: every
+    slice reads the same x, so on CUDA one shrink serves all live slices of a fused layer (q, k
+    and v: 1 shrink + 3 expands instead of 3 + 3 launches).
     `use_triton` picks the kernels; the model runner sets it (True by default on CUDA).
     """
 
@@ -47,15 +56,19 @@ class LoRALinear(nn.Module):
                 f"output_sizes {self.output_sizes} do not sum to out_features {self.out_features}"
             )
         weight = base_layer.weight
+        num_slices = len(self.output_sizes)
+        # Not persistent: these are runtime slots, not part of the model's checkpoint.
+        a = torch.zeros(num_slots, num_slices * max_rank, self.in_features, device=weight.device, dtype=weight.dtype)
+        self.register_buffer("lora_a", a, persistent=False)
         for i, size in enumerate(self.output_sizes):
-            # Not persistent: these are runtime slots, not part of the model's checkpoint.
-            a = torch.zeros(num_slots, max_rank, self.in_features, device=weight.device, dtype=weight.dtype)
             b = torch.zeros(num_slots, size, max_rank, device=weight.device, dtype=weight.dtype)
-            self.register_buffer(f"lora_a_{i}", a, persistent=False)
             self.register_buffer(f"lora_b_{i}", b, persistent=False)
             rank = torch.zeros(num_slots, device=weight.device, dtype=torch.int32)
             self.register_buffer(f"lora_rank_{i}", rank, persistent=False)
         self.use_triton = weight.is_cuda
+        self._slice_slots: list[set[int]] = [set() for _ in self.output_sizes]  # slots targeting slice i
+        self.live_slices: list[int] = []
+        self.live_version = 0
 
     @property
     def weight(self) -> torch.Tensor:
@@ -68,7 +81,8 @@ class LoRALinear(nn.Module):
     @property
     def a_stacks(self) -> list[torch.Tensor]:
         # Looked up each time so `.to(device)` (which replaces buffers) is always reflected.
-        return [getattr(self, f"lora_a_{i}") for i in range(len(self.output_sizes))]
+        r = self.max_rank
+        return [self.lora_a[:, i * r : (i + 1) * r] for i in range(len(self.output_sizes))]
 
     @property
     def b_stacks(self) -> list[torch.Tensor]:
@@ -94,12 +108,13 @@ class LoRALinear(nn.Module):
         for i, pair in enumerate(slice_weights):
             if pair is not None:
                 self._check_pair(i, *pair)
-        for a_stack, b_stack, ranks, pair in zip(
-            self.a_stacks, self.b_stacks, self.ranks, slice_weights, strict=True
+        for i, (a_stack, b_stack, ranks, pair) in enumerate(
+            zip(self.a_stacks, self.b_stacks, self.ranks, slice_weights, strict=True)
         ):
             a_stack[slot].zero_()
             b_stack[slot].zero_()
             ranks[slot] = 0 if pair is None else pair[0].shape[0]
+            self._mark(i, slot, pair is not None)
             if pair is not None:
                 a, b = pair
                 rank = a.shape[0]
@@ -109,10 +124,23 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def reset_lora(self, slot: int) -> None:
         self._check_slot(slot)
-        for a_stack, b_stack, ranks in zip(self.a_stacks, self.b_stacks, self.ranks, strict=True):
+        for i, (a_stack, b_stack, ranks) in enumerate(zip(self.a_stacks, self.b_stacks, self.ranks, strict=True)):
             a_stack[slot].zero_()
             b_stack[slot].zero_()
             ranks[slot] = 0
+            self._mark(i, slot, False)
+
+    def _mark(self, index: int, slot: int, targeted: bool) -> None:
+        users = self._slice_slots[index]
+        was_live = bool(users)
+        if targeted:
+            users.add(slot)
+        else:
+            users.discard(slot)
+        if bool(users) != was_live:
+            self.live_slices = [i for i, u in enumerate(self._slice_slots) if u]
+            if not was_live:
+                self.live_version += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -121,16 +149,23 @@ class LoRALinear(nn.Module):
             return y
         x2 = x.reshape(-1, self.in_features)
         y2 = y.view(-1, self.out_features)
+        a_stacks, b_stacks, offsets = self.a_stacks, self.b_stacks, self.slice_offsets
         if self.use_triton and x.is_cuda:
-            apply = _triton_lora().lora_apply
-            for a_stack, b_stack, ranks, offset in zip(
-                self.a_stacks, self.b_stacks, self.ranks, self.slice_offsets, strict=True
-            ):
-                apply(y2, x2, a_stack, b_stack, lora, offset, ranks)
+            kernels, ranks, r = _triton_lora(), self.ranks, self.max_rank
+            live = self.live_slices
+            if len(live) > 1 and len(self.output_sizes) * r <= _MAX_FUSED_RANK:
+                # One shrink over every slice's A (padding rows read as zeros), one expand each.
+                h = kernels.lora_shrink(x2, self.lora_a, lora)
+                for i in live:
+                    kernels.lora_expand(h[:, i * r : (i + 1) * r], b_stacks[i], lora, y2, offsets[i], ranks[i])
+            else:
+                for i in live:
+                    kernels.lora_apply(y2, x2, a_stacks[i], b_stacks[i], lora, offsets[i], ranks[i])
             return y
         # Prefill has few long segments (SGMV); decode has one token per sequence (BGMV).
         prefill = get_context().is_prefill
-        for a_stack, b_stack, offset in zip(self.a_stacks, self.b_stacks, self.slice_offsets, strict=True):
+        for i in self.live_slices:
+            a_stack, b_stack, offset = a_stacks[i], b_stacks[i], offsets[i]
             if prefill:
                 lora_shrink_expand_sgmv(y2, x2, a_stack, b_stack, lora.seg_bounds, offset)
             else:
@@ -152,6 +187,11 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"output_sizes={self.output_sizes}, num_slots={self.num_slots}, max_rank={self.max_rank}"
+
+
+# Widest fused shrink (slices x max_rank): the kernel holds a [rank, 128] tile of A per stage
+# in shared memory, and three stages of 256 rows would not fit.
+_MAX_FUSED_RANK = 128
 
 
 @functools.cache

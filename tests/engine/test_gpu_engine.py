@@ -1,6 +1,6 @@
 """The CUDA path (Triton kernels, fused prefill, decode CUDA graphs) against the torch reference.
 
-GPU-only. Greedy decoding on bf16 weights: two correct implementations may still pick
+GPU-only, except the bookkeeping test at the end. Greedy decoding on bf16 weights: two correct implementations may still pick
 different tokens where the top two logits are within rounding of each other, so a run may
 diverge only at such a near-tie (checked against the reference's own margin); everything
 before the divergence must agree exactly.
@@ -23,7 +23,7 @@ from engine.sampling_params import SamplingParams
 from scheduler.sequence import Sequence
 from tests.engine.test_engine_correctness import ADAPTER_SPECS, _jobs
 
-pytestmark = pytest.mark.gpu
+gpu = pytest.mark.gpu
 
 BLOCK = 16
 MAX_LEN = 256
@@ -64,8 +64,7 @@ def _adapter(cfg, rank: int, targets: tuple[str, ...], seed: int, shapes) -> _We
     return _Weights(f"a{seed}", modules, rank)
 
 
-@pytest.fixture(scope="module")
-def lora_setup():
+def _build_lora_model(num_slots: int = 4):
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(
@@ -82,13 +81,21 @@ def lora_setup():
             elif p.dim() == 2:
                 p.normal_(0.0, 1.0 / p.shape[1] ** 0.5 if "embed" not in name else 1.0)
         model.lm_head.weight.mul_(4.0)  # peaked logits: fewer near-ties
-    slots = LoraSlots(model, num_slots=4, max_rank=16)
-    shapes = slots.expected_shapes()
-    slots.load(0, _adapter(cfg, 4, ("q_proj", "v_proj"), 1, shapes))
-    slots.load(1, _adapter(cfg, 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                           2, shapes))
-    slots.load(2, _adapter(cfg, 8, ("o_proj", "down_proj"), 3, shapes))
+    slots = LoraSlots(model, num_slots=num_slots, max_rank=16)
     allocate_kv_cache(model, 8 * MAX_LEN // BLOCK * 4, BLOCK, torch.bfloat16, "cuda")
+    return model, slots
+
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def lora_setup():
+    model, slots = _build_lora_model()
+    cfg, shapes = model.config, slots.expected_shapes()
+    slots.load(0, _adapter(cfg, 4, ("q_proj", "v_proj"), 1, shapes))
+    slots.load(1, _adapter(cfg, 16, ALL, 2, shapes))
+    slots.load(2, _adapter(cfg, 8, ("o_proj", "down_proj"), 3, shapes))
     return model, slots
 
 
@@ -131,6 +138,7 @@ def _prompts(n: int, seed: int):
 SLOTS = [-1, 0, 1, 2, 1, -1, 2]
 
 
+@gpu
 def test_gpu_kernels_match_torch_reference(lora_model):
     prompts = _prompts(len(SLOTS), 0)
     ref_tokens, ref_logits = _greedy(ModelRunner(lora_model, BLOCK, "cuda", kernels="torch"), prompts, SLOTS)
@@ -143,6 +151,7 @@ def test_gpu_kernels_match_torch_reference(lora_model):
     assert (base_logits[0][1:5] - logits[0][1:5]).abs().max() > 0.5
 
 
+@gpu
 @pytest.mark.parametrize("slots", [SLOTS, [-1] * 5, [1] * 3, [2, 0, -1, 1, 0, 2, 1, -1, 0]])
 def test_cuda_graphs_match_eager_and_reference(lora_model, slots):
     prompts = _prompts(len(slots), len(slots))
@@ -161,6 +170,7 @@ def test_cuda_graphs_match_eager_and_reference(lora_model, slots):
         assert err < 5e-2
 
 
+@gpu
 def test_graph_replay_follows_slot_changes(lora_model, lora_slots):
     """A slot loaded after capture is read by the next replay (weights and rank); clearing restores base."""
     runner = ModelRunner(lora_model, BLOCK, "cuda")
@@ -178,6 +188,24 @@ def test_graph_replay_follows_slot_changes(lora_model, lora_slots):
         lora_slots.clear(3)
     cleared, _ = _greedy(runner, prompts, [3, 3, 3], 4)
     assert cleared == before
+
+
+@gpu
+def test_lora_graphs_recapture_when_a_slice_comes_alive():
+    model, slots = _build_lora_model()
+    cfg, shapes = model.config, slots.expected_shapes()
+    slots.load(0, _adapter(cfg, 8, ("q_proj", "v_proj"), 21, shapes))
+    runner = ModelRunner(model, BLOCK, "cuda")
+    runner.capture_decode_graphs(max_batch=4, max_model_len=MAX_LEN)
+    prompts = _prompts(3, 5)
+    _greedy(runner, prompts, [0, -1, 0], 3)  # LoRA graphs captured with q and v live only
+    first = runner.graphs.lora_version
+    slots.load(1, _adapter(cfg, 16, ("down_proj", "gate_proj"), 22, shapes))
+    tokens, logits = _greedy(runner, prompts, [1, 0, 1], 4)
+    assert runner.graphs.lora_version != first
+    ref_tokens, ref_logits = _greedy(ModelRunner(model, BLOCK, "cuda", kernels="torch"), prompts, [1, 0, 1], 4)
+    _assert_greedy_agree(tokens, ref_tokens, ref_logits)
+    assert (logits[1] - ref_logits[1]).norm() / ref_logits[1].norm() < 5e-2
 
 
 # ------------------------------------------------------------------ whole engine
@@ -202,6 +230,7 @@ def _engine_results(model_dir, adapters, **overrides):
     return engine, tokens, tops
 
 
+@gpu
 def test_engine_on_cuda_matches_reference_kernels(tiny_model_factory, tiny_adapter_factory):
     model_dir = tiny_model_factory("llama")
     adapters = {name: tiny_adapter_factory(model_dir, **spec) for name, spec in ADAPTER_SPECS.items()}
@@ -218,3 +247,22 @@ def test_engine_on_cuda_matches_reference_kernels(tiny_model_factory, tiny_adapt
                 (t1, lp1), (t2, lp2) = ref_tops[rid][step][:2]
                 assert lp1 - lp2 < 0.05, f"{rid} diverges at step {step} with margin {lp1 - lp2:.3f}"
                 break
+
+
+def test_live_slices_follow_loads_and_version_only_grows():
+    """Bookkeeping behind slice skipping and graph recapture (runs on the CPU)."""
+    from engine.lora.layers import LoRALinear
+    from engine.models.layers import FusedLinear
+
+    layer = LoRALinear(FusedLinear(8, [4, 2, 2], bias=False, dtype=torch.float32), num_slots=3, max_rank=4)
+    assert layer.live_slices == [] and layer.live_version == 0
+    a, b = torch.ones(2, 8), torch.ones(2, 2)
+    layer.set_lora(0, [None, (a, b), None])
+    assert layer.live_slices == [1] and layer.live_version == 1
+    layer.set_lora(1, [None, (a, b), (a, b)])
+    assert layer.live_slices == [1, 2] and layer.live_version == 2
+    assert layer.ranks[2].tolist() == [0, 2, 0]
+    layer.reset_lora(1)
+    assert layer.live_slices == [1] and layer.live_version == 2  # dying needs no recapture
+    layer.set_lora(0, [None, None, None])
+    assert layer.live_slices == [] and layer.ranks[1].tolist() == [0, 0, 0]

@@ -1,0 +1,63 @@
+"""The stateful parts of `quiver serve`: fine-tuning jobs, the SQLite store, deployments and the
+`seekrai` routes, tied to the server's lifetime.
+
+Order matters once the engine is ready: first the adapters finished jobs left (registered
+under `ft-<job-id>` and `ft-<job-id>:ckpt-<step>`), then the adapters registered over the admin
+API in earlier runs (and their pins), then the promoted deployments are pinned again. At
+shutdown the job manager stops (running jobs are marked failed) before the store closes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from starlette.routing import BaseRoute
+
+from server.adapter_journal import journaled, restore_on_ready
+from server.deployments import Deployments
+from server.jobs_bridge import JobBridge
+from server.routes_finetune import finetune_routes
+from server.routes_seekrai import seekrai_routes
+from server.state import ServerState
+from server.store import Store
+
+STATE_DB_NAME = "state.sqlite3"
+
+
+def stateful_routes(state: ServerState, admin_routes: Sequence[BaseRoute], *, jobs_dir: Path,
+                    base_model: str, model_name: str, state_db: Path | None = None,
+                    **job_options: Any) -> list[BaseRoute]:
+    """The admin routes (journaled), the fine-tuning routes and the `seekrai` routes over one store.
+
+    base_model:  what jobs fine-tune (the path or hub id the engine loads); model_name: its served name.
+    state_db:    the SQLite file (default `jobs_dir/state.sqlite3`).
+    job_options: passed to `training.jobs.JobManager` (max_concurrent, train_args, env, ...).
+    """
+    jobs_dir = Path(jobs_dir)
+    store = Store(Path(state_db) if state_db is not None else jobs_dir / STATE_DB_NAME)
+
+    async def close_store() -> None:
+        store.close()
+
+    state.add_hooks(shutdown=close_store)  # added first, so it runs last
+    bridge = JobBridge(state, jobs_dir, base_model=base_model, model_name=model_name, store=store, **job_options)
+    restore_on_ready(state, store)
+    deployments = Deployments(state, store, bridge.manager)
+    return [*journaled(list(admin_routes), store), *finetune_routes(bridge.manager),
+            *seekrai_routes(state, store, bridge.manager, deployments)]
+
+
+def served_base(model: str | None, served_model_name: str | None) -> tuple[str, str]:
+    """(what jobs fine-tune, the name clients use for it) for `quiver serve --model MODEL`.
+
+    Without a model that is the embedded demo, built here on first use: jobs need its path
+    before the engine (which uses the same cached bundle) has loaded.
+    """
+    if model is None:
+        from engine.demo import DEMO_MODEL_NAME, ensure_demo_bundle
+
+        return str(ensure_demo_bundle().model_dir), served_model_name or DEMO_MODEL_NAME
+    path = Path(model)
+    return model, served_model_name or (path.name if path.exists() else model)

@@ -1,0 +1,145 @@
+"""Request limits: body size (413), prompt tokens and the max_tokens ceiling (400), concurrency (429)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.middleware import Limits
+from server.state import ServerState
+from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
+
+LIMITS = Limits(max_request_bytes=4096, max_prompt_tokens=40, max_tokens=8, max_concurrent_requests=1)
+
+
+@pytest.fixture(scope="module")
+def live(server_model_dir: Path, server_adapters: dict[str, Path]) -> Iterator[LiveServer]:
+    from engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(engine_config(server_model_dir), adapters=server_adapters, served_model_name=MODEL_NAME)
+    server = LiveServer(create_app(ServerState(engine), limits=LIMITS)).start()
+    yield server
+    server.stop()
+
+
+def _chat(content: str = "hi", **extra: Any) -> dict[str, Any]:
+    return {"model": "lora-0", "messages": [{"role": "user", "content": content}], "ignore_eos": True, **extra}
+
+
+def _error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def test_a_body_over_the_limit_is_refused_with_413(live: LiveServer) -> None:
+    big = _chat("word " * 1000)  # > 4096 bytes
+    with live.http() as http:
+        error = _error(http.post("/v1/chat/completions", json=big), 413)
+        assert error["code"] == "request_too_large" and "4096" in error["message"]
+        # Without a Content-Length the body is counted as it arrives.
+        chunks = (b'{"model": "lora-0", "messages": [{"role": "user", "content": "' + b"x" * 1000 for _ in range(5))
+        assert _error(http.post("/v1/chat/completions", content=chunks), 413)["code"] == "request_too_large"
+        assert http.post("/v1/chat/completions", json=_chat(max_tokens=2)).status_code == 200
+
+
+def test_a_prompt_over_the_limit_is_refused(live: LiveServer) -> None:
+    with live.http() as http:
+        error = _error(http.post("/v1/chat/completions", json=_chat("hello world " * 20, max_tokens=2)), 400)
+        assert error["code"] == "prompt_too_long" and "at most 40 prompt tokens" in error["message"]
+        error = _error(http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "hello world " * 20}), 400)
+        assert error["code"] == "prompt_too_long"
+        assert http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "hello"}).status_code == 200
+
+
+@pytest.mark.parametrize(("path", "field"), [("/v1/chat/completions", "max_tokens"),
+                                             ("/v1/chat/completions", "max_completion_tokens"),
+                                             ("/v1/completions", "max_tokens")])
+def test_max_tokens_over_the_ceiling_is_refused(live: LiveServer, path: str, field: str) -> None:
+    body = _chat(**{field: 9}) if "chat" in path else {"model": MODEL_NAME, "prompt": "hi", field: 9}
+    with live.http() as http:
+        error = _error(http.post(path, json=body), 400)
+        assert error["param"] == field and error["code"] == "max_tokens_exceeded" and "at most 8" in error["message"]
+        body[field] = 8
+        answer = http.post(path, json=body | {"ignore_eos": True})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 8
+
+
+def test_an_omitted_max_tokens_is_capped_to_the_ceiling(live: LiveServer) -> None:
+    with live.http() as http:
+        answer = http.post("/v1/chat/completions", json=_chat()).json()
+        assert answer["usage"]["completion_tokens"] == 8 and answer["choices"][0]["finish_reason"] == "length"
+        # min_tokens beyond the ceiling cannot be met.
+        error = _error(http.post("/v1/chat/completions", json=_chat(min_tokens=20)), 400)
+        assert "min_tokens" in error["message"]
+
+
+def test_requests_over_the_concurrency_limit_get_429_with_retry_after(live: LiveServer) -> None:
+    release = threading.Event()
+    outcome: list[httpx.Response] = []
+
+    def slow_body() -> Iterator[bytes]:  # holds the request in flight until released
+        yield b'{"model": "lora-0", "max_tokens": 2, '
+        release.wait(20)
+        yield b'"messages": [{"role": "user", "content": "hi"}]}'
+
+    def send_slow() -> None:
+        with live.http() as http:
+            outcome.append(http.post("/v1/chat/completions", content=slow_body()))
+
+    holder = threading.Thread(target=send_slow)
+    holder.start()
+    try:
+        with live.http() as http:
+            deadline = time.monotonic() + 10
+            while True:  # until the held request occupies the one slot
+                refused = http.post("/v1/chat/completions", json=_chat(max_tokens=1))
+                if refused.status_code == 429 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            error = _error(refused, 429)
+            assert refused.headers["retry-after"] == "1"
+            assert error["type"] == "rate_limit_error" and error["code"] == "too_many_concurrent_requests"
+            assert http.get("/v1/models").status_code == 200  # only generation routes are limited
+            release.set()
+            holder.join(20)
+            assert outcome[0].status_code == 200, outcome[0].text
+            assert http.post("/v1/chat/completions", json=_chat(max_tokens=1)).status_code == 200
+    finally:
+        release.set()
+        holder.join(20)
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_tokens"):
+        Limits(max_tokens=-1)
+    with pytest.raises(ValueError, match="max_concurrent_requests"):
+        Limits(max_concurrent_requests=True)  # type: ignore[arg-type]
+
+
+def test_the_body_limit_also_holds_without_a_ceiling_reading_the_body_first() -> None:
+    def never_loads() -> Any:  # no lifespan runs: the body is refused before the engine is needed
+        raise AssertionError("not called")
+
+    app = create_app(ServerState(engine_factory=never_loads), limits=Limits(max_request_bytes=100))
+
+    async def post(content: Any) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as client:
+            return await client.post("/v1/chat/completions", content=content)
+
+    async def chunked() -> Any:
+        for _ in range(3):
+            yield b"x" * 60
+
+    assert _error(asyncio.run(post(b"x" * 101)), 413)["code"] == "request_too_large"
+    assert _error(asyncio.run(post(chunked())), 413)["code"] == "request_too_large"
+    assert asyncio.run(post(b"{}")).status_code == 400  # under the limit: the route's own validation

@@ -1,0 +1,240 @@
+"""GET /metrics: per-request metrics by adapter, engine state read at scrape time, label caps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.errors import EngineOverloadedError
+from engine.outputs import RequestDelta
+from engine.sampling_params import SamplingParams
+from server.app import create_app
+from server.hooks import EngineHooks
+from server.metrics import OTHER, AdapterLabels, Metrics
+from server.middleware import Limits
+from server.routes_adapters import adapter_routes
+from server.state import ServerState
+from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(http: httpx.Client) -> Samples:
+    response = http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return parse(response.text)
+
+
+def parse(text: str) -> Samples:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def series(samples: Samples, name: str) -> list[dict[str, str]]:
+    return [dict(labels) for (n, labels) in samples if n == name]
+
+
+@pytest.fixture(scope="module")
+def live(server_model_dir: Path, server_adapters: dict[str, Path]) -> Iterator[LiveServer]:
+    from engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(engine_config(server_model_dir, max_model_len=512), adapters=server_adapters,
+                         served_model_name=MODEL_NAME)
+    state = ServerState(engine)
+    server = LiveServer(create_app(state, extra_routes=adapter_routes(state))).start()
+    yield server
+    server.stop()
+
+
+def _chat(http: httpx.Client, model: str, max_tokens: int = 5, **extra: Any) -> httpx.Response:
+    return http.post("/v1/chat/completions", json={"model": model, "max_tokens": max_tokens, "ignore_eos": True,
+                                                   "messages": [{"role": "user", "content": "hi there"}], **extra})
+
+
+def test_requests_tokens_and_latencies_are_counted_per_adapter(live: LiveServer) -> None:
+    sent = {"lora-0": 3, "lora-1": 2, MODEL_NAME: 1}
+    usage: dict[str, list[dict[str, int]]] = {name: [] for name in sent}
+    with live.http() as http:
+        before = scrape(http)
+        for name, count in sent.items():
+            for i in range(count):
+                response = _chat(http, name, max_tokens=4 + i)
+                assert response.status_code == 200
+                usage[name].append(response.json()["usage"])
+        # A streamed completion counts the same way.
+        with http.stream("POST", "/v1/completions", json={"model": "lora-1", "prompt": "hello", "max_tokens": 6,
+                                                          "ignore_eos": True, "stream": True}) as stream:
+            assert stream.status_code == 200
+            assert [line for line in stream.iter_lines() if line.startswith("data:")][-1] == "data: [DONE]"
+        usage["lora-1"].append({"prompt_tokens": len(live.engine.tokenizer.encode("hello")), "completion_tokens": 6})
+        after = scrape(http)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    for name, used in usage.items():
+        assert delta("quiver_requests_total", adapter=name, outcome="length") == len(used)
+        assert delta("quiver_time_to_first_token_seconds_count", adapter=name) == len(used)
+        assert delta("quiver_e2e_request_latency_seconds_count", adapter=name) == len(used)
+        generated = sum(u["completion_tokens"] for u in used)
+        assert delta("quiver_generation_tokens_total", adapter=name) == generated
+        assert delta("quiver_prompt_tokens_total", adapter=name) == sum(u["prompt_tokens"] for u in used)
+        # One gap between each two consecutive tokens of a request.
+        assert delta("quiver_inter_token_latency_seconds_count", adapter=name) == generated - len(used)
+        assert 0 < delta("quiver_time_to_first_token_seconds_sum", adapter=name) < 30
+    assert delta("quiver_http_requests_total", method="POST", route="/v1/chat/completions", status="200") == 6
+
+
+def test_engine_state_is_read_at_scrape_time(live: LiveServer) -> None:
+    with live.http() as http:
+        for name in ("lora-0", "lora-1"):
+            assert _chat(http, name).status_code == 200
+        assert http.post("/v1/adapters/lora-2/promote").status_code == 200
+        samples = scrape(http)
+    states = {labels["adapter"]: (labels["state"], labels["tier"]) for labels in series(samples, "quiver_adapter_state")}
+    assert states["lora-0"] == ("gpu", "gpu") and states["lora-1"] == ("gpu", "gpu")
+    assert states["lora-2"] == ("pinned", "gpu")
+    assert states["lora-7"] == ("registered", "disk")
+    assert value(samples, "quiver_adapters", state="pinned", tier="gpu") == 1
+    assert sum(v for (n, _), v in samples.items() if n == "quiver_adapters") == len(states) == 8
+    assert value(samples, "quiver_adapter_loads_total", tier="gpu") >= 3
+    assert value(samples, "quiver_model_ready") == 1
+    assert value(samples, "quiver_kv_cache_blocks_total") == live.engine.stats()["num_total_blocks"] > 0
+    assert value(samples, "quiver_sequences_running") == 0 and value(samples, "quiver_kv_cache_blocks_used") == 0
+    assert value(samples, "quiver_lora_slots") == 4
+    [info] = series(samples, "vllm:lora_requests_info")
+    assert info == {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "4"}
+
+
+def test_running_adapters_are_listed_while_they_generate(live: LiveServer) -> None:
+    with live.http() as http, http.stream("POST", "/v1/chat/completions", json={
+            "model": "lora-3", "max_tokens": 480, "ignore_eos": True, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}) as stream:
+        assert stream.status_code == 200, stream.read()
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))  # generation started
+        samples = scrape(http)
+        stream.close()  # the client leaves: the request is cancelled
+    [info] = series(samples, "vllm:lora_requests_info")
+    assert info["running_lora_adapters"] == "lora-3"
+    assert value(samples, "quiver_sequences_running") == 1 and value(samples, "quiver_kv_cache_blocks_used") > 0
+    assert value(samples, "vllm:num_requests_running") == 1
+    with live.http() as http:
+        for _ in range(100):  # the abort lands within a step or two
+            after = scrape(http)
+            if value(after, "quiver_requests_total", adapter="lora-3", outcome="cancelled") == 1:
+                break
+        assert value(after, "quiver_requests_total", adapter="lora-3", outcome="cancelled") == 1
+
+
+def test_unknown_routes_are_one_series(live: LiveServer) -> None:
+    with live.http() as http:
+        for path in ("/nope", "/also/nope", "/v1/adapters/lora-5"):
+            http.get(path)
+        samples = scrape(http)
+    assert value(samples, "quiver_http_requests_total", method="GET", route="unmatched", status="404") == 2
+    assert value(samples, "quiver_http_requests_total", method="GET", route="/v1/adapters/{name}", status="200") == 1
+
+
+# ---- without a live server ---------------------------------------------------------------
+
+
+def test_adapter_labels_are_capped() -> None:
+    labels = AdapterLabels(cap=2)
+    assert [labels(n) for n in ("a", "b", "c", "a", "d", "b")] == ["a", "b", OTHER, "a", OTHER, "b"]
+    with pytest.raises(ValueError):
+        AdapterLabels(cap=0)
+
+
+class _FakeEngine:
+    """Yields `tokens` deltas per request, or raises `fail` before the first."""
+
+    model_name = "base"
+
+    def __init__(self, tokens: int = 3, fail: BaseException | None = None) -> None:
+        self.tokens, self.fail = tokens, fail
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams, adapter: str | None = None,
+                       logits_processor: Any = None) -> Any:
+        if self.fail is not None:
+            raise self.fail
+        for i in range(self.tokens):
+            yield RequestDelta(request_id, [i], "x", finish_reason="length" if i == self.tokens - 1 else None)
+
+
+def _drive(engine: _FakeEngine, adapter: str | None, stop_after: int | None = None) -> None:
+    async def run() -> None:
+        stream = engine.generate("r", [1, 2, 3], SamplingParams(max_tokens=5), adapter=adapter)
+        try:
+            seen = 0
+            async for _ in stream:
+                seen += 1
+                if seen == stop_after:
+                    break
+        finally:
+            await stream.aclose()
+
+    asyncio.run(run())
+
+
+def test_outcomes_and_the_label_cap_through_the_hooks() -> None:
+    metrics = Metrics(max_adapter_labels=2)
+    engine = _FakeEngine()
+    EngineHooks(Limits(), metrics).install(engine)
+    for adapter in ("a", None, "c", "d"):
+        _drive(engine, adapter)
+    _drive(engine, "a", stop_after=1)
+    engine.fail = EngineOverloadedError("full")
+    with pytest.raises(EngineOverloadedError):
+        _drive(engine, "a")
+    engine.fail = RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        _drive(engine, "a")
+    from prometheus_client import generate_latest
+
+    samples = parse(generate_latest(metrics.registry).decode())
+    assert value(samples, "quiver_requests_total", adapter="a", outcome="length") == 1
+    assert value(samples, "quiver_requests_total", adapter="base", outcome="length") == 1
+    assert value(samples, "quiver_requests_total", adapter=OTHER, outcome="length") == 2  # c and d
+    assert value(samples, "quiver_requests_total", adapter="a", outcome="cancelled") == 1
+    assert value(samples, "quiver_requests_total", adapter="a", outcome="rejected") == 1
+    assert value(samples, "quiver_requests_total", adapter="a", outcome="error") == 1
+    assert {labels["adapter"] for labels in series(samples, "quiver_requests_total")} == {"a", "base", OTHER}
+
+
+def test_each_app_has_its_own_registry_and_scrapes_before_the_model_loads() -> None:
+    def never_loads() -> Any:  # the ASGI transport runs no lifespan: nothing starts loading
+        raise AssertionError("not called")
+
+    class Jobs:
+        def list_jobs(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+            return [{"status": "running"}, {"status": "succeeded"}, {"status": "succeeded"}], False
+
+    first = create_app(ServerState(engine_factory=never_loads), metrics=Metrics(job_manager=Jobs()))
+    second = create_app(ServerState(engine_factory=never_loads))
+
+    async def scrape_both() -> tuple[str, str]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(first), base_url="http://a") as a, \
+                httpx.AsyncClient(transport=httpx.ASGITransport(second), base_url="http://b") as b:
+            await a.get("/health")
+            return (await a.get("/metrics")).text, (await b.get("/metrics")).text
+
+    text_a, text_b = asyncio.run(scrape_both())
+    a, b = parse(text_a), parse(text_b)
+    assert value(a, "quiver_model_ready") == 0 and not series(a, "quiver_sequences_running")
+    assert value(a, "quiver_http_requests_total", method="GET", route="/health", status="200") == 1
+    assert value(b, "quiver_http_requests_total", method="GET", route="/health", status="200") == 0
+    assert value(a, "quiver_finetune_jobs", state="succeeded") == 2 and value(a, "quiver_finetune_jobs", state="queued") == 0
+    assert not series(b, "quiver_finetune_jobs")
+
