@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -45,6 +46,8 @@ class AsyncEngine:
         served_model_name: str | None = None,
         adapter_config: AdapterConfig | None = None,
     ) -> None:
+        if served_model_name and not config.served_model_name:
+            config = dataclasses.replace(config, served_model_name=served_model_name)
         self.config = config
         self._core = LLMEngine(config, adapters, adapter_config)
         self.adapter_config = self._core.adapter_config

@@ -14,6 +14,7 @@ class EngineConfig:
     """How to load and run the base model.
 
     model:               a local directory or a Hugging Face hub id.
+    served_model_name:   the name clients use for the base; adapters trained on that name match it.
     dtype:               "auto" (float32 on CPU, bfloat16 on CUDA), "float32", "float16", "bfloat16".
     device:              "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
     kv_cache_memory:     bytes for the KV pool; 0 sizes it from free GPU memory (CUDA) or
@@ -30,6 +31,7 @@ class EngineConfig:
     """
 
     model: str
+    served_model_name: str | None = None
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int = 2048

@@ -117,7 +117,12 @@ class LLMEngine:
             num_layers=self.lora.num_layers,
             max_rank=self.config.max_lora_rank,
             dtype=self.dtype,
-            base_names=base_names(self.config.model, self.model_dir, getattr(self.hf_config, "_name_or_path", None)),
+            base_names=base_names(
+                self.config.model,
+                self.model_dir,
+                getattr(self.hf_config, "_name_or_path", None),
+                self.config.served_model_name,
+            ),
             refuse_base_mismatch=cfg.refuse_base_mismatch,
             pin_memory=self.device.type == "cuda",
             hub_cache_dir=cfg.hub_cache_dir,
