@@ -128,3 +128,36 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(engine_parts):
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_an_adapter_trained_on_the_served_name_matches_the_base(engine_parts, tmp_path):
+    import json
+    import shutil
+
+    from adapters.config import AdapterConfig
+
+    model_dir, adapters = engine_parts
+    renamed = tmp_path / "renamed"
+    shutil.copytree(adapters["ada"], renamed)
+    config_path = renamed / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = "tiny"
+    config_path.write_text(json.dumps(config))
+
+    async def main():
+        engine = AsyncEngine(
+            EngineConfig(model=str(model_dir), device="cpu", dtype="float32", max_model_len=96, block_size=4,
+                         max_loras=2, max_lora_rank=8),
+            {"renamed": renamed},
+            served_model_name="tiny",
+            adapter_config=AdapterConfig(refuse_base_mismatch=True),
+        )
+        await engine.start()
+        try:
+            _, _, finish = await _collect(engine, "t", [5, 6], SamplingParams(max_tokens=2, ignore_eos=True),
+                                          adapter="renamed")
+            assert finish == "length"
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
