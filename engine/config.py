@@ -28,6 +28,11 @@ class EngineConfig:
     cuda_graph_max_batch: largest decode batch run from a captured graph; bigger ones run eagerly.
     kernels:             "auto" (Triton on CUDA, torch reference on CPU) or "torch" (the
                          reference everywhere: the oracle the GPU path is tested against).
+    tensor_parallel_size: shard the model over this many devices (one process each; this
+                         process is rank 0 and spawns the others). CUDA: GPUs 0..N-1 over NCCL;
+                         CPU: N processes over gloo (how the tests check the sharding).
+    load_format:         "auto" (the checkpoint's safetensors) or "dummy" (random weights of the
+                         config's shape, for benchmarks: only config.json is read).
     """
 
     model: str
@@ -49,6 +54,8 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
     kernels: str = "auto"
+    tensor_parallel_size: int = 1
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -65,6 +72,15 @@ class EngineConfig:
             raise ValueError(f"kernels must be 'auto' or 'torch', got {self.kernels!r}")
         if self.num_kv_blocks < 0 or self.kv_cache_memory < 0:
             raise ValueError("num_kv_blocks and kv_cache_memory must not be negative")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(
+                f"with tensor_parallel_size > 1 the device must be auto, cuda or cpu (rank r uses cuda:r), "
+                f"got {self.device!r}"
+            )
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
 
     @property
     def torch_device(self) -> torch.device:

@@ -1,7 +1,9 @@
 """KV cache tensors: size them, allocate them, bind them to the model's attention layers.
 
 Each layer gets a K and a V tensor of [num_blocks, block_size, num_kv_heads, head_dim];
-block ids are the scheduler's (`Sequence.block_table`), shared by all layers.
+block ids are the scheduler's (`Sequence.block_table`), shared by all layers. Under tensor
+parallelism each rank holds its own KV heads' part of every block (num_kv_heads is the
+rank's), so the one block table the scheduler keeps is valid on every rank.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ def _head_dim(hf_config) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
-def kv_cache_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers (K and V)."""
+def kv_cache_bytes_per_block(
+    hf_config, block_size: int, dtype: torch.dtype, tensor_parallel_size: int = 1
+) -> int:
+    """Bytes one block takes across all layers (K and V) on one rank."""
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    # A rank holds its share of the KV heads, or one replicated head when there are fewer heads than ranks.
+    num_kv_heads = max(1, num_kv_heads // tensor_parallel_size)
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * hf_config.num_hidden_layers * block_size * num_kv_heads * _head_dim(hf_config) * elem
 

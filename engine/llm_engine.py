@@ -23,7 +23,6 @@ from engine.adapter_manager import AdapterLease, AdapterManager, gpu_slots_for_b
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import RequestTooLongError
-from engine.kv_cache import allocate_kv_cache
 from engine.logits_processor import LogitsProcessor
 from engine.lora.slots import FUSED_NAMES, LoraSlots
 from engine.model_runner import ModelRunner
@@ -32,6 +31,8 @@ from engine.outputs import RequestDelta, TokenLogprob
 from engine.sampler import Sampler, SamplerInput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import eos_token_ids, load_tokenizer
+from engine.tp_driver import TensorParallelDriver, TensorParallelRunner
+from engine.tp_worker import rank_device
 from scheduler import Scheduler, SchedulerConfig, Sequence
 from scheduler.sequence import BASE_ADAPTER_ID
 
@@ -63,7 +64,21 @@ class LLMEngine:
         self.adapter_config = adapter_config or AdapterConfig()
         self.device = config.torch_device
         self.dtype = config.torch_dtype
-        loaded = load_model(config.model, self.dtype, self.device)
+        # Tensor parallelism: this process is rank 0 and keeps the scheduler, adapters and
+        # sampling; the workers start now and load their shards while this one loads its own.
+        self._tp: TensorParallelDriver | None = None
+        if config.tensor_parallel_size > 1:
+            self._tp = TensorParallelDriver.launch(config)
+            self.device = rank_device(config, 0)
+        try:
+            self._build(adapters or {})
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, adapters: Mapping[str, Path | str]) -> None:
+        config = self.config
+        loaded = load_model(config.model, self.dtype, self.device, config.load_format)
         self.model = loaded.model
         self.hf_config = loaded.hf_config
         self.model_dir = loaded.model_dir
@@ -76,12 +91,17 @@ class LLMEngine:
             num_slots = gpu_slots_for_budget(_lora_geometry(self.model), config.max_lora_rank,
                                              torch.empty((), dtype=self.dtype).element_size(),
                                              self.adapter_config.max_gpu_adapter_memory)
-        self.lora = LoraSlots(self.model, num_slots=num_slots, max_rank=config.max_lora_rank)
+        self.runner: ModelRunner | TensorParallelRunner
+        if self._tp is None:
+            self.lora = LoraSlots(self.model, num_slots=num_slots, max_rank=config.max_lora_rank)
+            self.runner = ModelRunner(self.model, config.block_size, self.device, kernels=config.kernels)
+        else:  # the same objects, whose model calls are repeated on every worker
+            self.lora = self._tp.lora_slots(self.model, num_slots, config.max_lora_rank)
+            self.runner = self._tp.model_runner(self.model, config.block_size, self.device, config.kernels)
         # --- GPU set-up: KV pool sized after a warm-up forward, then decode CUDA graphs.
-        self.runner = ModelRunner(self.model, config.block_size, self.device, kernels=config.kernels)
         num_blocks = _num_kv_blocks(config, self.hf_config, self.dtype, self.device, self.max_model_len,
                                     self.runner)
-        allocate_kv_cache(self.model, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner.allocate_kv_cache(num_blocks, self.dtype)
         self.num_kv_blocks = num_blocks
         # A sequence must fit the pool alone, or it could wait forever.
         self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
@@ -105,7 +125,12 @@ class LLMEngine:
         self._by_seq: dict[int, _Request] = {}
         self._next_seq_id = 0
         self.num_preemptions = 0
-        self.adapters = self._adapter_manager(adapters or {})
+        self.adapters = self._adapter_manager(adapters)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; nothing to do on one device)."""
+        if self._tp is not None:
+            self._tp.close()
 
     # ----------------------------------------------------------------- adapters
     def _adapter_manager(self, adapters: Mapping[str, Path | str]) -> AdapterManager:
@@ -333,13 +358,14 @@ def _model_max_len(hf_config) -> int:
 
 
 def _num_kv_blocks(
-    config: EngineConfig, hf_config, dtype: torch.dtype, device: torch.device, max_len: int, runner: ModelRunner
+    config: EngineConfig, hf_config, dtype: torch.dtype, device: torch.device, max_len: int,
+    runner: ModelRunner | TensorParallelRunner,
 ) -> int:
     from engine.kv_cache import kv_cache_bytes_per_block
 
     if config.num_kv_blocks > 0:
         return config.num_kv_blocks
-    per_block = kv_cache_bytes_per_block(hf_config, config.block_size, dtype)
+    per_block = kv_cache_bytes_per_block(hf_config, config.block_size, dtype, config.tensor_parallel_size)
     if config.kv_cache_memory > 0:
         budget = config.kv_cache_memory
     elif device.type == "cuda":

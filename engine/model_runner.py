@@ -7,6 +7,10 @@ Kernels: on CUDA (`kernels="auto"`) attention runs the Triton decode / fused pre
 and LoRA the Triton SGMV kernels; `kernels="torch"` (and every CPU run) uses the torch
 references. After `capture_decode_graphs`, decode steps that fit a captured batch size
 replay a CUDA graph (engine/cuda_graphs.py); prefill always runs eagerly.
+
+`execute` is `run(prepare(...))`: `prepare` turns the sequences into a `StepInputs` of plain
+lists (the step's description, what a tensor-parallel rank 0 sends its workers) and `run`
+does the device work from it, the same on every rank.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import nn
 from engine.attention import set_attention_backend
 from engine.context import ForwardContext, LoraContext, set_context
 from engine.cuda_graphs import DecodeGraphs, DecodeInputs
-from engine.kv_cache import kv_budget_after_profile
+from engine.kv_cache import allocate_kv_cache, kv_budget_after_profile
 from engine.lora.layers import LoRALinear
 from scheduler.sequence import Sequence
 
@@ -40,6 +44,16 @@ class _HostBatch:
     token_slots: list[int]
     seg_bounds: list[tuple[int, int, int]]
     order: list[int]  # batch position -> caller index
+
+
+@dataclass
+class StepInputs:
+    """One forward, host side: either a decode that replays a captured graph or an eager batch."""
+
+    is_prefill: bool
+    batch: _HostBatch | None = None
+    decode: DecodeInputs | None = None
+    order: list[int] | None = None  # graph path: batch position -> caller index
 
 
 class ModelRunner:
@@ -69,6 +83,12 @@ class ModelRunner:
         self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int]
     ) -> torch.Tensor:
         """Logits [B, vocab] for the last new token of each sequence, in the order given."""
+        return self.run(self.prepare(seqs, num_new_tokens, is_prefill, lora_slots))
+
+    def prepare(
+        self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int]
+    ) -> StepInputs:
+        """The step's host-side inputs (validated), ordered by LoRA slot."""
         if not seqs:
             raise ValueError("execute needs at least one sequence")
         if not len(seqs) == len(num_new_tokens) == len(lora_slots):
@@ -76,12 +96,23 @@ class ModelRunner:
                 f"seqs, num_new_tokens and lora_slots differ in length: "
                 f"{len(seqs)}, {len(num_new_tokens)}, {len(lora_slots)}"
             )
+        graphs = self.graphs
+        if not is_prefill and graphs is not None and graphs.size_for(len(seqs)) is not None:
+            inputs, order = self._build_decode(seqs, num_new_tokens, lora_slots)
+            if graphs.fits(inputs):
+                return StepInputs(is_prefill=False, decode=inputs, order=order)
+        return StepInputs(is_prefill, batch=self._build(seqs, num_new_tokens, is_prefill, lora_slots))
+
+    def run(self, step: StepInputs) -> torch.Tensor:
+        """Run the forward `step` describes; logits [B, vocab] in the caller's order."""
         self._select_kernels()
-        if not is_prefill and self.graphs is not None:
-            logits = self._decode_from_graph(self.graphs, seqs, num_new_tokens, lora_slots)
-            if logits is not None:
-                return logits
-        batch = self._build(seqs, num_new_tokens, is_prefill, lora_slots)
+        if step.decode is not None:
+            if self.graphs is None or step.order is None:
+                raise RuntimeError("a graph decode step reached a runner without captured graphs")
+            return self._decode_from_graph(self.graphs, step.decode, step.order)
+        batch, is_prefill = step.batch, step.is_prefill
+        if batch is None:
+            raise ValueError("the step has neither a batch nor graph decode inputs")
         ctx = self._context(batch, is_prefill)
         input_ids = self._to_device(batch.input_ids, torch.long)
         positions = self._to_device(batch.positions, torch.long)
@@ -128,13 +159,18 @@ class ModelRunner:
             seq = Sequence(seq_id=-1 - i, prompt_token_ids=[0] * n, max_tokens=1)
             seq.block_table = list(range(-(-n // self.block_size)))
             seqs.append(seq)
-        self.execute(seqs, lengths, True, [-1] * len(seqs))
+        # run(prepare()), not execute(): under tensor parallelism every rank profiles itself.
+        self.run(self.prepare(seqs, lengths, True, [-1] * len(seqs)))
         hidden_size = self.model.config.hidden_size
         with torch.inference_mode():
             hidden = torch.zeros(num_seqs, hidden_size, device=self.device, dtype=self._dtype())
             # The sampler keeps a few float32 copies of the step's logits.
             logits = self.model.compute_logits(hidden).float()
             logits.log_softmax(dim=-1).add_(logits.clone())
+
+    def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
+        """Create the paged KV pool on this runner's device and bind it to the model."""
+        allocate_kv_cache(self.model, num_blocks, self.block_size, dtype, self.device)
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture decode graphs for batch sizes up to `max_batch` (KV caches must be bound)."""
@@ -167,14 +203,7 @@ class ModelRunner:
             self.model._quiver_use_triton = self.use_triton
 
     # -------------------------------------------------------------- graph path
-    def _decode_from_graph(
-        self, graphs: DecodeGraphs, seqs: list[Sequence], num_new_tokens: list[int], lora_slots: list[int]
-    ) -> torch.Tensor | None:
-        if graphs.size_for(len(seqs)) is None:
-            return None
-        inputs, order = self._build_decode(seqs, num_new_tokens, lora_slots)
-        if not graphs.fits(inputs):
-            return None
+    def _decode_from_graph(self, graphs: DecodeGraphs, inputs: DecodeInputs, order: list[int]) -> torch.Tensor:
         any_lora = any(slot >= 0 for _, _, slot in inputs.seg_bounds)
         if any_lora:
             version = sum(m.live_version for m in self._lora_modules())

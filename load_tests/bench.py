@@ -1,6 +1,6 @@
 """Quiver's GPU benchmark: offline throughput, adapter sweep, single stream, and the baselines.
 
-    python load_tests/bench.py --out DIR [--smoke] [--budget-s 540]
+    python load_tests/bench.py --out DIR [--smoke] [--budget-s 540] [--phases a,b] [--profile]
 
 Random-weight models of real shapes (llama-1b, llama-8b) built on the GPU; forced output
 lengths. Phases run in priority order, each skipped when the time budget left is below its
@@ -44,8 +44,8 @@ def _warm(q: QuiverOffline, requests: list[Request]) -> None:
 
 
 class Bench:
-    def __init__(self, out: Path, budget_s: float, smoke: bool) -> None:
-        self.out, self.smoke = out, smoke
+    def __init__(self, out: Path, budget_s: float, smoke: bool, profile: bool = False) -> None:
+        self.out, self.smoke, self.profile = out, smoke, profile
         self.deadline = time.perf_counter() + budget_s
         props = torch.cuda.get_device_properties(0)
         self.results: dict = dict(
@@ -155,7 +155,25 @@ class Bench:
                                           "vs_floor": base["ms_per_token"] / FLOOR_MS["llama-8b"]})
         one = q.single_stream(128, out, 0)
         self.record(name, "one_adapter", one | {"vs_base": one["ms_per_token"] / base["ms_per_token"]})
+        if self.profile:
+            for lora in (False, True):
+                summary = q.profile_graph(lora)
+                if summary is not None:
+                    label = "lora" if lora else "base"
+                    (self.out / f"profile-{name}-{label}.txt").write_text(summary.pop("table"))
+                    self.record(name, f"profile_{label}", summary)
         q.close()
+
+    def quiver_8b_unfused(self, name: str) -> None:
+        """`quiver_8b` with the torch reference for the elementwise steps (no fused kernels):
+        the before/after of engine/kernels/triton_fused.py within one run."""
+        from engine.models.layers import set_fused_elementwise
+
+        set_fused_elementwise(False)
+        try:
+            self.quiver_8b(name)
+        finally:
+            set_fused_elementwise(True)
 
     def quiver_1b_mixed(self, name: str) -> None:
         slots = 16 if self.smoke else 128
@@ -196,10 +214,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--budget-s", type=float, default=540.0)
-    parser.add_argument("--phases", default="quiver_1b,baselines,quiver_8b,quiver_1b_mixed,quiver_1b_eager")
+    parser.add_argument("--phases", default="quiver_1b,baselines,quiver_8b,quiver_1b_mixed,quiver_1b_eager",
+                        help="comma-separated; single stream alone: quiver_8b (before/after the fused "
+                             "elementwise kernels: quiver_8b_unfused,quiver_8b)")
+    parser.add_argument("--profile", action="store_true",
+                        help="single-stream phases also write a kernel summary of one graph replay")
     args = parser.parse_args()
-    bench = Bench(args.out, args.budget_s, args.smoke)
-    estimates = {"quiver_1b": 120, "baselines": 60, "quiver_8b": 45, "quiver_1b_mixed": 50, "quiver_1b_eager": 75}
+    bench = Bench(args.out, args.budget_s, args.smoke, args.profile)
+    estimates = {"quiver_1b": 120, "baselines": 60, "quiver_8b": 45, "quiver_8b_unfused": 45,
+                 "quiver_1b_mixed": 50, "quiver_1b_eager": 75}
     if args.smoke:
         estimates = dict.fromkeys(estimates, 5)
     for phase in args.phases.split(","):

@@ -239,6 +239,47 @@ class QuiverOffline:
             times.append(a.elapsed_time(b))
         return float(np.median(times))
 
+    def profile_graph(self, lora: bool, replays: int = 5) -> dict | None:
+        """Kernels of one batch-1 decode graph replay (torch.profiler): count, GPU time, and the idle
+        time before each kernel (from the previous kernel's end), per kernel name."""
+        graphs = self.runner.graphs
+        if graphs is None or (1, lora) not in graphs._graphs:
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        graph = graphs._graphs[(1, lora)]
+        graph.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                graph.replay()
+                torch.cuda.synchronize()
+        kernels = sorted(
+            (e.time_range.start, e.time_range.end, e.name)
+            for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+        )  # fmt: skip
+        busy: dict[str, list[float]] = {}
+        idle: dict[str, float] = {}
+        prev_end = None
+        for begin, finish, name in kernels:
+            busy.setdefault(name, []).append(finish - begin)
+            gap = 0.0 if prev_end is None else begin - prev_end
+            if 0 < gap < 50:  # longer: the host sync between two replays
+                idle[name] = idle.get(name, 0.0) + gap
+            prev_end = finish
+        rows = sorted(busy.items(), key=lambda kv: -sum(kv[1]))
+        total_us = sum(sum(v) for v in busy.values()) / replays
+        idle_us = sum(idle.values()) / replays
+        count = sum(len(v) for v in busy.values()) / replays
+        lines = [f"{'us/replay':>10} {'idle_before':>11} {'calls':>6} {'us/call':>8}  kernel", "-" * 90]
+        for kernel, times in rows[:40]:
+            lines.append(f"{sum(times) / replays:10.1f} {idle.get(kernel, 0.0) / replays:11.1f} "
+                         f"{len(times) / replays:6.0f} {sum(times) / len(times):8.2f}  {kernel[:110]}")
+        lines.append(f"total {total_us:.1f} us of kernel time + {idle_us:.1f} us idle between kernels, "
+                     f"{count:.0f} kernels per replay")
+        return dict(kernels_per_replay=count, kernel_us_per_replay=total_us, idle_us_per_replay=idle_us,
+                    table="\n".join(lines) + "\n")
+
     def close(self) -> None:
         self.runner.graphs = None
         del self.runner, self.lora, self.model

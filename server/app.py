@@ -87,7 +87,7 @@ def create_app(
     ]
     metrics.route_name = RouteNames(routes)
     # Outermost first: every request gets its id; refusals cost the least work they can.
-    middleware = [Middleware(RequestContextMiddleware, on_response=metrics.observe_http)]
+    middleware = [Middleware(RequestContextMiddleware, track=metrics.track_http)]
     if api_key or admin_key:
         middleware.append(Middleware(BearerAuth, api_key=api_key, admin_key=admin_key,
                                      protect_metrics=protect_metrics))

@@ -43,12 +43,15 @@ _SERVE_OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--adapter-root", str, None, "Directory whose adapter subdirectories are served by name; sources "
                                   "registered over HTTP must lie inside it."),
     ("--jobs-dir", str, None, "Where fine-tuning jobs keep uploads, runs and the adapters they train (default: "
-                              "jobs/ under $QUIVER_CACHE or ~/.cache/quiver)."),
+                              "jobs/<served model name>/ under $QUIVER_CACHE or ~/.cache/quiver)."),
     ("--state-db", str, None, "SQLite file keeping projects, deployments and adapters registered at run time "
                               "across restarts (default: state.sqlite3 in --jobs-dir)."),
     ("--dtype", str, "auto", "Weights and activations: auto (float32 on CPU, bfloat16 on CUDA), float32, "
                              "float16 or bfloat16."),
     ("--device", str, "auto", "auto (CUDA when available), cpu, cuda or cuda:N."),
+    ("--tensor-parallel-size", int, 1, "Shard the model over this many GPUs (0..N-1): this process serves HTTP "
+                                       "and schedules as rank 0 and starts N-1 worker processes (NCCL, NVLink "
+                                       "multicast off). With --device cpu, N processes over gloo."),
     ("--block-size", int, 16, "Tokens per KV-cache block."),
     ("--num-kv-blocks", int, 0, "KV-cache blocks; 0 sizes the cache from --kv-cache-memory or free memory."),
     ("--kv-cache-memory", int, 0, "Bytes for the KV cache; 0 sizes it from free GPU memory (or, on CPU, "
@@ -158,7 +161,7 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_waiting=args.max_waiting,
-        seed=args.seed,
+        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
     )
 
 
@@ -203,10 +206,10 @@ def _stateful_routes(args: argparse.Namespace, state: Any, admin_routes: list[An
     base_model, model_name = served_base(args.model, args.served_model_name)
     if args.jobs_dir:
         jobs_dir = Path(args.jobs_dir).expanduser()
-    else:
+    else:  # one directory per model: adapters trained on one base do not fit another
         from engine.demo import default_cache_dir
 
-        jobs_dir = default_cache_dir() / "jobs"
+        jobs_dir = default_cache_dir() / "jobs" / model_name.replace("/", "--")
     state_db = Path(args.state_db).expanduser() if args.state_db else None
     return stateful_routes(state, admin_routes, jobs_dir=jobs_dir, base_model=base_model, model_name=model_name,
                            state_db=state_db)

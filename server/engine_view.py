@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 from scheduler.sequence import BASE_ADAPTER_ID
 from training.job_record import STATUSES as JOB_STATUSES
@@ -35,7 +35,7 @@ class EngineView:
     """One scrape's reading of the engine; empty fields mean "not known" and are not exported."""
 
     ready: bool = False
-    stats: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
     adapters: list[tuple[str, str, str]] | None = None  # (name, state, tier)
     running_adapters: list[str] = field(default_factory=list)
     waiting_adapters: list[str] = field(default_factory=list)
@@ -171,6 +171,9 @@ class EngineCollector:
         yield evictions
         yield CounterMetricFamily("quiver_adapter_load_failures", "Adapter loads that failed validation.",
                                   value=stats.get("adapter_load_failures", 0))
+        if "adapter_load_seconds" in stats:  # from engines that time their loads (total seconds, host loads)
+            yield SummaryMetricFamily("quiver_adapter_load_seconds", "Time spent loading adapters into host memory.",
+                                      count_value=stats.get("adapter_loads", 0), sum_value=stats["adapter_load_seconds"])
         if view.adapters is None:
             yield _gauge("quiver_adapters_registered", "Adapters registered.", stats.get("adapters_registered", 0))
             return

@@ -73,6 +73,8 @@ class JobBridge:
             if engine is None:
                 self._early[name] = path
                 return
+        if engine.has_adapter(name):  # registered by the ready hook, which saw the job's record first
+            return
         self._wait(engine.add_adapter(name, path))
 
     def _adapter_removed(self, name: str) -> None:

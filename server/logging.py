@@ -31,8 +31,10 @@ current_request: contextvars.ContextVar[RequestContext | None] = contextvars.Con
     "quiver_current_request", default=None
 )
 
-# Attributes every LogRecord has; anything else on a record came in through `extra=`.
-_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# Attributes every LogRecord has; anything else on a record came in through `extra=` (uvicorn's
+# `color_message` is its message again, with terminal colours).
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "color_message"}
 
 
 class RequestIdFilter(logging.Filter):

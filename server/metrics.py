@@ -13,11 +13,11 @@ the number of series. The base model is labelled with its served name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
@@ -101,11 +101,22 @@ class Metrics:
             registry=r)
         self.http_requests = Counter("quiver_http_requests", "HTTP requests by method, route template and status.",
                                      ["method", "route", "status"], registry=r)
+        self.http_in_flight = Gauge("quiver_http_requests_in_flight", "HTTP requests being served, by route template.",
+                                    ["route"], registry=r)
         self.engine = EngineCollector(self.adapter_label)
         r.register(self.engine)
 
-    def observe_http(self, scope: Scope, status: int, seconds: float) -> None:
-        self.http_requests.labels(scope.get("method", ""), self.route_name(scope), str(status)).inc()
+    def track_http(self, scope: Scope) -> Callable[[int, float], None]:
+        """Count a request in flight; the returned callable records its response."""
+        method, route = scope.get("method", ""), self.route_name(scope)
+        in_flight = self.http_in_flight.labels(route)
+        in_flight.inc()
+
+        def done(status: int, seconds: float) -> None:
+            in_flight.dec()
+            self.http_requests.labels(method, route, str(status)).inc()
+
+        return done
 
     async def render(self, state: Any) -> bytes:
         """The exposition text, with engine state read now."""

@@ -57,11 +57,15 @@ def request_id_from(headers: Headers) -> str:
 
 
 class RequestContextMiddleware:
-    """Gives each request an id (echoed in `x-request-id`), logs it when done, reports its status."""
+    """Gives each request an id (echoed in `x-request-id`) and logs it when done.
 
-    def __init__(self, app: ASGIApp, on_response: Callable[[Scope, int, float], None] | None = None) -> None:
+    track: called as a request starts; what it returns is called with the status and the seconds
+    taken when the request is done (server.metrics.Metrics.track_http).
+    """
+
+    def __init__(self, app: ASGIApp, track: Callable[[Scope], Callable[[int, float], None]] | None = None) -> None:
         self.app = app
-        self.on_response = on_response
+        self.track = track
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,6 +73,7 @@ class RequestContextMiddleware:
             return
         context = RequestContext(request_id_from(Headers(scope=scope)))
         token = current_request.set(context)
+        done = self.track(scope) if self.track is not None else None
         status = 500  # unless a response starts: the app raised
 
         async def send_with_id(message: Message) -> None:
@@ -89,8 +94,8 @@ class RequestContextMiddleware:
                 extra={"method": scope.get("method"), "path": path, "status": status,
                        "duration_ms": round(elapsed * 1000, 3), "client": (scope.get("client") or ("",))[0]},
             )
-            if self.on_response is not None:
-                self.on_response(scope, status, elapsed)
+            if done is not None:
+                done(status, elapsed)
             current_request.reset(token)
 
 

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine.outputs import TokenLogprob
+from engine.sampling_params import SamplingParams
 from server import protocol
 from server.chat import apply_chat_template
 from server.deployments import Deployments
@@ -105,36 +106,15 @@ def chat_route(state: ServerState, store: Store, jobs: JobManager, deployments: 
         adapter, deployment = await resolve(req.model)
         model = req.model or engine.model_name
         prompt_ids = apply_chat_template(engine.tokenizer, req.messages)
-        room = engine.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise bad_request(f"The prompt is {len(prompt_ids)} tokens long; this model's context is "
-                              f"{engine.max_model_len} tokens.", param="messages", code="context_length_exceeded")
-        wanted = req.wanted_max_tokens()
-        max_tokens = room if wanted is None else min(wanted, room)
-        top = req.wanted_top_logprobs()
-        params = [build_sampling_params(req, max_tokens=max_tokens, top_logprobs=top,
-                                        vocab_size=len(engine.tokenizer), choice_index=i) for i in range(req.n)]
-        processors: list[Any] = [None] * req.n
-        schema = StructuredOutputs.schema_of(req.response_format)
-        if schema is not None:
-            if state.structured is None:
-                state.structured = StructuredOutputs(engine.tokenizer, set(engine.eos_token_ids))
-            processors = await asyncio.to_thread(state.structured.processors, schema, req.n)
+        params, processors = await _sampling(state, engine, req, len(prompt_ids))
         completion_id = protocol.new_id("chatcmpl")
         gen = MergedGeneration(engine, [ChoiceRequest(i, f"{completion_id}-{i}", prompt_ids, params[i], adapter,
                                                       processors[i]) for i in range(req.n)])
         terminal = [(set() if p.ignore_eos else set(engine.eos_token_ids)) | set(p.stop_token_ids) for p in params]
-        answer = _Answer(completion_id, model, engine, req.n, len(prompt_ids), top is not None, terminal)
-        gen.start()
-        try:
-            await unless_disconnected(request, gen.first_deltas())
-        except BaseException as exc:
-            await gen.aclose()
-            if isinstance(exc, Exception) and not isinstance(exc, ClientDisconnected | APIError):
-                raise from_engine_error(exc, model) from None
-            if isinstance(exc, ClientDisconnected):
-                return Response(status_code=_CLIENT_CLOSED)
-            raise
+        answer = _Answer(completion_id, model, engine, req.n, len(prompt_ids), req.wanted_top_logprobs() is not None,
+                         terminal)
+        if not await _started(request, gen, model):
+            return Response(status_code=_CLIENT_CLOSED)
 
         async def count() -> None:
             if deployment is not None:
@@ -153,6 +133,41 @@ def chat_route(state: ServerState, store: Store, jobs: JobManager, deployments: 
         return JSONResponse(answer.body())
 
     return Route("/v1/inference/chat/completions", endpoint, methods=["POST"])
+
+
+async def _sampling(state: ServerState, engine: Any, req: ChatCompletionRequest,
+                    prompt_len: int) -> tuple[list[SamplingParams], list[Any]]:
+    """Each choice's sampling parameters and logits processor (structured output), or a 400."""
+    room = engine.max_model_len - prompt_len
+    if room < 1:
+        raise bad_request(f"The prompt is {prompt_len} tokens long; this model's context is "
+                          f"{engine.max_model_len} tokens.", param="messages", code="context_length_exceeded")
+    wanted = req.wanted_max_tokens()
+    max_tokens = room if wanted is None else min(wanted, room)
+    params = [build_sampling_params(req, max_tokens=max_tokens, top_logprobs=req.wanted_top_logprobs(),
+                                    vocab_size=len(engine.tokenizer), choice_index=i) for i in range(req.n)]
+    processors: list[Any] = [None] * req.n
+    schema = StructuredOutputs.schema_of(req.response_format)
+    if schema is not None:
+        if state.structured is None:
+            state.structured = StructuredOutputs(engine.tokenizer, set(engine.eos_token_ids))
+        processors = await asyncio.to_thread(state.structured.processors, schema, req.n)
+    return params, processors
+
+
+async def _started(request: Request, gen: MergedGeneration, model: str) -> bool:
+    """Start the engine requests and wait for their first deltas; False if the client left first."""
+    gen.start()
+    try:
+        await unless_disconnected(request, gen.first_deltas())
+    except BaseException as exc:
+        await gen.aclose()
+        if isinstance(exc, ClientDisconnected):
+            return False
+        if isinstance(exc, Exception) and not isinstance(exc, APIError):
+            raise from_engine_error(exc, model) from None
+        raise
+    return True
 
 
 class _Answer:

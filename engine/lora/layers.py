@@ -16,6 +16,10 @@ adapters launches no kernels for gate_up/down. A CUDA graph bakes in the slices 
 was captured, so `live_version` grows whenever a slice comes alive, and the model runner
 recaptures its LoRA graphs when the sum over layers changes. A slice that dies stays in the
 old graphs and adds exact zeros (rank 0 in every slot), so it needs no recapture.
+
+Under tensor parallelism the buffers hold this rank's shard of each adapter (`LoraSlots.load`
+slices it with the base layer's `shard_lora`); on a row-parallel base the delta is added to
+the partial output before the all-reduce (engine/models/parallel.py gives the math).
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ class LoRALinear(nn.Module):
             rank = torch.zeros(num_slots, device=weight.device, dtype=torch.int32)
             self.register_buffer(f"lora_rank_{i}", rank, persistent=False)
         self.use_triton = weight.is_cuda
+        # A row-parallel base (engine/models/parallel.py) sums partial outputs over ranks; the
+        # delta of this rank's input shard must join its partial output before that sum.
+        self._row_parallel = bool(getattr(base_layer, "reduces_output", False))
         self._slice_slots: list[set[int]] = [set() for _ in self.output_sizes]  # slots targeting slice i
         self.live_slices: list[int] = []
         self.live_version = 0
@@ -143,7 +150,13 @@ class LoRALinear(nn.Module):
                 self.live_version += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        if self._row_parallel:
+            base = self.base_layer
+            return base.reduce(self._add_lora(x, base.forward_partial(x)))
+        return self._add_lora(x, self.base_layer(x))
+
+    def _add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`y` (the base output for `x`) plus each token's adapter delta, in place."""
         lora = get_lora_context()
         if lora is None or not lora.any_lora:
             return y

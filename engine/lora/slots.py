@@ -58,12 +58,17 @@ class LoraSlots:
         return len(self.layers)
 
     def expected_shapes(self) -> dict[str, tuple[int, int]]:
-        """PEFT short name -> (in_features, out_features) of the slice it adapts, for `load_adapter`."""
+        """PEFT short name -> (in_features, out_features) of the slice it adapts, for `load_adapter`.
+
+        The checkpoint's (unsharded) shapes: under tensor parallelism `load` slices each rank's part.
+        """
         first = self.layers[0]
         shapes = {}
         for short, (fused, index) in self.targets.items():
-            module = first[fused]
-            shapes[short] = (module.in_features, module.output_sizes[index])
+            base = first[fused].base_layer
+            in_features = getattr(base, "full_in_features", base.in_features)
+            output_sizes = getattr(base, "full_output_sizes", base.output_sizes)
+            shapes[short] = (in_features, output_sizes[index])
         return shapes
 
     def load(self, slot: int, weights: _AdapterWeights) -> None:
@@ -80,7 +85,12 @@ class LoraSlots:
                 )
         for layer_idx, layer in enumerate(self.layers):
             for fused, shorts in self._slices.items():
-                layer[fused].set_lora(slot, [weights.modules.get((layer_idx, s)) for s in shorts])
+                module = layer[fused]
+                pairs = [weights.modules.get((layer_idx, s)) for s in shorts]
+                shard = getattr(module.base_layer, "shard_lora", None)
+                if shard is not None:  # a tensor-parallel layer: keep this rank's part
+                    pairs = [None if p is None else shard(i, *p) for i, p in enumerate(pairs)]
+                module.set_lora(slot, pairs)
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)

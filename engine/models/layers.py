@@ -3,13 +3,52 @@
 Parameters are created with `torch.empty` (no random init): every one is overwritten by
 the weight loader, and initialising a multi-GB model first would only cost time. Build
 them under `with torch.device(...)` to place them directly on the target device.
+
+The elementwise steps (residual add + RMSNorm, q/k rotary with the optional q/k norm,
+SiLU-and-mul) run as single Triton kernels on CUDA tensors (engine/kernels/triton_fused.py)
+and as the torch code below everywhere else; the torch code is the reference the kernels are
+tested against. `set_fused_elementwise(False)` selects the reference on CUDA too.
 """
 
 from __future__ import annotations
 
+import functools
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_fused_elementwise = True
+
+
+def set_fused_elementwise(enabled: bool) -> None:
+    """Use the fused Triton kernels for CUDA tensors (the default) or the torch reference.
+
+    Process-wide, like the attention backend table, and read at call time: a CUDA graph keeps
+    whichever path was selected when it was captured.
+    """
+    global _fused_elementwise
+    _fused_elementwise = bool(enabled)
+
+
+def fused_elementwise_enabled() -> bool:
+    return _fused_elementwise
+
+
+def _fused_for(x: torch.Tensor) -> ModuleType | None:
+    """The fused kernels module when `x` should use it, else None."""
+    if not (_fused_elementwise and x.is_cuda):
+        return None
+    return _triton_fused()
+
+
+@functools.cache
+def _triton_fused() -> ModuleType:
+    # Imported on first CUDA use: Triton is not installed where only the CPU path runs.
+    from engine.kernels import triton_fused
+
+    return triton_fused
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
@@ -102,6 +141,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = _fused_for(x)
+        if fused is not None and x.dtype == self.weight.dtype:
+            return fused.rms_norm(x, self.weight, self.eps)
+        return self._reference(x)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream's add folded into the norm."""
+        fused = _fused_for(x)
+        if fused is not None and x.dtype == residual.dtype == self.weight.dtype and x.shape == residual.shape:
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        summed = x + residual
+        return self._reference(summed), summed
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -112,6 +165,9 @@ class SiluAndMul(nn.Module):
     """`silu(gate) * up` where the input is `[gate | up]` along the last dimension."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = _fused_for(x)
+        if fused is not None:
+            return fused.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -150,6 +206,42 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         return x * cos + _rotate_half(x) * sin
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+def apply_qk_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm: RMSNorm | None = None,
+    k_norm: RMSNorm | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hk, D]; with q_norm/k_norm (Qwen3), RMSNorm each head first.
+
+    On CUDA one kernel does all of it; the torch path is the reference.
+    """
+    fused = _fused_for(q)
+    if fused is not None and _fusable_rotary(q, k, cos, sin, q_norm, k_norm):
+        qw = q_norm.weight if q_norm is not None else None
+        kw = k_norm.weight if k_norm is not None else None
+        return fused.qk_rotary(q, k, cos, sin, qw, kw, q_norm.eps if q_norm is not None else 0.0)
+    if q_norm is not None and k_norm is not None:
+        q = q_norm(q)
+        k = k_norm(k)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def _fusable_rotary(q, k, cos, sin, q_norm: RMSNorm | None, k_norm: RMSNorm | None) -> bool:
+    dtype = q.dtype
+    if not (k.dtype == cos.dtype == sin.dtype == dtype):
+        return False
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or not (cos.is_contiguous() and sin.is_contiguous()):
+        return False
+    if (q_norm is None) != (k_norm is None):
+        return False
+    if q_norm is not None and k_norm is not None:
+        return q_norm.weight.dtype == k_norm.weight.dtype == dtype and q_norm.eps == k_norm.eps
+    return True
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

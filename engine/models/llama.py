@@ -2,8 +2,9 @@
 
 The architectures share one skeleton; `ArchSpec` collects their differences (qkv bias,
 per-head q/k norm, sliding-window layers) so the modules below stay branch-light.
-Linear projections are `FusedLinear` and are always looked up by attribute name at call
-time, because LoRA replaces them on their parent from outside.
+Linear projections are `FusedLinear`s (the tensor-parallel kinds of engine/models/parallel.py,
+which are whole at world size 1) and are always looked up by attribute name at call time,
+because LoRA replaces them on their parent from outside.
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ from torch import nn
 
 from engine.attention import Attention
 from engine.models.layers import (
-    Embedding,
-    FusedLinear,
-    LMHead,
     RMSNorm,
     RotaryEmbedding,
     SiluAndMul,
-    apply_rotary,
+    apply_qk_rotary,
     build_rotary_embedding,
+)
+from engine.models.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
 )
 
 
@@ -69,15 +74,19 @@ def _sliding_window(cfg, layer: int) -> int | None:
 class LlamaAttention(nn.Module):
     def __init__(self, cfg, spec: ArchSpec, layer: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = spec.head_dim
+        # Under tensor parallelism each rank computes whole heads: the sizes below are its own.
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, self.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads,
+            bias=spec.qkv_bias, dtype=dtype,
+        )  # fmt: skip
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = FusedLinear(
-            cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=spec.qkv_bias, dtype=dtype
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * self.head_dim, [cfg.hidden_size], bias=spec.o_bias, dtype=dtype
         )
-        self.o_proj = FusedLinear(self.q_size, [cfg.hidden_size], bias=spec.o_bias, dtype=dtype)
         self.qk_norm = spec.qk_norm
         if spec.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
@@ -92,10 +101,9 @@ class LlamaAttention(nn.Module):
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+            q, k = apply_qk_rotary(q, k, cos, sin, self.q_norm, self.k_norm)
+        else:
+            q, k = apply_qk_rotary(q, k, cos, sin)
         out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v)
         return self.o_proj(out)
 
@@ -104,8 +112,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg, spec: ArchSpec, dtype: torch.dtype) -> None:
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = FusedLinear(cfg.hidden_size, [inter, inter], bias=spec.mlp_bias, dtype=dtype)
-        self.down_proj = FusedLinear(inter, [cfg.hidden_size], bias=spec.mlp_bias, dtype=dtype)
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], bias=spec.mlp_bias, dtype=dtype)
+        self.down_proj = RowParallelLinear(inter, [cfg.hidden_size], bias=spec.mlp_bias, dtype=dtype)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,15 +128,25 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); their sum is the layer's
+        output. The add is left to the next norm, which fuses it (`RMSNorm.add_and_norm`)."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg, spec: ArchSpec, dtype: torch.dtype) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
         self.layers = nn.ModuleList(
             [LlamaDecoderLayer(cfg, spec, i, dtype) for i in range(cfg.num_hidden_layers)]
         )
@@ -138,9 +156,12 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin)
+        if residual is None:
+            return self.norm(hidden)
+        return self.norm.add_and_norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -159,7 +180,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = hf_config
         self.spec = ArchSpec.from_config(hf_config)
         self.model = LlamaModel(hf_config, self.spec, dtype)
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, dtype)
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, dtype)
         if self.spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

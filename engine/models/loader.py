@@ -53,15 +53,42 @@ def resolve_model_dir(ref: str) -> Path:
         ) from exc
 
 
-def load_model(model_ref: str, dtype: torch.dtype, device: torch.device | str) -> LoadedModel:
-    """Resolve `model_ref`, build the model for its config and load its weights."""
+def load_model(
+    model_ref: str, dtype: torch.dtype, device: torch.device | str, load_format: str = "auto"
+) -> LoadedModel:
+    """Resolve `model_ref`, build the model for its config and load its weights.
+
+    Under tensor parallelism each rank builds and loads only its shard (the layers' weight
+    loaders slice the checkpoint tensors). `load_format="dummy"` fills random weights instead
+    of reading a checkpoint: benchmarks of real shapes need only a config.json.
+    """
     from transformers import AutoConfig
 
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     model_dir = resolve_model_dir(model_ref)
     hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     model = build_model(hf_config, dtype, device)
-    load_weights(model, model_dir)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, model_dir)
     return LoadedModel(model=model, hf_config=hf_config, model_dir=model_dir)
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Norms at 1, everything else N(0, 0.02): activations of a sane scale at any depth."""
+    from engine import distributed
+
+    gen = None
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if gen is None:  # one generator on the parameters' device; each rank draws its own shard
+                gen = torch.Generator(device=param.device).manual_seed(seed + distributed.tp_rank())
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
 from server.middleware import Limits
@@ -83,6 +84,14 @@ def test_an_omitted_max_tokens_is_capped_to_the_ceiling(live: LiveServer) -> Non
         assert "min_tokens" in error["message"]
 
 
+def _in_flight(http: httpx.Client) -> float:
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "quiver_http_requests_in_flight" and sample.labels["route"] == "/v1/chat/completions":
+                return sample.value
+    return 0.0
+
+
 def test_requests_over_the_concurrency_limit_get_429_with_retry_after(live: LiveServer) -> None:
     release = threading.Event()
     outcome: list[httpx.Response] = []
@@ -101,11 +110,10 @@ def test_requests_over_the_concurrency_limit_get_429_with_retry_after(live: Live
     try:
         with live.http() as http:
             deadline = time.monotonic() + 10
-            while True:  # until the held request occupies the one slot
-                refused = http.post("/v1/chat/completions", json=_chat(max_tokens=1))
-                if refused.status_code == 429 or time.monotonic() > deadline:
-                    break
+            while _in_flight(http) < 1:  # until the held request occupies the one slot
+                assert time.monotonic() < deadline, "the held request never arrived"
                 time.sleep(0.02)
+            refused = http.post("/v1/chat/completions", json=_chat(max_tokens=1))
             error = _error(refused, 429)
             assert refused.headers["retry-after"] == "1"
             assert error["type"] == "rate_limit_error" and error["code"] == "too_many_concurrent_requests"

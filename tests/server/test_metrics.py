@@ -94,6 +94,8 @@ def test_requests_tokens_and_latencies_are_counted_per_adapter(live: LiveServer)
         assert delta("quiver_inter_token_latency_seconds_count", adapter=name) == generated - len(used)
         assert 0 < delta("quiver_time_to_first_token_seconds_sum", adapter=name) < 30
     assert delta("quiver_http_requests_total", method="POST", route="/v1/chat/completions", status="200") == 6
+    assert value(after, "quiver_http_requests_in_flight", route="/v1/chat/completions") == 0
+    assert value(after, "quiver_http_requests_in_flight", route="/metrics") == 1  # this scrape
 
 
 def test_engine_state_is_read_at_scrape_time(live: LiveServer) -> None:

@@ -1,8 +1,8 @@
 """The `seekrai` SDK, unchanged but for its base URL, against a live `quiver serve` on the CPU.
 
-The SDK pins versions this project does not use (httpx below 0.28 among them), so it lives in a
-virtual environment of its own, made once and cached (set QUIVER_SEEKRAI_PYTHON to an interpreter
-that has it to skip that); the client runs there in a subprocess. The flow: create a project ->
+The SDK pins older versions of packages this project uses (httpx below 0.28, typer, filelock), so
+where the test environment lacks it, it gets a virtual environment of its own, made once and cached
+(QUIVER_SEEKRAI_PYTHON names an interpreter that has it instead); the client runs in a subprocess. The flow: create a project ->
 upload the example file -> fine-tune -> poll -> loss events -> create a deployment -> promote;
 then the server restarts, and everything is still there: the project and its run, the file, the
 fine-tune and its events, the deployment promoted again; a streamed chat completion with
@@ -35,7 +35,7 @@ CLIENT = r'''
 import json, sys, time
 from seekrai import SeekrFlow
 from seekrai.error import InvalidRequestError
-from seekrai.types import InfrastructureConfig, TrainingConfig
+from seekrai.types import InfrastructureConfig, LoRAConfig, TrainingConfig
 
 phase, base_url, data_file, state_file = sys.argv[1:5]
 client = SeekrFlow(api_key="unused", base_url=base_url)
@@ -48,8 +48,9 @@ def events(ft_id):
 if phase == "train":
     project = client.projects.create(name="json answers", description="Teach the demo model to answer in JSON.")
     upload = client.files.upload(data_file, purpose="fine-tune")
-    config = TrainingConfig(training_files=[upload.id], model="quiver-demo", n_epochs=4, batch_size=4,
-                            learning_rate=5e-3, experiment_name="json")
+    config = TrainingConfig(training_files=[upload.id], model="quiver-demo", n_epochs=6, batch_size=4,
+                            learning_rate=5e-3, experiment_name="json",
+                            lora_config=LoRAConfig(r=16, alpha=32, dropout=0.0))
     ft = client.fine_tuning.create(project_id=project.id, training_config=config,
                                    infrastructure_config=InfrastructureConfig(accel_type="H100", n_accel=1))
     out["created_status"] = ft.status.value
@@ -79,6 +80,9 @@ elif phase == "serve":
     stream = client.chat.completions.create(model=dep_id, messages=[{"role": "user", "content": "What is a ship?"}],
                                             stream=True, logprobs=True, top_logprobs=5, max_tokens=24, temperature=0)
     out["chunks"] = [c.model_dump(mode="json") for c in stream]
+    whole = client.chat.completions.create(model=ft_id, messages=[{"role": "user", "content": "What is a ship?"}],
+                                           logprobs=True, top_logprobs=2, max_tokens=12, temperature=0)
+    out["whole"] = whole.model_dump(mode="json")
     base = client.chat.completions.create(model="quiver-demo", messages=[{"role": "user", "content": "What is a ship?"}],
                                           max_tokens=24, temperature=0)
     out["base_text"] = base.choices[0].message.content
@@ -120,6 +124,8 @@ def seekrai_python() -> str:
     if given:
         assert _has_seekrai(given), f"QUIVER_SEEKRAI_PYTHON={given} cannot import seekrai"
         return given
+    if _has_seekrai(sys.executable):  # installed with the dev extra
+        return sys.executable
     venv = default_cache_dir() / "test-envs" / "seekrai"
     python = str(venv / "bin" / "python")
     if not _has_seekrai(python):
@@ -201,10 +207,11 @@ def test_the_seekrai_sdk_flow_survives_restarts(seekrai_python: str, server: _Se
     assert trained["created_status"] in ("pending", "queued", "running")
     assert ft["status"] == "completed" and ft["inference_available"], ft
     assert "running" in trained["statuses"] and ft["project_id"] == trained["project"]["id"]
-    assert ft["fine_tuned_model"] == f"ft-{ft['id']}" and ft["n_epochs"] == 4 and ft["batch_size"] == 4
+    assert ft["fine_tuned_model"] == f"ft-{ft['id']}" and ft["n_epochs"] == 6 and ft["batch_size"] == 4
     assert ft["accel_type"] == "H100" and ft["learning_rate"] == 5e-3 and ft["experiment_name"] == "json"
+    assert (ft["lora_config"]["r"], ft["lora_config"]["alpha"], ft["lora_config"]["dropout"]) == (16, 32, 0.0)
     losses = [e["loss"] for e in trained["events"] if e["loss"] is not None]
-    assert len(losses) == 40 and [e["step"] for e in trained["events"] if e["loss"] is not None] == list(range(1, 41))
+    assert len(losses) == 60 and [e["step"] for e in trained["events"] if e["loss"] is not None] == list(range(1, 61))
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
     assert all(e["object"] == "fine-tune-event" and e["created_at"] for e in trained["events"])
     assert trained["created_deployment"]["status"] == "Inactive"
@@ -228,7 +235,7 @@ def test_the_seekrai_sdk_flow_survives_restarts(seekrai_python: str, server: _Se
     chunks = served["chunks"]
     with_tokens = [c for c in chunks if c["choices"][0]["logprobs"]]
     text = "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks)
-    assert text.startswith('{"') and text != served["base_text"], (text, served["base_text"])
+    assert text.startswith("{") and text != served["base_text"], (text, served["base_text"])  # the taught shape
     assert chunks[-1]["finish_reason"] in ("stop", "length") and chunks[-1]["usage"]["completion_tokens"] == len(with_tokens)
     offset = 0
     for chunk in with_tokens:
@@ -238,6 +245,13 @@ def test_the_seekrai_sdk_flow_survives_restarts(seekrai_python: str, server: _Se
         assert logprobs["token_logprob"] <= max(logprobs["top_logprobs"].values()) + 1e-6
         assert len(logprobs["content"]) == 1 and len(logprobs["content"][0]["top_logprobs"]) == 5
         offset += len(logprobs["token"])
+    whole = served["whole"]["choices"][0]
+    logprobs, used = whole["logprobs"], served["whole"]["usage"]["completion_tokens"]
+    assert whole["message"]["content"].startswith("{") and served["whole"]["model"] == ft["id"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["content"]) == used
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"])
+    assert [c["logprob"] for c in logprobs["content"]] == logprobs["token_logprobs"]
+    assert logprobs["text_offset"] == [sum(len(t) for t in logprobs["tokens"][:i]) for i in range(used)]
     assert served["over_limit"]["type"] == "InvalidRequestError" and served["over_limit"]["status"] == 400
     assert "top_logprobs" in served["over_limit"]["message"]
     assert served["demoted"]["status"] == "Inactive"

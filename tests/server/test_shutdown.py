@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TOKENS = 1200  # a few seconds of decoding on CPU: the stream is still running when the signal lands
+TOKENS = 800  # a few seconds of decoding on CPU: the stream is still running when the signal lands
 
 
 @pytest.fixture(scope="module")
