@@ -11,7 +11,10 @@ sends them.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import threading
+from multiprocessing.connection import wait
 from typing import Any
 
 import torch
@@ -95,6 +98,7 @@ def worker_main(rank: int, config: EngineConfig, init_method: str) -> None:
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s tp-rank-{rank} %(levelname)s %(name)s: %(message)s"
     )
+    _exit_with_parent()
     world = config.tensor_parallel_size
     device = rank_device(config, rank)
     if device.type == "cpu":  # the ranks share the host's cores
@@ -107,3 +111,17 @@ def worker_main(rank: int, config: EngineConfig, init_method: str) -> None:
         raise
     finally:
         distributed.destroy_tensor_parallel()
+
+
+def _exit_with_parent() -> None:
+    """End this process when rank 0's process is gone, however it went: an orphaned worker
+    would hold its GPU while waiting forever for the next call."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="quiver-tp-parent-watch", daemon=True).start()

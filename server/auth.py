@@ -1,7 +1,7 @@
 """Bearer-token authentication: an inference key for the OpenAI routes, an admin key for the rest.
 
 Route classes:
-- admin (adapters, files, fine-tuning jobs): the admin key; without one, the API key;
+- admin (adapters, files, fine-tuning jobs, `/v1/flow`): the admin key; without one, the API key;
 - inference (every other /v1 route): the API key or the admin key;
 - /metrics: open, or, with `protect_metrics`, like an inference route;
 - liveness, readiness and the OpenAPI document: always open.
@@ -18,7 +18,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.errors import APIError
 
 PROTECTED_PREFIX = "/v1/"
-ADMIN_PREFIXES = ("/v1/adapters", "/v1/files", "/v1/fine_tuning")
+# Adapters, training data, fine-tuning jobs, and the `seekrai` platform's projects, files,
+# fine-tunes and deployments.
+ADMIN_PREFIXES = ("/v1/adapters", "/v1/files", "/v1/fine_tuning", "/v1/flow")
 METRICS_PATH = "/metrics"
 
 

@@ -60,9 +60,9 @@ class EngineHooks:
         original: Generate = engine.generate
 
         def generate(request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                     adapter: str | None = None, logits_processor: Any = None) -> AsyncIterator[RequestDelta]:
+                     adapter: str | None = None, **options: Any) -> AsyncIterator[RequestDelta]:
             label = adapter or engine.model_name
-            return self._generate(original, label, request_id, prompt_token_ids, params, adapter, logits_processor)
+            return self._generate(original, label, request_id, prompt_token_ids, params, adapter, options)
 
         engine.generate = generate
         self._engine = engine
@@ -73,42 +73,42 @@ class EngineHooks:
             raise APIError(400, f"The prompt is {len(prompt_token_ids)} tokens long; this server accepts at most "
                            f"{limits.max_prompt_tokens} prompt tokens.", code="prompt_too_long")
         if limits.max_tokens and params.max_tokens > limits.max_tokens:
-            # An explicit max_tokens over the ceiling was refused with the body (MaxTokensCeiling), so this
-            # is the default budget (the rest of the context): cap it.
+            # On the OpenAI routes an explicit max_tokens over the ceiling was refused with the body
+            # (MaxTokensCeiling), so this is the default budget (the rest of the context): cap it.
             params = dataclasses.replace(params, max_tokens=limits.max_tokens)
         return params
 
     async def _generate(self, original: Generate, adapter_name: str, request_id: str, prompt_token_ids: list[int],
-                        params: SamplingParams, adapter: str | None, logits_processor: Any,
+                        params: SamplingParams, adapter: str | None, options: dict[str, Any],
                         ) -> AsyncIterator[RequestDelta]:
         metrics = self.metrics
         context = current_request.get()
         started = context.started if context is not None else time.perf_counter()
         label = metrics.adapter_label(adapter_name) if metrics is not None else ""
         outcome = "cancelled"
-        first: float | None = None
+        inter_token: Any = None  # the histogram child, looked up once per request
         last = started
         generated = 0
         finished = False
         stream: Any = None
         try:
             params = self._limit(prompt_token_ids, params)
-            stream = original(request_id, prompt_token_ids, params, adapter=adapter, logits_processor=logits_processor)
+            stream = original(request_id, prompt_token_ids, params, adapter=adapter, **options)
             if inspect.isawaitable(stream):
                 stream = await stream
             async for delta in stream:
                 now = time.perf_counter()
                 generated += len(delta.token_ids)
                 if metrics is not None:
-                    if first is None:
-                        first = now
+                    if inter_token is None:
+                        inter_token = metrics.inter_token_latency.labels(label)
                         metrics.time_to_first_token.labels(label).observe(now - started)
                         metrics.prompt_tokens.labels(label).inc(len(prompt_token_ids))
                         queued = getattr(delta, "queue_time", None)
                         if queued is not None:
                             metrics.queue_time.labels(label).observe(queued)
                     else:
-                        metrics.inter_token_latency.labels(label).observe(now - last)
+                        inter_token.observe(now - last)
                 last = now
                 if delta.finished:
                     finished = True

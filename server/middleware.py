@@ -26,9 +26,12 @@ from server.logging import RequestContext, current_request
 access_log = logging.getLogger("quiver.access")
 
 REQUEST_ID_HEADER = "x-request-id"
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/inference/chat/completions"})
+# Where a max_tokens over the ceiling is refused. The `seekrai` route cuts a budget to fit instead
+# (its SDK always sends one), so there the engine hooks cap it to the ceiling.
+CEILING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 # Uploads of training data have their own, larger cap (training.files.FileStore).
-BODY_LIMIT_EXEMPT_PREFIXES = ("/v1/files",)
+BODY_LIMIT_EXEMPT_PREFIXES = ("/v1/files", "/v1/flow/files")
 # Probes and scrapes would drown the access log at info level.
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -87,12 +90,12 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - context.started
-            path = scope.get("path", "")
+            path, client = scope.get("path", ""), scope.get("client")
             access_log.log(
                 logging.DEBUG if path in QUIET_PATHS else logging.INFO,
                 "%s %s %d %.1fms", scope.get("method"), path, status, elapsed * 1000,
                 extra={"method": scope.get("method"), "path": path, "status": status,
-                       "duration_ms": round(elapsed * 1000, 3), "client": (scope.get("client") or ("",))[0]},
+                       "duration_ms": round(elapsed * 1000, 3), "client": client[0] if client else None},
             )
             if done is not None:
                 done(status, elapsed)
@@ -171,7 +174,7 @@ class MaxTokensCeiling:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or not self.ceiling or scope["method"] != "POST"
-                or scope["path"] not in GENERATION_PATHS):
+                or scope["path"] not in CEILING_PATHS):
             await self.app(scope, receive, send)
             return
         try:

@@ -131,4 +131,5 @@ def test_bearer_token_parsing_and_admin_paths() -> None:
     assert bearer_token(Headers(headers={})) is None
     assert is_admin_path("/v1/adapters") and is_admin_path("/v1/fine_tuning/jobs/x/cancel")
     assert is_admin_path("/v1/files") and not is_admin_path("/v1/filesystem")
+    assert is_admin_path("/v1/flow/deployments/3/promote") and not is_admin_path("/v1/inference/chat/completions")
     assert not is_admin_path("/v1/chat/completions")
