@@ -100,7 +100,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_serve_launches_a_working_server(server_model_dir, server_adapters):
+def test_serve_launches_a_working_server(server_model_dir, server_adapters, tmp_path):
     port = _free_port()
     adapter = next(iter(server_adapters))
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUIVER_")}
@@ -108,7 +108,7 @@ def test_serve_launches_a_working_server(server_model_dir, server_adapters):
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--model", str(server_model_dir), "--port", str(port),
          "--served-model-name", "cli-base", "--adapter", f"{adapter}={server_adapters[adapter]}",
-         "--device", "cpu", "--log-level", "warning"],
+         "--device", "cpu", "--log-level", "warning", "--jobs-dir", str(tmp_path / "jobs")],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

@@ -124,7 +124,7 @@ def seekrai_python() -> str:
     if given:
         assert _has_seekrai(given), f"QUIVER_SEEKRAI_PYTHON={given} cannot import seekrai"
         return given
-    if _has_seekrai(sys.executable):  # installed with the dev extra
+    if _has_seekrai(sys.executable):  # installed by hand into this environment
         return sys.executable
     venv = default_cache_dir() / "test-envs" / "seekrai"
     python = str(venv / "bin" / "python")
