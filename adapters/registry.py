@@ -127,6 +127,7 @@ class AdapterRegistry:
         self._deleted: set[str] = set()  # root names deleted by the operator: not rediscovered
         self._next_id = 1
         self._counts: Counter[str] = Counter()  # monotonic, survives deletes
+        self.load_seconds = 0.0  # total host-load time, for the load-latency summary
 
     # -- lookups (names()/has() may be called from any thread: single dict operations only)
     def names(self) -> list[str]:
@@ -195,12 +196,15 @@ class AdapterRegistry:
         entry.lru = next(_tick)
         entry.last_used = time.time()
 
-    def install(self, entry: AdapterEntry, weights: Any, path: Path, warnings: list[str]) -> None:
+    def install(self, entry: AdapterEntry, weights: Any, path: Path, warnings: list[str],
+                seconds: float = 0.0) -> None:
+        """Record a finished host load that took `seconds` (disk/hub read and validation)."""
         entry.loading = False
         entry.weights = weights
         entry.path = path
         entry.error = None
         self.count(entry, "loads")
+        self.load_seconds += seconds
         entry.rank = int(weights.max_rank)
         entry.targets = sorted(weights.spec.target_modules)
         entry.size_bytes = int(weights.size_bytes)
@@ -258,9 +262,10 @@ class AdapterRegistry:
     def pinned(self) -> list[AdapterEntry]:
         return [e for e in self._by_id.values() if e.pinned]
 
-    def totals(self) -> dict[str, int]:
+    def totals(self) -> dict[str, float]:
         entries = list(self._by_id.values())
         return {
+            "adapter_load_seconds": self.load_seconds,
             "adapters_registered": len(self._by_name),
             "adapters_host": sum(e.weights is not None for e in entries),
             "adapters_gpu": sum(e.gpu_slot is not None for e in entries),

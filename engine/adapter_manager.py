@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -258,21 +259,25 @@ class AdapterManager:
 
         def job() -> None:
             result: LoadedAdapter | BaseException
+            started = time.perf_counter()
             try:
                 result = load_from_source(name, source, policy, path)
             except Exception as exc:  # noqa: BLE001 - every failure marks the adapter failed
                 result = exc
+            seconds = time.perf_counter() - started
             if post is None:
-                self.finish_load(adapter_id, name, result)
+                self.finish_load(adapter_id, name, result, seconds)
             else:
-                post(lambda: self.finish_load(adapter_id, name, result))
+                post(lambda: self.finish_load(adapter_id, name, result, seconds))
 
         if self._submit is None:
             job()
         else:
             self._submit(job)
 
-    def finish_load(self, adapter_id: int, name: str, result: LoadedAdapter | BaseException) -> None:
+    def finish_load(
+        self, adapter_id: int, name: str, result: LoadedAdapter | BaseException, seconds: float = 0.0
+    ) -> None:
         waiters = self._load_waiters.pop(adapter_id, [])
         entry = self.registry.by_id(adapter_id)
         if entry is None:  # deleted and drained while loading
@@ -286,7 +291,7 @@ class AdapterManager:
             _resolve(waiters, error)
             _resolve(self._pin_waiters.pop(adapter_id, []), error)
         else:
-            self.registry.install(entry, result.weights, result.path, result.warnings)
+            self.registry.install(entry, result.weights, result.path, result.warnings, seconds)
             _resolve(waiters, None)
             self.place_pinned(self._running_ids())
         self._pump_loads()

@@ -8,6 +8,7 @@ async bridge (engine/async_engine.py) drives it from a single thread.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ class _Request:
     generator: torch.Generator | None
     logits_processor: LogitsProcessor | None
     eos_ids: list[int]
+    arrived_at: float = 0.0
+    queue_time: float | None = None  # seconds from arrival to its first scheduled step
 
 
 class LLMEngine:
@@ -224,6 +227,7 @@ class LLMEngine:
             generator=generator,
             logits_processor=logits_processor,
             eos_ids=eos + list(params.stop_token_ids),
+            arrived_at=time.monotonic(),
         )
         self.scheduler.add(seq)
         self._requests[request_id] = request
@@ -289,6 +293,11 @@ class LLMEngine:
         )
         logits = self.runner.execute(batch.seqs, batch.num_new_tokens, batch.is_prefill, lora_slots)
         requests = [self._by_seq[seq.seq_id] for seq in batch.seqs]
+        if batch.is_prefill:
+            now = time.monotonic()
+            for r in requests:
+                if r.queue_time is None:
+                    r.queue_time = now - r.arrived_at
         rows = [
             SamplerInput(
                 params=r.params,
@@ -334,6 +343,7 @@ class LLMEngine:
             finish_reason=finish,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
+            queue_time=request.queue_time if seq.num_output_tokens == 1 else None,
         )
 
     def _release(self, request: _Request) -> None:

@@ -32,6 +32,7 @@ class RequestDelta:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    queue_time: float | None = None  # on the first delta: seconds the request waited to be scheduled
 
     @property
     def finished(self) -> bool:

@@ -29,8 +29,15 @@ def is_admin_path(path: str) -> bool:
 
 
 def bearer_token(headers: Headers) -> bytes | None:
-    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive), else None."""
-    scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive), else None.
+
+    A bare `Authorization: <token>` (no scheme, no space) is accepted too: the `seekrai` SDK
+    sends its key that way.
+    """
+    value = headers.get("authorization", "").strip()
+    scheme, _, token = value.partition(" ")
+    if not token:
+        return value.encode() if value and scheme.lower() != "bearer" else None
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip().encode()

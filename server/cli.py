@@ -199,7 +199,7 @@ def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
     return build
 
 
-def _stateful_routes(args: argparse.Namespace, state: Any, admin_routes: list[Any]) -> list[Any]:
+def _stateful_routes(args: argparse.Namespace, state: Any, admin_routes: list[Any], metrics: Any) -> list[Any]:
     """Fine-tuning jobs, deployments and the `seekrai` routes, with what they keep across restarts."""
     from server.wiring import served_base, stateful_routes
 
@@ -212,7 +212,7 @@ def _stateful_routes(args: argparse.Namespace, state: Any, admin_routes: list[An
         jobs_dir = default_cache_dir() / "jobs" / model_name.replace("/", "--")
     state_db = Path(args.state_db).expanduser() if args.state_db else None
     return stateful_routes(state, admin_routes, jobs_dir=jobs_dir, base_model=base_model, model_name=model_name,
-                           state_db=state_db)
+                           state_db=state_db, metrics=metrics)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -237,7 +237,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     state = ServerState(engine_factory=factory)
     try:
-        extra_routes = _stateful_routes(args, state, adapter_routes(state))
+        extra_routes = _stateful_routes(args, state, adapter_routes(state), metrics)
     except (ValueError, RuntimeError) as exc:  # a bad jobs directory or state database
         print(f"quiver serve: {exc}", file=sys.stderr)
         return 2

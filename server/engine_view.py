@@ -74,10 +74,10 @@ def _gpu_memory(engine: Any) -> dict[str, dict[str, int]]:
         return {}
     import torch
 
-    free, total = torch.cuda.mem_get_info(device)
-    return {str(device): {"used": total - free, "total": total,
-                          "allocated": torch.cuda.memory_allocated(device),
-                          "reserved": torch.cuda.memory_reserved(device)}}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    return {f"cuda:{index}": {"used": total - free, "total": total, "allocated": torch.cuda.memory_allocated(index),
+                              "reserved": torch.cuda.memory_reserved(index)}}
 
 
 def _job_counts(manager: Any) -> dict[str, int]:
@@ -100,10 +100,10 @@ async def read_view(state: Any, job_manager: Any | None = None) -> EngineView:
     if not state.ready or engine is None:
         return view
     view.ready = True
-    view.stats = dict(engine.stats())
     try:
+        view.stats = dict(engine.stats())
         core = await asyncio.wait_for(engine.call(_core_view), ENGINE_READ_TIMEOUT_S)
-    except Exception:  # noqa: BLE001 - a busy or dead engine still gets its stats exported
+    except Exception:  # noqa: BLE001 - a busy or dead engine still gets what was read exported
         logger.debug("engine state not read for /metrics", exc_info=True)
     else:
         for key, value in core.items():

@@ -28,11 +28,12 @@ STATE_DB_NAME = "state.sqlite3"
 
 def stateful_routes(state: ServerState, admin_routes: Sequence[BaseRoute], *, jobs_dir: Path,
                     base_model: str, model_name: str, state_db: Path | None = None,
-                    **job_options: Any) -> list[BaseRoute]:
+                    metrics: Any | None = None, **job_options: Any) -> list[BaseRoute]:
     """The admin routes (journaled), the fine-tuning routes and the `seekrai` routes over one store.
 
     base_model:  what jobs fine-tune (the path or hub id the engine loads); model_name: its served name.
     state_db:    the SQLite file (default `jobs_dir/state.sqlite3`).
+    metrics:     the app's `server.metrics.Metrics`, which then reports jobs by state.
     job_options: passed to `training.jobs.JobManager` (max_concurrent, train_args, env, ...).
     """
     jobs_dir = Path(jobs_dir)
@@ -44,6 +45,8 @@ def stateful_routes(state: ServerState, admin_routes: Sequence[BaseRoute], *, jo
     state.add_hooks(shutdown=close_store)  # added first, so it runs last
     bridge = JobBridge(state, jobs_dir, base_model=base_model, model_name=model_name, store=store, **job_options)
     restore_on_ready(state, store)
+    if metrics is not None:
+        metrics.job_manager = bridge.manager
     deployments = Deployments(state, store, bridge.manager)
     return [*journaled(list(admin_routes), store), *finetune_routes(bridge.manager),
             *seekrai_routes(state, store, bridge.manager, deployments)]

@@ -161,3 +161,22 @@ def test_an_adapter_trained_on_the_served_name_matches_the_base(engine_parts, tm
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_first_delta_carries_queue_time_and_loads_are_timed(engine_parts):
+    async def main():
+        engine = _make(engine_parts)
+        await engine.start()
+        try:
+            deltas = [d async for d in engine.generate(
+                "q", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True), "ada")]
+            assert deltas[0].queue_time is not None and deltas[0].queue_time >= 0.0
+            assert all(d.queue_time is None for d in deltas[1:])
+            await asyncio.sleep(0.05)
+            stats = engine.stats()
+            assert stats["adapter_loads"] == 1
+            assert stats["adapter_load_seconds"] > 0.0
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())

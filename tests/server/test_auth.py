@@ -129,6 +129,8 @@ def test_bearer_token_parsing_and_admin_paths() -> None:
     assert bearer_token(Headers(headers={"authorization": "BEARER  abc "})) == b"abc"
     assert bearer_token(Headers(headers={"authorization": "Bearer "})) is None
     assert bearer_token(Headers(headers={})) is None
+    assert bearer_token(Headers(headers={"authorization": "abc"})) == b"abc"  # seekrai's bare key
+    assert bearer_token(Headers(headers={"authorization": "Basic abc"})) is None
     assert is_admin_path("/v1/adapters") and is_admin_path("/v1/fine_tuning/jobs/x/cancel")
     assert is_admin_path("/v1/files") and not is_admin_path("/v1/filesystem")
     assert is_admin_path("/v1/flow/deployments/3/promote") and not is_admin_path("/v1/inference/chat/completions")

@@ -9,12 +9,14 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.errors import EngineOverloadedError
 from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
 from server.app import create_app
+from server.engine_view import EngineCollector, EngineView, _gpu_memory
 from server.hooks import EngineHooks
 from server.metrics import OTHER, AdapterLabels, Metrics
 from server.middleware import Limits
@@ -203,8 +205,6 @@ def test_outcomes_and_the_label_cap_through_the_hooks() -> None:
     engine.fail = RuntimeError("boom")
     with pytest.raises(RuntimeError):
         _drive(engine, "a")
-    from prometheus_client import generate_latest
-
     samples = parse(generate_latest(metrics.registry).decode())
     assert value(samples, "quiver_requests_total", adapter="a", outcome="length") == 1
     assert value(samples, "quiver_requests_total", adapter="base", outcome="length") == 1
@@ -240,3 +240,30 @@ def test_each_app_has_its_own_registry_and_scrapes_before_the_model_loads() -> N
     assert value(a, "quiver_finetune_jobs", state="succeeded") == 2 and value(a, "quiver_finetune_jobs", state="queued") == 0
     assert not series(b, "quiver_finetune_jobs")
 
+
+
+def test_gpu_memory_is_exported_for_a_cuda_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (30 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 40 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 45 << 30)
+
+    class Config:
+        torch_device = torch.device("cuda")
+
+    class CudaEngine:
+        config = Config()
+
+    memory = _gpu_memory(CudaEngine())
+    assert memory == {"cuda:1": {"used": 50 << 30, "total": 80 << 30, "allocated": 40 << 30, "reserved": 45 << 30}}
+    collector = EngineCollector(AdapterLabels())
+    collector.view = EngineView(ready=True, gpu_memory=memory)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    samples = parse(generate_latest(registry).decode())
+    assert value(samples, "quiver_gpu_memory_used_bytes", device="cuda:1") == 50 << 30
+    assert value(samples, "quiver_gpu_memory_total_bytes", device="cuda:1") == 80 << 30
+    assert _gpu_memory(type("CpuEngine", (), {"config": type("C", (), {"torch_device": torch.device("cpu")})()})()) == {}
