@@ -15,7 +15,9 @@ and every collective returns its input: single-device code pays one Python branc
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -28,6 +30,8 @@ import torch.distributed as dist
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 _CONTROL_TIMEOUT = timedelta(days=365)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,12 +84,34 @@ def init_tensor_parallel(
     return _GROUP
 
 
-def destroy_tensor_parallel() -> None:
-    """Leave the group (a no-op when this process never joined one)."""
+def destroy_tensor_parallel(collective: bool = True, timeout_s: float | None = None) -> None:
+    """Leave the group (a no-op when this process never joined one).
+
+    NCCL's teardown is collective (a finalize that flushes every rank's work): each rank must
+    call this at about the same time, or it waits for the others forever. `collective=False`
+    says a rank is gone: an NCCL group is then abandoned (the process is about to exit) rather
+    than torn down. `timeout_s` bounds the wait; past it the teardown is left running.
+    """
     global _GROUP
     if _GROUP.size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+        if collective or dist.get_backend() == "gloo":
+            if timeout_s is None:
+                dist.destroy_process_group()
+            else:
+                worker = threading.Thread(target=dist.destroy_process_group, name="quiver-tp-teardown", daemon=True)
+                worker.start()
+                worker.join(timeout_s)
+                if worker.is_alive():
+                    log.warning("the tensor-parallel group did not tear down within %.0f s", timeout_s)
+        else:
+            log.warning("a tensor-parallel rank is gone: leaving the NCCL group without tearing it down")
     _GROUP = TPGroup(rank=0, size=1)
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (over the control group)."""
+    if _GROUP.size > 1:
+        dist.barrier(group=_GROUP.control_group)
 
 
 def tp_rank() -> int:

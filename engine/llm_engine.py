@@ -3,6 +3,10 @@
 One step is `scheduler.schedule()` → adapter slots made resident → `runner.execute()` →
 `sampler()` → `scheduler.update()` → stop checks and detokenization. Not thread-safe: the
 async bridge (engine/async_engine.py) drives it from a single thread.
+
+With `tensor_parallel_size` N > 1 this process is rank 0 of N: everything above runs here, and
+the model calls (each forward, each adapter copy) are repeated by N-1 worker processes that
+hold the other shards (engine/tp_driver.py). `close()` stops them.
 """
 
 from __future__ import annotations

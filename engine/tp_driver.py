@@ -99,15 +99,30 @@ class TensorParallelDriver:
         return TensorParallelRunner(self, ModelRunner(model, block_size, device, kernels=kernels))
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Tell the workers to stop, wait for them (terminate stragglers) and leave the group."""
+        """Tell the workers to stop, leave the group with them, wait for them (terminate stragglers).
+
+        The teardown is collective under NCCL: rank 0 must take part while the workers do, not
+        after waiting for them to exit (they would wait for it, and it for them).
+        """
         if self._closed:
             return
-        if self._joined and all(p.is_alive() for p in self._processes):
+        healthy = self._joined and all(p.is_alive() for p in self._processes)
+        if healthy:
             try:
                 self.send(SHUTDOWN)
+                distributed.barrier()  # every worker has the message before the group goes
             except Exception:  # noqa: BLE001 - shutting down anyway; the processes are ended below
                 log.exception("could not tell the tensor-parallel workers to stop")
+                healthy = False
         self._closed = True
+        if not healthy:  # a worker is gone or was never reached: end the rest before leaving alone
+            self._end_processes(0.0)
+        if self._joined:
+            distributed.destroy_tensor_parallel(collective=healthy, timeout_s=timeout_s)
+        self._end_processes(timeout_s)
+        shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
+
+    def _end_processes(self, timeout_s: float) -> None:
         for process in self._processes:
             if process.pid is None:
                 continue
@@ -115,8 +130,6 @@ class TensorParallelDriver:
             if process.is_alive():
                 process.terminate()
                 process.join(5)
-        distributed.destroy_tensor_parallel()
-        shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
 
 @dataclasses.dataclass

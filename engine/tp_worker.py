@@ -108,9 +108,11 @@ def worker_main(rank: int, config: EngineConfig, init_method: str) -> None:
         ShardWorker(config, device).serve()
     except BaseException:
         log.exception("tensor-parallel worker %d failed", rank)
-        raise
-    finally:
-        distributed.destroy_tensor_parallel()
+        # No teardown: rank 0 is not taking part, and NCCL's would wait for it forever.
+        os._exit(1)
+    # Rank 0 said shutdown: every rank tears the group down together (see destroy_tensor_parallel).
+    distributed.barrier()
+    distributed.destroy_tensor_parallel()
 
 
 def _exit_with_parent() -> None:

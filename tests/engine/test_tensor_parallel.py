@@ -30,6 +30,7 @@ from engine.models.parallel import (
     VocabParallelEmbedding,
 )
 from engine.sampling_params import SamplingParams
+from engine.tp_driver import WorkerDiedError
 from tests.engine.test_engine_correctness import ADAPTER_SPECS, _jobs
 from tests.engine.test_lora_layers import (
     HIDDEN,
@@ -273,6 +274,13 @@ def test_engine_at_tp2_matches_tp1_on_a_mixed_adapter_batch(arch, tiny_model_fac
         assert qkv.base_layer.num_heads == 2  # this rank holds half the heads
         got = _greedy(engine, jobs)
         assert engine.scheduler_preemptions() > 0
+        if arch == "llama":  # a worker that dies is reported at the next step, not waited on
+            worker = engine._tp._processes[0]
+            worker.kill()
+            worker.join(10)
+            engine.add_request("after", jobs[0][0], SamplingParams(max_tokens=2))
+            with pytest.raises(WorkerDiedError, match="exited"):
+                engine.step()
     finally:
         engine.close()
     assert distributed.tp_size() == 1
