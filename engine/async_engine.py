@@ -30,6 +30,7 @@ from engine.logits_processor import LogitsProcessor
 from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
 from engine.token_text import TokenText
+from engine.tp_driver import WorkerDiedError
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class AsyncEngine:
         self._loader.shutdown(wait=False, cancel_futures=True)
         if thread is None or not thread.is_alive():  # nothing will apply a load result any more
             self._core.adapters.abandon(EngineDeadError("the engine was shut down"))
+        await asyncio.to_thread(self._core.close)  # tensor-parallel workers, if any
 
     @property
     def is_running(self) -> bool:
@@ -253,6 +255,11 @@ class AsyncEngine:
                 continue
             try:
                 deltas = self._core.step()
+            except WorkerDiedError as exc:
+                # A lost tensor-parallel rank cannot be recovered in-process: fail what is in
+                # flight, then stop so /health reports it and the orchestrator restarts us.
+                self._deliver(self._fail_all(exc))
+                raise
             except Exception as exc:  # noqa: BLE001 - any failure must reach the callers
                 log.exception("engine step failed; failing the in-flight requests")
                 deltas = self._fail_all(exc)

@@ -154,8 +154,10 @@ class EngineCollector:
         # What the Kubernetes Gateway API inference extension reads to pick an endpoint.
         yield _gauge("vllm:num_requests_running", "Sequences in the running batch (vLLM name).", running)
         yield _gauge("vllm:num_requests_waiting", "Sequences queued for admission (vLLM name).", waiting)
-        yield _gauge("vllm:gpu_cache_usage_perc", "Fraction of KV-cache blocks in use, 0 to 1 (vLLM name).",
-                     (total - free) / total if total else 0.0)
+        usage = (total - free) / total if total else 0.0
+        yield _gauge("vllm:gpu_cache_usage_perc", "Fraction of KV-cache blocks in use, 0 to 1 (vLLM name).", usage)
+        # The name newer releases of the inference extension's endpoint picker read.
+        yield _gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use, 0 to 1 (vLLM name).", usage)
 
     def _adapters(self, view: EngineView) -> Iterator[Metric]:
         stats = view.stats

@@ -9,7 +9,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-
 from transformers.utils import logging as transformers_logging
 
 from tests.factories import build_adapter_dir, build_model_dir

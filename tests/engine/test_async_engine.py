@@ -180,3 +180,30 @@ def test_first_delta_carries_queue_time_and_loads_are_timed(engine_parts):
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_lost_tensor_parallel_worker_stops_the_engine_and_is_reported(engine_parts):
+    from engine.tp_driver import WorkerDiedError
+
+    async def main():
+        engine = _make(engine_parts)
+        await engine.start()
+        try:
+            assert engine.failure is None
+
+            def lost_rank():
+                raise WorkerDiedError("tensor-parallel worker 1 exited")
+
+            engine._core.step = lost_rank  # what the driver raises when a rank's process is gone
+            deltas = [d async for d in engine.generate("w", [5, 6], SamplingParams(max_tokens=4))]
+            assert deltas[-1].finish_reason == "error" and "worker 1" in deltas[-1].error
+            for _ in range(100):
+                if engine.failure:
+                    break
+                await asyncio.sleep(0.01)
+            assert "WorkerDiedError" in engine.failure
+            assert not engine.is_running
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())

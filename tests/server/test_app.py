@@ -57,3 +57,23 @@ def _assert_refs_resolve(node, document) -> None:
     elif isinstance(node, list):
         for value in node:
             _assert_refs_resolve(value, document)
+
+
+def test_health_fails_when_the_engine_thread_has_died():
+    import asyncio
+    from types import SimpleNamespace
+
+    import httpx
+
+    from server.app import create_app
+    from server.state import ServerState
+
+    async def probe(failure):
+        state = ServerState(engine=SimpleNamespace(failure=failure))  # not started: no lifespan here
+        app = create_app(state)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            return await http.get("/health")
+
+    assert asyncio.run(probe(None)).status_code == 200
+    dead = asyncio.run(probe("WorkerDiedError: tensor-parallel worker 1 exited"))
+    assert dead.status_code == 503 and "worker 1" in dead.json()["reason"]

@@ -134,6 +134,8 @@ def test_running_adapters_are_listed_while_they_generate(live: LiveServer) -> No
     assert info["running_lora_adapters"] == "lora-3"
     assert value(samples, "quiver_sequences_running") == 1 and value(samples, "quiver_kv_cache_blocks_used") > 0
     assert value(samples, "vllm:num_requests_running") == 1
+    usage = value(samples, "vllm:kv_cache_usage_perc")
+    assert 0 < usage <= 1 and usage == value(samples, "vllm:gpu_cache_usage_perc")
     with live.http() as http:
         for _ in range(100):  # the abort lands within a step or two
             after = scrape(http)
