@@ -125,6 +125,11 @@ class ServerProbe:
                        else None if key in self.exact else find(samples, alternatives))
                 if hit is not None:
                     values[key], self.sources[key] = hit[1], f"/metrics {hit[0]}"
+            # Quiver exports blocks used and total; free is their difference.
+            used = samples.get("quiver_kv_cache_blocks_used")
+            if values["kv_blocks_free"] is None and used is not None and values["kv_blocks_total"] is not None:
+                values["kv_blocks_free"] = values["kv_blocks_total"] - used
+                self.sources["kv_blocks_free"] = "/metrics quiver_kv_cache_blocks_total - quiver_kv_cache_blocks_used"
         adapters = self.adapters()
         values["refcounts"] = None
         if adapters is not None:

@@ -64,8 +64,6 @@ def create_app(
         hooks.install(engine)
 
     state.add_hooks(ready=install_hooks)
-    document = build_openapi()
-
     async def openapi(request: Request) -> Response:
         return JSONResponse(document)
 
@@ -86,6 +84,7 @@ def create_app(
         *(extra_routes or []),
     ]
     metrics.route_name = RouteNames(routes)
+    document = build_openapi(routes=routes)  # describes what this app mounts, no more
     # Outermost first: every request gets its id; refusals cost the least work they can.
     middleware = [Middleware(RequestContextMiddleware, track=metrics.track_http)]
     if api_key or admin_key:

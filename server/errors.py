@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -28,6 +29,8 @@ from engine.errors import (
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
+# A `\uD800`-`\uDFFF` escape: the only way a lone surrogate gets into a parsed body.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -140,7 +143,28 @@ async def parse_json_body(request: Request) -> dict[str, Any]:
         raise bad_request("The request body is nested too deeply.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+        # Not text: the tokenizer, SQLite and even the error response (UTF-8) would fail on it.
+        raise bad_request("The request body contains an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF).",
+                          code="invalid_json")
     return body
+
+
+def _has_lone_surrogate(body: Any) -> bool:
+    pending = [body]
+    while pending:  # a loop, not recursion: the body may be nested as deep as json allows
+        node = pending.pop()
+        if isinstance(node, dict):
+            pending.extend(node.keys())
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:

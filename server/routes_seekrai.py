@@ -37,6 +37,8 @@ from training.jobs import JobManager
 
 _STATUS = {NotFoundError: 404, ConflictError: 409, TooLargeError: 413}
 _ALL = 1 << 30
+# SQLite's INTEGER range: a larger id, offset or count cannot even be bound into a query.
+_SQL_MIN, _SQL_MAX = -(2**63), 2**63 - 1
 
 
 class _Body(BaseModel):
@@ -99,7 +101,7 @@ class _Infrastructure(_Body):
 
 
 class _FineTuneCreate(_Body):
-    project_id: int
+    project_id: int = Field(ge=_SQL_MIN, le=_SQL_MAX)
     training_config: _TrainingConfig
     infrastructure_config: _Infrastructure
 
@@ -134,8 +136,8 @@ def _int_param(request: Request, name: str, default: int, low: int = 0) -> int:
         value = int(raw)
     except ValueError:
         raise bad_request(f"{name} must be an integer, got {raw!r}", param=name) from None
-    if value < low:
-        raise bad_request(f"{name} must be at least {low}, got {value}", param=name)
+    if not low <= value <= _SQL_MAX:
+        raise bad_request(f"{name} must be between {low} and {_SQL_MAX}, got {value}", param=name)
     return value
 
 
@@ -159,7 +161,7 @@ def seekrai_routes(state: ServerState, store: Store, jobs: JobManager, deploymen
 
     async def get_project(request: Request) -> Response:
         project_id = request.path_params["project_id"]
-        found = await asyncio.to_thread(store.project, project_id)
+        found = await asyncio.to_thread(store.project, project_id) if project_id <= _SQL_MAX else None
         if found is None:
             raise APIError(404, f"No such project: {project_id}.", param="project_id", code="project_not_found")
         return JSONResponse(shapes.project(found))

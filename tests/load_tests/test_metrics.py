@@ -96,3 +96,12 @@ def test_synthetic_and_broken_adapters(tmp_path: Path) -> None:
     broken = write_broken_adapters(tmp_path / "root", made["lora-0000"])
     assert sorted(broken) == sorted(BROKEN_KINDS)
     assert (broken["broken-pickle"] / "adapter_model.bin").exists()
+
+
+def test_kv_blocks_free_is_derived_from_quivers_used_and_total(monkeypatch) -> None:
+    probe = ServerProbe(base_url="http://127.0.0.1:1")
+    samples = {"quiver_kv_cache_blocks_total": 64.0, "quiver_kv_cache_blocks_used": 5.0}
+    monkeypatch.setattr(probe, "metrics", lambda: samples)
+    monkeypatch.setattr(probe, "adapters", lambda: None)
+    state = probe.read()
+    assert state["kv_blocks_total"] == 64.0 and state["kv_blocks_free"] == 59.0

@@ -71,6 +71,7 @@ def test_malformed_json_and_non_object_bodies(http):
         ({"logit_bias": {"1": 500}}, "logit_bias"),
         ({"logit_bias": ["x"]}, "logit_bias"),
         ({"seed": "abc"}, "seed"),
+        ({"seed": 10**30}, "seed"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
