@@ -40,7 +40,8 @@ class _JobCreate(BaseModel):
     integrations: list[Any] | None = None
 
 
-async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+async def call_jobs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking job-manager call off the event loop; its errors become OpenAI error envelopes."""
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
     except FineTuneError as exc:
@@ -88,18 +89,18 @@ def finetune_routes(manager: JobManager) -> list[Route]:
                 raise bad_request("Upload the data as the multipart form field `file`.", param="file")
             if not isinstance(purpose, str):
                 raise bad_request("The form field `purpose` is required; use 'fine-tune'.", param="purpose")
-            record = await _call(manager.files.add, upload.filename or "upload.jsonl", upload.file, purpose)
+            record = await call_jobs(manager.files.add, upload.filename or "upload.jsonl", upload.file, purpose)
         finally:
             await form.close()
         return JSONResponse(record.to_openai())
 
     async def list_files(request: Request) -> Response:
         purpose = request.query_params.get("purpose")
-        records = await _call(manager.files.list)
+        records = await call_jobs(manager.files.list)
         return _page([r.to_openai() for r in records if purpose in (None, r.purpose)], False)
 
     async def get_file(request: Request) -> Response:
-        record = await _call(manager.files.get, request.path_params["file_id"])
+        record = await call_jobs(manager.files.get, request.path_params["file_id"])
         return JSONResponse(record.to_openai())
 
     async def create_job(request: Request) -> Response:
@@ -109,30 +110,30 @@ def finetune_routes(manager: JobManager) -> list[Route]:
             raise _invalid_body(exc) from None
         if body.integrations:
             raise bad_request("integrations are not supported.", param="integrations")
-        job = await _call(manager.create_job, model=body.model, training_file=body.training_file,
+        job = await call_jobs(manager.create_job, model=body.model, training_file=body.training_file,
                           validation_file=body.validation_file, hyperparameters=body.hyperparameters,
                           method=body.method, seed=body.seed, suffix=body.suffix, metadata=body.metadata)
         return JSONResponse(job)
 
     async def list_jobs(request: Request) -> Response:
-        jobs, more = await _call(manager.list_jobs, request.query_params.get("after"), _limit(request, 20))
+        jobs, more = await call_jobs(manager.list_jobs, request.query_params.get("after"), _limit(request, 20))
         return _page(jobs, more)
 
     async def get_job(request: Request) -> Response:
-        return JSONResponse(await _call(manager.get_job, request.path_params["job_id"]))
+        return JSONResponse(await call_jobs(manager.get_job, request.path_params["job_id"]))
 
     async def list_events(request: Request) -> Response:
-        events, more = await _call(manager.list_events, request.path_params["job_id"],
+        events, more = await call_jobs(manager.list_events, request.path_params["job_id"],
                                    request.query_params.get("after"), _limit(request, 20))
         return _page(events, more)
 
     async def list_checkpoints(request: Request) -> Response:
-        items, more = await _call(manager.list_checkpoints, request.path_params["job_id"],
+        items, more = await call_jobs(manager.list_checkpoints, request.path_params["job_id"],
                                   request.query_params.get("after"), _limit(request, 10))
         return _page(items, more)
 
     async def cancel_job(request: Request) -> Response:
-        return JSONResponse(await _call(manager.cancel_job, request.path_params["job_id"]))
+        return JSONResponse(await call_jobs(manager.cancel_job, request.path_params["job_id"]))
 
     jobs = "/v1/fine_tuning/jobs"
     return [

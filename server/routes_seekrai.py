@@ -13,7 +13,6 @@ the fine-tune-to-project links are kept in the SQLite store.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,15 +26,14 @@ from starlette.routing import Route
 from server import seekrai_shapes as shapes
 from server.deployments import Deployments
 from server.errors import APIError, bad_request, parse_json_body
+from server.routes_finetune import call_jobs
 from server.seekrai_chat import chat_route
 from server.state import ServerState
 from server.store import Store
-from training.errors import ConflictError, FineTuneError, NotFoundError, TooLargeError
 from training.job_params import EXTRA_KEYS
 from training.job_record import fine_tuned_model_name
 from training.jobs import JobManager
 
-_STATUS = {NotFoundError: 404, ConflictError: 409, TooLargeError: 413}
 _ALL = 1 << 30
 # SQLite's INTEGER range: a larger id, offset or count cannot even be bound into a query.
 _SQL_MIN, _SQL_MAX = -(2**63), 2**63 - 1
@@ -120,14 +118,6 @@ async def _body(request: Request, model: type[_Body]) -> Any:
         raise _invalid(exc) from None
 
 
-async def _jobs_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    except FineTuneError as exc:
-        status = next((s for kind, s in _STATUS.items() if isinstance(exc, kind)), 400)
-        raise APIError(status, exc.message, param=exc.param, code=exc.code) from None
-
-
 def _int_param(request: Request, name: str, default: int, low: int = 0) -> int:
     raw = request.query_params.get(name)
     if raw is None:
@@ -193,19 +183,19 @@ def seekrai_routes(state: ServerState, store: Store, jobs: JobManager, deploymen
             named = form.get("filename")
             filename = (await named.read()).decode("utf-8", "replace") if isinstance(named, UploadFile) else named
             purpose = form.get("purpose")
-            record = await _jobs_call(jobs.files.add, str(filename or upload.filename or "upload.jsonl"), upload.file,
+            record = await call_jobs(jobs.files.add, str(filename or upload.filename or "upload.jsonl"), upload.file,
                                       purpose if isinstance(purpose, str) else "fine-tune")
         finally:
             await form.close()
         return JSONResponse(shapes.file(record))
 
     async def get_file(request: Request) -> Response:
-        return JSONResponse(shapes.file(await _jobs_call(jobs.files.get, request.path_params["file_id"])))
+        return JSONResponse(shapes.file(await call_jobs(jobs.files.get, request.path_params["file_id"])))
 
     async def list_files(request: Request) -> Response:
         offset, limit = _int_param(request, "offset", 0), _int_param(request, "limit", 100, low=1)
         purpose = request.query_params.get("purpose")
-        records = [r for r in await _jobs_call(jobs.files.list) if purpose in (None, r.purpose)]
+        records = [r for r in await call_jobs(jobs.files.list) if purpose in (None, r.purpose)]
         return JSONResponse({"object": "list", "data": [shapes.file(r) for r in records[offset:offset + limit]]})
 
     # ---------------------------------------------------------------- fine-tunes
@@ -214,7 +204,7 @@ def seekrai_routes(state: ServerState, store: Store, jobs: JobManager, deploymen
         return bool(name) and state.ready and state.engine is not None and state.engine.has_adapter(name)
 
     async def fine_tune_body(job_id: str) -> dict[str, Any]:
-        job = await _jobs_call(jobs.get_job, job_id)
+        job = await call_jobs(jobs.get_job, job_id)
         links = await asyncio.to_thread(store.fine_tune_links)
         return shapes.fine_tune(job, links.get(job_id), inference_available(job))
 
@@ -224,7 +214,7 @@ def seekrai_routes(state: ServerState, store: Store, jobs: JobManager, deploymen
             raise APIError(404, f"No such project: {body.project_id}.", param="project_id",
                            code="project_not_found")
         config = body.training_config
-        job = await _jobs_call(jobs.create_job, model=config.model, training_file=config.training_files[0],
+        job = await call_jobs(jobs.create_job, model=config.model, training_file=config.training_files[0],
                                validation_file=(config.validation_files or [None])[0],
                                hyperparameters=config.hyperparameters(), suffix=config.experiment_name,
                                metadata={"project_id": str(body.project_id)})
@@ -237,18 +227,18 @@ def seekrai_routes(state: ServerState, store: Store, jobs: JobManager, deploymen
         return JSONResponse(await fine_tune_body(request.path_params["job_id"]))
 
     async def list_fine_tunes(request: Request) -> Response:
-        found, _ = await _jobs_call(jobs.list_jobs, None, _ALL)
+        found, _ = await call_jobs(jobs.list_jobs, None, _ALL)
         links = await asyncio.to_thread(store.fine_tune_links)
         data = [shapes.fine_tune(job, links.get(job["id"]), inference_available(job)) for job in found]
         return JSONResponse({"object": "list", "data": data})
 
     async def cancel_fine_tune(request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        await _jobs_call(jobs.cancel_job, job_id)
+        await call_jobs(jobs.cancel_job, job_id)
         return JSONResponse(await fine_tune_body(job_id))
 
     async def fine_tune_events(request: Request) -> Response:
-        events, _ = await _jobs_call(jobs.list_events, request.path_params["job_id"], None, _ALL)
+        events, _ = await call_jobs(jobs.list_events, request.path_params["job_id"], None, _ALL)
         return JSONResponse({"object": "list", "data": [shapes.fine_tune_event(e) for e in reversed(events)]})
 
     # ---------------------------------------------------------------- deployments
