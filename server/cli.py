@@ -58,6 +58,8 @@ _SERVE_OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
                                   "from max-num-seqs x max-model-len)."),
     ("--gpu-memory-utilization", float, 0.9, "Fraction of GPU memory the server may use."),
     ("--seed", int, 0, "Seed of the engine's random state (requests may pass their own `seed`)."),
+    ("--load-format", str, "auto", "auto (the model directory's safetensors) or dummy (random weights of its "
+                                   "config's shape: benchmarks and load tests of a model shape without its weights)."),
     ("--log-level", str, "info", "Log level: debug, info, warning, error."),
     ("--log-format", str, "json", "Log lines: json (one object per line, with the request id) or text."),
     ("--max-request-bytes", int, 16 * 2**20, "Largest request body in bytes (413 beyond; 0: no limit). "
@@ -161,7 +163,7 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_waiting=args.max_waiting,
-        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
     )
 
 
