@@ -193,6 +193,8 @@ async def run(args: argparse.Namespace, base_url: str, pid: int | None) -> dict[
         for i, rate in enumerate(rates):
             point = await _point(args, driver, names, base, metrics, pid, name, alpha, rate, i)
             points.append(point)
+            # A run cut short (a time limit) keeps every finished point.
+            report.write_json(args.out.with_suffix(".partial.json"), {"series": series})
             if stop_when_saturated and (is_saturated(point["arrival_rate"] or rate, point["sustained_rate"] or 0.0, 0.8)
                                         or (point["slo"]["attainment"] or 0.0) < 0.5):
                 print(f"  saturated at {rate:g} req/s", file=sys.stderr)
@@ -257,7 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out.with_suffix(".md")).write_text(report.markdown_table(points))
     title = args.label or (f"{args.arrival} arrivals, input {args.input_len.low}-{args.input_len.high}, "
                            f"output {args.output_len.low}-{args.output_len.high} tokens")
-    report.plot_sweeps(result["series"], out.with_suffix(".png"), title)
+    try:
+        report.plot_sweeps(result["series"], out.with_suffix(".png"), title)
+    except ImportError as exc:  # matplotlib is optional where the load runs; `report.py` plots later
+        print(f"no plot ({exc}); run `python -m load_tests.report {out.with_suffix('.json')} --out PREFIX`",
+              file=sys.stderr)
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(json.dumps({"json": str(out.with_suffix(".json")), "points": len(points)}))
     return 0
 
