@@ -29,7 +29,7 @@ _NO_WINDOW = 1 << 30
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, ml_ptr,
-    scale_log2, window, tokens_per_split,
+    scale_log2, window,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -42,12 +42,20 @@ def _paged_decode_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(lens_ptr + b)
-    lo = tl.maximum(tl.maximum(ctx_len - window, 0), split * tokens_per_split)
-    # The last partition runs to the end of the context, so a `max_context_len` hint that is
-    # too small (a graph replayed on longer contexts) costs speed, never correctness.
-    hi = tl.where(
-        split == tl.num_programs(2) - 1, ctx_len, tl.minimum(ctx_len, (split + 1) * tokens_per_split)
-    )
+    first = tl.maximum(ctx_len - window, 0)
+    if SPLIT:
+        # Partitions share out this sequence's own attended tiles, not the longest context the
+        # launch allows for: a short context still spreads over many programs. Whole tiles, so
+        # a partition's first tile always holds a visible key (a fully masked tile would make
+        # the running max -inf and the rescale NaN), and a partition past the end runs none.
+        first_tile = first // BLOCK_N
+        per_split = tl.cdiv(tl.cdiv(ctx_len, BLOCK_N) - first_tile, tl.num_programs(2))
+        tile = first_tile + split * per_split
+        lo = tl.maximum(tile * BLOCK_N, first)
+        hi = tl.minimum(ctx_len, (tile + per_split) * BLOCK_N)
+    else:
+        lo = first
+        hi = ctx_len
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -176,11 +184,12 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _num_splits(programs: int, max_context_len: int, block_n: int, device: torch.device) -> int:
-    """Enough partitions to give the GPU ~2 programs per SM, none shorter than 4 tiles."""
+    """Enough partitions to give the GPU ~2 programs per SM, at most one per tile of the longest
+    context (each sequence's context is shared out among the partitions in the kernel)."""
     want = 2 * _num_sms(device)
     if programs >= want:
         return 1
-    return max(1, min(triton.cdiv(want, programs), triton.cdiv(max_context_len, 4 * block_n), 64))
+    return max(1, min(triton.cdiv(want, programs), triton.cdiv(max_context_len, block_n), 64))
 
 
 def paged_decode_attention(
@@ -207,9 +216,9 @@ def paged_decode_attention(
             K[j] = k_cache[block_tables[b, j // block_size], j % block_size, h // G]   (V alike)
             out[b, h] = softmax(scale * q[b, h] . K[j]) @ V[j]     (float32 softmax)
         a row with no visible key (C == 0) gives zeros.
-    `max_context_len` (host int) only sizes the partitions (any value is correct; the last
-    partition takes whatever is left); it defaults to the block table's capacity, so the launch
-    needs no device sync and suits graph capture.
+    `max_context_len` (host int) only picks how many partitions to launch (any value is
+    correct: each sequence's context is shared out among them in the kernel); it defaults to
+    the block table's capacity, so the launch needs no device sync and suits graph capture.
     `num_splits`, `block_n` (tokens per tile, a multiple of block_size) and `num_warps` are
     tuning knobs; the defaults are what measured best (load_tests/results/KERNELS.md).
     """
@@ -235,7 +244,6 @@ def paged_decode_attention(
         max_context_len = block_tables.shape[1] * page
     if num_splits is None:
         num_splits = _num_splits(batch * hkv, max_context_len, block_n, q.device)
-    tokens_per_split = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
     if out is None:
         out = torch.empty_like(q)
     meta = dict(
@@ -244,7 +252,7 @@ def paged_decode_attention(
         num_warps=num_warps, num_stages=2,
     )  # fmt: skip
     args = (
-        scale * _LOG2E, sliding_window or _NO_WINDOW, tokens_per_split,
+        scale * _LOG2E, sliding_window or _NO_WINDOW,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
     )  # fmt: skip
     grid = (batch, hkv, num_splits)

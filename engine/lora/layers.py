@@ -7,9 +7,11 @@ and every slot has the same shape, which is what the segmented/gathered kernels 
 
 On CUDA the deltas come from the Triton SGMV kernels (`engine.kernels.triton_lora.lora_apply`),
 whose launch depends only on the token count and the segment-table length, so a decode step
-can be captured in a CUDA graph; on the CPU (or with `use_triton = False`) from the torch
-reference. Each slice keeps an int32 rank per slot so the kernels skip the zero padding of
-adapters smaller than `max_rank`.
+can be captured in a CUDA graph; batches of at most `SMALL_BATCH_TOKENS` tokens (decode at
+small batch) instead take one launch for all live slices of the layer
+(`engine.kernels.triton_lora_decode`). On the CPU (or with `use_triton = False`) the deltas
+come from the torch reference. Each slice keeps an int32 rank per slot so the kernels skip the
+zero padding of adapters smaller than `max_rank`.
 
 Slices no loaded adapter targets are skipped (`live_slices`): an engine serving q/k/v/o
 adapters launches no kernels for gate_up/down. A CUDA graph bakes in the slices live when it
@@ -166,7 +168,12 @@ class LoRALinear(nn.Module):
         if self.use_triton and x.is_cuda:
             kernels, ranks, r = _triton_lora(), self.ranks, self.max_rank
             live = self.live_slices
-            if len(live) > 1 and len(self.output_sizes) * r <= _MAX_FUSED_RANK:
+            if x2.shape[0] <= SMALL_BATCH_TOKENS and r <= _SMALL_MAX_RANK:
+                # Decode-sized batch: every live slice in one launch, no h buffer, no memset.
+                _triton_lora_decode().lora_fused_small(
+                    y2, x2, self.lora_a, b_stacks, ranks, offsets, live, lora.token_slots
+                )
+            elif len(live) > 1 and len(self.output_sizes) * r <= _MAX_FUSED_RANK:
                 # One shrink over every slice's A (padding rows read as zeros), one expand each.
                 h = kernels.lora_shrink(x2, self.lora_a, lora)
                 for i in live:
@@ -202,6 +209,21 @@ class LoRALinear(nn.Module):
         return f"output_sizes={self.output_sizes}, num_slots={self.num_slots}, max_rank={self.max_rank}"
 
 
+# Token counts up to which one launch does all live slices (`triton_lora_decode`). Its programs
+# each recompute their token's h from the whole A, so the A bytes read (from L2) grow with
+# T x column chunks, while the shrink-once path pays a fixed ~2.7 us per launch and up to
+# 2 + slices launches per layer. At 8 tokens the grid already holds about one program per SM.
+# Measured on an H100 (rank 16, one adapter, CUDA graph; load_tests/results/KERNELS.md) the
+# one launch still wins at 16 and 32 tokens; rank 64 reads 4x the A bytes per program and is
+# not measured, so the threshold stays at 8.
+# The test is on T alone, not on prefill vs decode: the kernel is exact for any T, and a
+# prefill of a few tokens is the same work as a decode step of as many sequences. CUDA-graph
+# decode pads T to a captured size, so batches 1, 2, 4 and 8 take this path.
+SMALL_BATCH_TOKENS = 8
+# Largest max_rank for that path: its A re-reads grow with the rank (64: 512 KiB per slice
+# and token on llama-8b).
+_SMALL_MAX_RANK = 64
+
 # Widest fused shrink (slices x max_rank): the kernel holds a [rank, 128] tile of A per stage
 # in shared memory, and three stages of 256 rows would not fit.
 _MAX_FUSED_RANK = 128
@@ -213,3 +235,10 @@ def _triton_lora() -> ModuleType:
     from engine.kernels import triton_lora
 
     return triton_lora
+
+
+@functools.cache
+def _triton_lora_decode() -> ModuleType:
+    from engine.kernels import triton_lora_decode
+
+    return triton_lora_decode

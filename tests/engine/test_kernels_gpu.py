@@ -278,7 +278,7 @@ def test_paged_decode_matches_reference(tl_attn, dtype, shape):
     assert _rel_err(out.cpu(), ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("num_splits", [1, 3, 8, 64])
 @pytest.mark.parametrize("window", [None, 40])
 def test_paged_decode_splits_and_window(tl_attn, num_splits, window):
     gen = torch.Generator().manual_seed(7)
