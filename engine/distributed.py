@@ -87,18 +87,14 @@ def init_tensor_parallel(
 def destroy_tensor_parallel(collective: bool = True, timeout_s: float | None = None) -> None:
     """Leave the group (a no-op when this process never joined one).
 
-    An NCCL group is aborted (each rank alone: `_abort_nccl`); where abort is unavailable it is
-    torn down, which is collective (a finalize that flushes every rank's work): each rank must
+    NCCL's teardown is collective (a finalize that flushes every rank's work): each rank must
     call this at about the same time, or it waits for the others forever. `collective=False`
-    says a rank is gone: the group is then abandoned if it cannot be aborted. A gloo group is
-    destroyed. `timeout_s` bounds the wait of a teardown; past it the teardown is left running.
+    says a rank is gone: an NCCL group is then abandoned (the process is about to exit) rather
+    than torn down. `timeout_s` bounds the wait; past it the teardown is left running.
     """
     global _GROUP
     if _GROUP.size > 1 and dist.is_initialized():
-        gloo = dist.get_backend() == "gloo"
-        if not gloo and _abort_nccl():
-            log.info("left the tensor-parallel NCCL group (aborted its communicators)")
-        elif collective or gloo:
+        if collective or dist.get_backend() == "gloo":
             if timeout_s is None:
                 dist.destroy_process_group()
             else:
@@ -110,22 +106,6 @@ def destroy_tensor_parallel(collective: bool = True, timeout_s: float | None = N
         else:
             log.warning("a tensor-parallel rank is gone: leaving the NCCL group without tearing it down")
     _GROUP = TPGroup(rank=0, size=1)
-
-
-def _abort_nccl() -> bool:
-    """Leave an NCCL group without its collective finalize: each rank aborts its communicators on
-    its own. The collective teardown can wait forever once decode CUDA graphs hold the
-    communicators (seen on 2x H200 with torch 2.11), and by the time this runs every rank has
-    passed the control barrier, so no collective is in flight. False when abort is unavailable."""
-    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    if abort is None:
-        return False
-    try:
-        abort()
-    except Exception:  # noqa: BLE001 - fall back to the collective teardown
-        log.warning("aborting the NCCL group failed; tearing it down instead", exc_info=True)
-        return False
-    return True
 
 
 def barrier() -> None:
