@@ -133,6 +133,11 @@ class AdapterRegistry:
     def names(self) -> list[str]:
         return list(self._by_name)
 
+    def servable_names(self) -> list[str]:
+        """Registered names minus those that failed to load (those stay listed, with the reason,
+        by the admin API, and answer 400 with it)."""
+        return [name for name, entry in list(self._by_name.items()) if entry.error is None]
+
     def has(self, name: str) -> bool:
         if name in self._by_name:
             return True

@@ -176,7 +176,8 @@ class LLMEngine:
         return self.adapters.lookup(name).adapter_id
 
     def adapter_names(self) -> list[str]:
-        return self.adapters.names()
+        """Adapters a request may name: registered and not failed (what /v1/models lists)."""
+        return self.adapters.registry.servable_names()
 
     def has_adapter(self, name: str) -> bool:
         return self.adapters.has(name)

@@ -124,3 +124,12 @@ def test_counters_are_per_adapter_and_survive_deletes() -> None:
     registry.drop(a)
     after = registry.totals()
     assert after["adapter_gpu_loads"] == 1 and after["adapters_registered"] == 0
+
+
+def test_servable_names_leave_out_failed_adapters() -> None:
+    registry = AdapterRegistry(max_host=4)
+    _loaded(registry, "ok")
+    registry.register("lazy", SRC)  # not loaded yet: may still serve
+    registry.fail(registry.register("broken", SRC), "corrupt safetensors")
+    assert registry.names() == ["ok", "lazy", "broken"]
+    assert registry.servable_names() == ["ok", "lazy"]

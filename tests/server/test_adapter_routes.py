@@ -142,6 +142,10 @@ def test_bad_adapters_get_400_with_the_reason_while_others_serve(env: Env) -> No
         assert _text(responses[name]) == env.refs[name]
     again = _complete(env.http, "bad-corrupt")
     assert again.status_code == 400 and BAD["corrupt"] in again.text
+    # Failed adapters leave /v1/models (clients discover what can serve) but stay in the admin list.
+    failed = {f"bad-{defect}" for defect in BAD}
+    assert not failed & _models(env) and set(GOOD) <= _models(env)
+    assert failed <= set(_adapters(env))
 
 
 @pytest.mark.parametrize("name", ["../escapee", "..", "/etc/passwd", "a/b", "%2e%2e", "sneaky",
