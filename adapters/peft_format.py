@@ -28,6 +28,7 @@ from adapters.errors import (
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
 
 # PEFT short name -> the submodule of a decoder layer that holds it (HF Llama-family naming).
 MODULE_PARENTS: dict[str, str] = {

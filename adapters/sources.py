@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from adapters.errors import AdapterNotFoundError
-from adapters.peft_format import CONFIG_NAME
-from adapters.weights import WEIGHTS_NAME
+from adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 HUB_PREFIX = "hf://"
 # ':' is allowed after the first character: fine-tuning checkpoints are served as

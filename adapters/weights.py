@@ -21,9 +21,8 @@ from adapters.errors import (
     UnsafeAdapterFormatError,
     UnsupportedAdapterError,
 )
-from adapters.peft_format import MODULE_PARENTS, AdapterSpec, module_path, read_adapter_spec
+from adapters.peft_format import MODULE_PARENTS, WEIGHTS_NAME, AdapterSpec, module_path, read_adapter_spec
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A[.default].weight; the optional infix is

@@ -23,8 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from adapters.peft_format import CONFIG_NAME, read_adapter_spec
-from adapters.weights import WEIGHTS_NAME, load_adapter
+from adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter_spec
 
 METADATA_NAME = "training_metadata.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -81,6 +80,8 @@ def _publish(staging: Path, directory: Path) -> None:
 def check_servable(directory: Path) -> None:
     """Raise (adapters' own errors) if the server could not load this adapter."""
     spec = read_adapter_spec(directory, directory.name)
+    from adapters.weights import load_adapter  # torch: imported only when a checkpoint is checked
+
     load_adapter(directory, directory.name, expected_shapes=None, num_layers=None, max_rank=spec.max_rank)
 
 
