@@ -96,6 +96,13 @@ class JobRecord:
         self.save()
         self.add_event(message, level=level)
 
+    def requeue(self, message: str) -> None:
+        """Back to the start: the run's partial progress is dropped (the next run overwrites its
+        output directory), its files are validated again, and the history keeps `message`."""
+        self.started_at = self.estimated_finish = self.trained_tokens = None
+        self.checkpoints, self.child_error, self.final_event = [], None, None
+        self.set_status("validating_files", message, level="warn")
+
     def fail(self, code: str, message: str, param: str | None = None) -> None:
         self.error = {"code": code, "message": message, "param": param}
         self.set_status("failed", f"Fine-tuning job failed: {message}", level="error")

@@ -47,6 +47,8 @@ _KILL_GRACE_S = 5.0
 __all__ = ["JobManager", "fine_tuned_model_name"]
 
 
+_RESTARTED = "The server stopped while the job was running; the job is queued again and starts over."
+
 class JobManager:
     """Runs fine-tuning jobs of `base_model` (the path or hub id the server loaded), called `model_name`.
 
@@ -77,7 +79,7 @@ class JobManager:
         self._jobs: dict[str, JobRecord] = {}
         for record in load_records(self.jobs_dir):
             if record.status == "running":  # its process died with the previous server
-                record.fail("interrupted", "The server stopped while the job was running; create a new job.")
+                record.requeue(_RESTARTED)
             self._jobs[record.id] = record
 
     # ------------------------------------------------------------------ lifetime
@@ -87,7 +89,8 @@ class JobManager:
             self._thread.start()
 
     def close(self) -> None:
-        """Stop monitoring; running jobs are killed and marked failed."""
+        """Stop monitoring; running jobs are killed and queued again (they start over when a
+        manager over the same directory starts)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -95,10 +98,12 @@ class JobManager:
             self._thread = None
         with self._lock:
             procs, self._procs = self._procs, {}
-            for job_id in procs:
-                self._jobs[job_id].fail("server_shutdown", "The server stopped while the job was running.")
         for proc in procs.values():
             _kill(proc)
+        with self._lock:  # after the kill: no event of the old run lands after the requeue
+            for job_id in procs:
+                if self._jobs[job_id].status == "running":
+                    self._jobs[job_id].requeue(_RESTARTED)
 
     def servable_adapters(self) -> dict[str, Path]:
         """Adapters finished jobs left on disk, by served name (to register when the server starts)."""

@@ -200,10 +200,35 @@ def test_cancel_before_start_and_restart_of_an_interrupted_job(tmp_path) -> None
     record.save()
     queued = manager.create_job(model="base", training_file=file_id)
     again = JobManager(tmp_path, base_model="/models/base", model_name="base")
-    interrupted = again.get_job(running["id"])
-    assert interrupted["status"] == "failed" and interrupted["error"]["code"] == "interrupted"
+    interrupted = again.get_job(running["id"])  # queued again: it starts over
+    assert interrupted["status"] == "validating_files" and interrupted["error"] is None
+    events, _ = again.list_events(running["id"], limit=50)
+    assert "queued again" in events[0]["message"] and events[0]["level"] == "warn"
     assert again.get_job(queued["id"])["status"] == "validating_files"  # will still run
     assert again.get_job(waiting["id"])["status"] == "cancelled"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="uses a shell launcher")
+def test_a_job_running_at_shutdown_is_queued_again_and_reruns(tmp_path) -> None:
+    sleeper = _fake_python(tmp_path / "child", "import time\ntime.sleep(60)\n")
+    first = JobManager(tmp_path / "m", base_model="b", model_name="b", python=sleeper, poll_interval=0.05)
+    first.start()
+    try:
+        job = first.create_job(model="b", training_file=_upload(first, _chat("q", "a")))
+        _wait(first, job["id"], lambda j: j["status"] == "running", timeout=20)
+    finally:
+        first.close()
+    assert first.get_job(job["id"])["status"] == "validating_files"
+    second = JobManager(tmp_path / "m", base_model="b", model_name="b", python=sleeper, poll_interval=0.05)
+    again = second.get_job(job["id"])
+    assert again["status"] == "validating_files" and again["error"] is None and again["trained_tokens"] is None
+    second.start()
+    try:
+        _wait(second, job["id"], lambda j: j["status"] == "running", timeout=20)
+    finally:
+        second.close()
+    messages = [e["message"] for e in second.list_events(job["id"], limit=50)[0]]
+    assert sum("queued again" in m for m in messages) == 2 and sum("job started" in m for m in messages) == 2
 
 
 def _fake_python(tmp_path: Path, body: str) -> str:
