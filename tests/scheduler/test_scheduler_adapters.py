@@ -1,7 +1,5 @@
 """The adapter cap, and the starvation bound that keeps it fair."""
 
-
-
 from scheduler.scheduler import Scheduler
 from scheduler.sequence import SequenceStatus
 from tests.scheduler.helpers import make_config, make_seq, step
