@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from load_tests.kernel_bench import gpu_time_us  # noqa: E402
 
 # (name, out_features N, in_features K) of llama-8b; qkv and gate_up are the fused projections.
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
@@ -51,36 +56,17 @@ def gemv(w: torch.Tensor, x: torch.Tensor, block_n: int, block_k: int, num_warps
     return y
 
 
-def _graph_time_us(fn, reps: int = 50) -> float:
-    """Median GPU time of `fn` replayed from a CUDA graph (no launch gaps, as in the decode graphs)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def measure(n: int, k: int) -> dict:
     """torch and every Triton tile shape on one [n, k] bf16 weight; GPU times in microseconds."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     ref = (x @ w.T).float().squeeze(0)
     gb = w.numel() * w.element_size() / 1e9
-    entry = {"weight_gb": gb, "torch_us": _graph_time_us(lambda: x @ w.T), "triton": []}
+    entry = {"weight_gb": gb, "torch_us": gpu_time_us([lambda: x @ w.T], graph=True, reps=50), "triton": []}
     for bn, bk, warps in CONFIGS:
         y = gemv(w, x[0], bn, bk, warps)
         err = ((y.float() - ref).norm() / ref.norm()).item()
-        us = _graph_time_us(lambda bn=bn, bk=bk, warps=warps: gemv(w, x[0], bn, bk, warps))
+        us = gpu_time_us([lambda bn=bn, bk=bk, warps=warps: gemv(w, x[0], bn, bk, warps)], graph=True, reps=50)
         entry["triton"].append({"block_n": bn, "block_k": bk, "warps": warps, "us": us, "rel_err": err})
     best = min(entry["triton"], key=lambda e: e["us"])
     entry.update(best=best, torch_tb_s=gb / entry["torch_us"] * 1e3, best_tb_s=gb / best["us"] * 1e3)

@@ -39,7 +39,7 @@ DTYPE = torch.bfloat16
 WORKING_SET = 256 << 20  # bytes of input copies to cycle through per repetition
 
 
-def _time(calls, graph: bool, reps: int = 7) -> float:
+def gpu_time_us(calls, graph: bool, reps: int = 7) -> float:
     """Median microseconds per call over `reps` passes through `calls`."""
     for c in calls:  # warm-up: compile, allocate
         c()
@@ -66,7 +66,7 @@ def copy_bandwidth() -> float:
     """TB/s of a large device-to-device copy, bytes read plus written: the memory ceiling."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    us = _time([lambda: dst.copy_(src)] * 5, graph=False)
+    us = gpu_time_us([lambda: dst.copy_(src)] * 5, graph=False)
     return 2 * src.numel() / us / 1e6
 
 
@@ -103,21 +103,21 @@ def bench_lora(batch: int, adapters: int, k: int, n: int, rank: int, quick: bool
         sets.append((y, x, a, b))
     ref_sets = sets[: min(copies, 16)]
     res = {"batch": batch, "adapters": adapters, "in": k, "out": n, "rank": rank, "min_bytes": min_bytes}
-    res["ref_bgmv_eager_us"] = _time(
+    res["ref_bgmv_eager_us"] = gpu_time_us(
         [lambda s=s: lora_bgmv(*s, ctx.token_slots, 0) for s in ref_sets], False, 3
     )
-    res["ref_sgmv_eager_us"] = _time(
+    res["ref_sgmv_eager_us"] = gpu_time_us(
         [lambda s=s: lora_shrink_expand_sgmv(*s, ctx.seg_bounds, 0) for s in ref_sets], False, 3
     )
     for name, per_token in (("sgmv", False), ("bgmv", True)):
         calls = [lambda s=s, p=per_token: tlora.lora_apply(*s, ctx, 0, per_token=p) for s in sets]
-        res[f"{name}_eager_us"] = _time(calls, False)
-        res[f"{name}_graph_us"] = _time(calls, True)
+        res[f"{name}_eager_us"] = gpu_time_us(calls, False)
+        res[f"{name}_graph_us"] = gpu_time_us(calls, True)
     res["sgmv_graph_tbs"] = min_bytes / res["sgmv_graph_us"] / 1e6
     # Capture-safe SGMV: segment tensors padded to one run per slot plus base, grid for T tokens.
     padded = _padded(ctx, batch, min(batch, adapters + 1))
     calls = [lambda s=s: tlora.lora_apply(*s, padded, 0) for s in sets]
-    res["sgmv_padded_graph_us"] = _time(calls, True)
+    res["sgmv_padded_graph_us"] = gpu_time_us(calls, True)
     return res
 
 
@@ -147,14 +147,14 @@ def lora_breakdown(batch: int, adapters: int, k: int, n: int, rank: int) -> dict
     args = (ctx.seg_starts, ctx.seg_slots)
     for split in (None, 1, 4, 8, 16, 32):
         calls = [lambda st=st, sp=split: tlora.sgmv_shrink(st[0], st[1], *args, split_k=sp) for st in sets]
-        res[f"shrink_split={split}"] = _time(calls, True)
+        res[f"shrink_split={split}"] = gpu_time_us(calls, True)
     hs = [torch.randn(batch, rank, device="cuda") for _ in range(copies)]
     for block_n in (None, 64, 128, 256):
         calls = [
             lambda st=st, h=h, bn=block_n: tlora.sgmv_expand(h, st[2], *args, st[3], block_n=bn)
             for st, h in zip(sets, hs, strict=True)
         ]
-        res[f"expand_block_n={block_n}"] = _time(calls, True)
+        res[f"expand_block_n={block_n}"] = gpu_time_us(calls, True)
     return res
 
 
@@ -172,11 +172,11 @@ def bench_lora_prefill(tokens: int, adapters: int, k: int, n: int, rank: int) ->
     ]
     min_bytes = 2 * (tokens * k + adapters * rank * (k + n) + 2 * tokens * n)
     res = {"tokens": tokens, "adapters": adapters, "in": k, "out": n, "rank": rank, "min_bytes": min_bytes}
-    res["ref_sgmv_eager_us"] = _time(
+    res["ref_sgmv_eager_us"] = gpu_time_us(
         [lambda s=s: lora_shrink_expand_sgmv(*s, ctx.seg_bounds, 0) for s in sets], False
     )
-    res["sgmv_eager_us"] = _time([lambda s=s: tlora.lora_apply(*s, ctx, 0) for s in sets], False)
-    res["sgmv_graph_us"] = _time([lambda s=s: tlora.lora_apply(*s, ctx, 0) for s in sets], True)
+    res["sgmv_eager_us"] = gpu_time_us([lambda s=s: tlora.lora_apply(*s, ctx, 0) for s in sets], False)
+    res["sgmv_graph_us"] = gpu_time_us([lambda s=s: tlora.lora_apply(*s, ctx, 0) for s in sets], True)
     res["sgmv_graph_tbs"] = min_bytes / res["sgmv_graph_us"] / 1e6
     return res
 
@@ -188,8 +188,8 @@ def launch_overhead() -> dict:
     a = torch.zeros(1, 16, 16, device="cuda", dtype=DTYPE)
     xs = torch.zeros(1, 16, device="cuda", dtype=DTYPE)
     return {
-        "torch_add_eager_us": _time([lambda: x.add_(1)] * 200, False),
-        "triton_shrink_eager_us": _time(
+        "torch_add_eager_us": gpu_time_us([lambda: x.add_(1)] * 200, False),
+        "triton_shrink_eager_us": gpu_time_us(
             [lambda: tlora.sgmv_shrink(xs, a, ctx.seg_starts, ctx.seg_slots)] * 200, False
         ),
     }
@@ -233,17 +233,17 @@ def bench_attention(batch: int, ctx_len: int, hq: int, hkv: int, d: int, page: i
     ref = _dense_ref(qs[0], k_cache, v_cache, tables[0], scale)
     err = (paged()[0]().float() - ref.float()).norm() / ref.float().norm()
     res["max_rel_err_vs_sdpa"] = err.item()
-    res["triton_eager_us"] = _time(paged(), False)
-    res["triton_graph_us"] = _time(paged(), True)
+    res["triton_eager_us"] = gpu_time_us(paged(), False)
+    res["triton_graph_us"] = gpu_time_us(paged(), True)
     if sweep and batch * hkv >= 256:
         res["sweep_graph_us"] = {
-            f"block_n={bn},warps={w}": _time(paged(block_n=bn, num_warps=w), True)
+            f"block_n={bn},warps={w}": gpu_time_us(paged(block_n=bn, num_warps=w), True)
             for bn in (16, 32, 64, 128)
             for w in (4, 8)
             if bn % page == 0
         }
     elif sweep:  # few (sequence, kv head) pairs: how much the split into partitions buys
-        res["sweep_graph_us"] = {f"splits={sp}": _time(paged(num_splits=sp), True) for sp in (1, 2, 4, 8, 16)}
+        res["sweep_graph_us"] = {f"splits={sp}": gpu_time_us(paged(num_splits=sp), True) for sp in (1, 2, 4, 8, 16)}
     # Dense SDPA over the same data laid out contiguously [B, Hkv, L, D] (enable_gqa): the
     # gather-free baseline a paged kernel should approach.
     dense = [
@@ -251,8 +251,8 @@ def bench_attention(batch: int, ctx_len: int, hq: int, hkv: int, d: int, page: i
         for q, t in zip(qs, tables, strict=True)
     ]
     sdpa = [lambda a=a: F.scaled_dot_product_attention(*a, scale=scale, enable_gqa=True) for a in dense]
-    res["sdpa_dense_eager_us"] = _time(sdpa, False)
-    res["sdpa_dense_graph_us"] = _time(sdpa, True)
+    res["sdpa_dense_eager_us"] = gpu_time_us(sdpa, False)
+    res["sdpa_dense_graph_us"] = gpu_time_us(sdpa, True)
     res["triton_graph_tbs"] = kv_bytes / res["triton_graph_us"] / 1e6
     res["sdpa_dense_graph_tbs"] = kv_bytes / res["sdpa_dense_graph_us"] / 1e6
     return res
@@ -275,8 +275,8 @@ def bench_store(tokens: int, hkv: int, d: int, page: int) -> dict:
     res = {"tokens": tokens, "hkv": hkv, "d": d, "min_bytes": 4 * tokens * hkv * d * 2}
     for name, fn in (("triton", tattn.store_kv), ("index_copy", torch_store_kv)):
         calls = [lambda s=s, f=fn: f(s[0], s[1], kc, vc, s[2]) for s in sets]
-        res[f"{name}_eager_us"] = _time(calls, False)
-        res[f"{name}_graph_us"] = _time(calls, True)
+        res[f"{name}_eager_us"] = gpu_time_us(calls, False)
+        res[f"{name}_graph_us"] = gpu_time_us(calls, True)
     return res
 
 
