@@ -175,6 +175,20 @@ class Bench:
         finally:
             set_fused_elementwise(True)
 
+    def quiver_8b_cublas(self, name: str) -> None:
+        """`quiver_8b` with every matmul on cuBLAS and no programmatic dependent launch: the
+        before/after of engine/kernels/triton_gemv.py and engine/kernels/pdl.py within one run."""
+        from engine.kernels import pdl
+        from engine.models.layers import set_gemv
+
+        set_gemv(False)
+        pdl.set_enabled(False)
+        try:
+            self.quiver_8b(name)
+        finally:
+            set_gemv(True)
+            pdl.set_enabled(True)
+
     def quiver_1b_mixed(self, name: str) -> None:
         slots = 16 if self.smoke else 128
         q = QuiverOffline(hf_config("llama-1b", self.layers), num_slots=slots, max_rank=64, max_num_seqs=256,
@@ -216,12 +230,13 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540.0)
     parser.add_argument("--phases", default="quiver_1b,baselines,quiver_8b,quiver_1b_mixed,quiver_1b_eager",
                         help="comma-separated; single stream alone: quiver_8b (before/after the fused "
-                             "elementwise kernels: quiver_8b_unfused,quiver_8b)")
+                             "elementwise kernels: quiver_8b_unfused,quiver_8b; before/after "
+                             "the GEMV and PDL: quiver_8b_cublas,quiver_8b)")
     parser.add_argument("--profile", action="store_true",
                         help="single-stream phases also write a kernel summary of one graph replay")
     args = parser.parse_args()
     bench = Bench(args.out, args.budget_s, args.smoke, args.profile)
-    estimates = {"quiver_1b": 120, "baselines": 60, "quiver_8b": 45, "quiver_8b_unfused": 45,
+    estimates = {"quiver_1b": 120, "baselines": 60, "quiver_8b": 45, "quiver_8b_unfused": 45, "quiver_8b_cublas": 45,
                  "quiver_1b_mixed": 50, "quiver_1b_eager": 75}
     if args.smoke:
         estimates = dict.fromkeys(estimates, 5)

@@ -17,9 +17,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from engine.attention import AttentionBackend, torch_prefill
 from engine.context import ForwardContext
+from engine.kernels import pdl
 
 _LOG2E = 1.4426950408889634
 # Stands for "no sliding window": larger than any context, so C - window < 0.
@@ -37,7 +39,11 @@ def _paged_decode_kernel(
     stride_ob, stride_oh, stride_os,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # engine/kernels/pdl.py
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -117,8 +123,11 @@ def _paged_decode_kernel(
 def _merge_splits_kernel(
     part_ptr, ml_ptr, o_ptr, num_splits,
     stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -151,7 +160,11 @@ def _store_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
     HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, PAGE: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot < 0:
@@ -174,6 +187,12 @@ def _store_kv_kernel(
         v.to(vc_ptr.dtype.element_ty),
         mask=mask,
     )
+
+
+def _pdl(x: torch.Tensor) -> dict[str, bool]:
+    """Launch arguments for programmatic dependent launch (engine/kernels/pdl.py)."""
+    on = pdl.enabled(x.device)
+    return {"USE_PDL": on, "launch_pdl": on}
 
 
 @functools.lru_cache(maxsize=8)
@@ -249,7 +268,7 @@ def paged_decode_attention(
     meta = dict(
         G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d, PAGE=page,
         BLOCK_N=block_n, SPLIT=num_splits > 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=2, **_pdl(q),
     )  # fmt: skip
     args = (
         scale * _LOG2E, sliding_window or _NO_WINDOW,
@@ -271,7 +290,7 @@ def paged_decode_attention(
     _merge_splits_kernel[(batch, hq)](
         part, ml, out, num_splits,
         part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4, **_pdl(q),
     )  # fmt: skip
     return out
 
@@ -299,7 +318,7 @@ def store_kv(
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
-        HEAD_DIM=d, NUM_HEADS=hkv, PAGE=k_cache.shape[1], BLOCK=block, num_warps=4,
+        HEAD_DIM=d, NUM_HEADS=hkv, PAGE=k_cache.shape[1], BLOCK=block, num_warps=4, **_pdl(k),
     )  # fmt: skip
 
 

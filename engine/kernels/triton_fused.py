@@ -16,14 +16,20 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from engine.kernels import pdl
 
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
     stride_x, stride_r, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # engine/kernels/pdl.py: nothing below may run before the producer is done
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -84,7 +90,7 @@ def _launch_norm(
     _rms_norm_kernel[(rows,)](
         x2, r2, weight, out, summed if summed is not None else out,
         x2.stride(0), r2.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block), **_pdl(x),
     )  # fmt: skip
     return out, summed
 
@@ -94,8 +100,11 @@ def _qk_rotary_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_out_ptr, k_out_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st, eps,
     NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
-    QK_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    QK_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # q heads, then k heads
     d = tl.arange(0, BLOCK_D)
@@ -194,13 +203,16 @@ def qk_rotary(
         q_norm_weight if qk_norm else cos, k_norm_weight if qk_norm else cos, q_out, k_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0), eps,
         NUM_Q=num_q, NUM_K=num_k, HEAD_DIM=head_dim, ROT=rot, QK_NORM=qk_norm,
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **_pdl(q),
     )  # fmt: skip
     return q_out, k_out
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, n, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -225,7 +237,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] == 0:
         return out
     block = min(1024, triton.next_power_of_2(n))
-    _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, out, x2.stride(0), n, BLOCK=block, num_warps=4)
+    _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, out, x2.stride(0), n, BLOCK=block, num_warps=4,
+                                                                 **_pdl(x))  # fmt: skip
     return out
 
 
@@ -233,6 +246,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, last dim] with a unit stride along the last dimension (a view where it can be)."""
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _pdl(x: torch.Tensor) -> dict[str, bool]:
+    """Launch arguments for programmatic dependent launch (engine/kernels/pdl.py)."""
+    on = pdl.enabled(x.device)
+    return {"USE_PDL": on, "launch_pdl": on}
 
 
 def _warps(block: int) -> int:

@@ -8,6 +8,10 @@ The elementwise steps (residual add + RMSNorm, q/k rotary with the optional q/k 
 SiLU-and-mul) run as single Triton kernels on CUDA tensors (engine/kernels/triton_fused.py)
 and as the torch code below everywhere else; the torch code is the reference the kernels are
 tested against. `set_fused_elementwise(False)` selects the reference on CUDA too.
+
+Linear layers go through `linear`: on CUDA, a call with at most `triton_gemv.MAX_ROWS` rows
+(batch-1 decode) runs the weight-streaming GEMV of engine/kernels/triton_gemv.py, everything
+else `F.linear` (cuBLAS). `set_gemv(False)` sends every call to `F.linear`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _fused_elementwise = True
+_gemv = True
 
 
 def set_fused_elementwise(enabled: bool) -> None:
@@ -34,6 +39,32 @@ def set_fused_elementwise(enabled: bool) -> None:
 
 def fused_elementwise_enabled() -> bool:
     return _fused_elementwise
+
+
+def set_gemv(enabled: bool) -> None:
+    """Route few-row CUDA linears to the Triton GEMV (the default) or always to F.linear."""
+    global _gemv
+    _gemv = bool(enabled)
+
+
+def gemv_enabled() -> bool:
+    return _gemv
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, through the Triton GEMV where it serves the call."""
+    if _gemv and x.is_cuda:
+        gemv = _triton_gemv()
+        if gemv.supports(x, weight):
+            return gemv.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+@functools.cache
+def _triton_gemv() -> ModuleType:
+    from engine.kernels import triton_gemv
+
+    return triton_gemv
 
 
 def _fused_for(x: torch.Tensor) -> ModuleType | None:
@@ -100,7 +131,7 @@ class FusedLinear(nn.Module):
         target.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -129,7 +160,7 @@ class LMHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+        return linear(hidden, self.weight)
 
 
 class RMSNorm(nn.Module):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import distributed
-from engine.models.layers import FusedLinear
+from engine.models.layers import FusedLinear, linear
 
 Shard = tuple[int, int]  # (offset, size) of this rank's part of a dimension
 
@@ -189,7 +189,7 @@ class RowParallelLinear(FusedLinear):
 
     def forward_partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's term of the sum (bias on rank 0 only)."""
-        return F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        return linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
         return distributed.all_reduce(y)
@@ -256,7 +256,7 @@ class ParallelLMHead(_VocabShard):
         super().__init__(vocab_size, hidden_size, dtype, rank, size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.tp_size == 1:
             return logits
         return distributed.all_gather_last_dim(logits)[..., : self.vocab_size]
