@@ -33,6 +33,8 @@ class EngineConfig:
                          CPU: N processes over gloo (how the tests check the sharding).
     load_format:         "auto" (the checkpoint's safetensors) or "dummy" (random weights of the
                          config's shape, for benchmarks: only config.json is read).
+    async_scheduling:    keep one step in flight: schedule and launch step n+1 before reading
+                         step n's tokens, so host work overlaps device work (engine/llm_engine.py).
     """
 
     model: str
@@ -56,6 +58,7 @@ class EngineConfig:
     kernels: str = "auto"
     tensor_parallel_size: int = 1
     load_format: str = "auto"
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine import placeholders
 from engine.context import ForwardContext, LoraContext, set_context
 
 log = logging.getLogger(__name__)
@@ -187,9 +188,10 @@ class DecodeGraphs:
             and max(len(t) for t in inputs.block_tables) <= self.max_blocks
         )
 
-    def run(self, inputs: DecodeInputs, any_lora: bool) -> torch.Tensor:
+    def run(self, inputs: DecodeInputs, any_lora: bool, pending_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [n, vocab] for the n sequences of `inputs`, in their order (a view into the
-        graph's output: valid until the next replay)."""
+        graph's output: valid until the next replay). Placeholder input ids are read from
+        `pending_tokens` (engine/placeholders.py)."""
         n = len(inputs.input_ids)
         size = self.size_for(n)
         if size is None:
@@ -198,6 +200,9 @@ class DecodeGraphs:
             raise RuntimeError("LoRA batch but no LoRA graphs: call capture_lora first")
         lora = any_lora
         self._stage(inputs, n, size)
+        if pending_tokens is not None:
+            ids = self.input_ids[:n]
+            ids.copy_(placeholders.resolve(ids, pending_tokens))
         self._graphs[(size, lora)].replay()
         return self._logits[(size, lora)][:n]
 

@@ -1,8 +1,18 @@
 """The synchronous engine core: requests in, one scheduled step at a time, deltas out.
 
 One step is `scheduler.schedule()` → adapter slots made resident → `runner.execute()` →
-`sampler()` → `scheduler.update()` → stop checks and detokenization. Not thread-safe: the
-async bridge (engine/async_engine.py) drives it from a single thread.
+`sampler.launch()` → `scheduler.update()` → stop checks and detokenization. Not thread-safe:
+the async bridge (engine/async_engine.py) drives it from a single thread.
+
+One step stays in flight (`EngineConfig.async_scheduling`): `step()` schedules and launches
+step n+1 first, and only then waits for step n's tokens and post-processes them, so the host
+work of a step runs while the device computes the next one instead of leaving it idle. Step
+n+1 is scheduled before the host knows step n's tokens: each sequence's newest token is a
+placeholder (engine/placeholders.py) that the runner reads from the device, and that is
+patched when step n's tokens arrive, before anything on the host reads it. A sequence that
+stopped at step n has computed one token too many, which is dropped. Requests whose sampling
+reads their own history on the host (penalties, logits processors) switch the engine to one
+step at a time while they run; so does tensor parallelism.
 
 With `tensor_parallel_size` N > 1 this process is rank 0 of N: everything above runs here, and
 the model calls (each forward, each adapter copy) are repeated by N-1 worker processes that
@@ -33,13 +43,15 @@ from engine.lora.slots import FUSED_NAMES, LoraSlots
 from engine.model_runner import ModelRunner
 from engine.models.loader import load_model
 from engine.outputs import RequestDelta, TokenLogprob
-from engine.sampler import Sampler, SamplerInput
+from engine.placeholders import placeholder
+from engine.sampler import PendingSample, Sampler, SamplerInput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import eos_token_ids, load_tokenizer
 from engine.tp_driver import TensorParallelDriver, TensorParallelRunner
 from engine.tp_worker import rank_device
 from scheduler import Scheduler, SchedulerConfig, Sequence
-from scheduler.sequence import BASE_ADAPTER_ID
+from scheduler.scheduler import ScheduledBatch
+from scheduler.sequence import BASE_ADAPTER_ID, SequenceStatus
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +67,29 @@ class _Request:
     eos_ids: list[int]
     arrived_at: float = 0.0
     queue_time: float | None = None  # seconds from arrival to its first scheduled step
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether sampling this request reads its tokens on the host (penalties, a logits
+        processor): then its previous token must be known before its next step runs."""
+        p = self.params
+        return (
+            self.logits_processor is not None
+            or p.repetition_penalty != 1.0
+            or p.frequency_penalty != 0.0
+            or p.presence_penalty != 0.0
+        )
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose sampled tokens have not been read on the host yet."""
+
+    batch: ScheduledBatch
+    requests: list[_Request]
+    sample: PendingSample
+    # Per row: where the row's placeholder sits in its sequence's output, or -1 (not appended).
+    token_index: list[int]
 
 
 class LLMEngine:
@@ -130,6 +165,8 @@ class LLMEngine:
         self.sampler = Sampler()
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[int, _Request] = {}
+        self._history_readers = 0  # live requests with `reads_history`
+        self._inflight: _InFlight | None = None
         self._next_seq_id = 0
         self.num_preemptions = 0
         self.adapters = self._adapter_manager(adapters)
@@ -237,6 +274,7 @@ class LLMEngine:
         self.scheduler.add(seq)
         self._requests[request_id] = request
         self._by_seq[seq.seq_id] = request
+        self._history_readers += request.reads_history
 
     def _take_adapter(self, name: str, lease: AdapterLease | None) -> int:
         if lease is not None:
@@ -285,6 +323,36 @@ class LLMEngine:
 
     # --------------------------------------------------------------------- step
     def step(self) -> list[RequestDelta]:
+        """Launch the next step, then return the deltas of the step before it (one in flight).
+
+        Without overlap (see the module docstring) the step launched here is also waited for,
+        and its own deltas are returned.
+        """
+        prev, self._inflight = self._inflight, None
+        try:
+            deltas: list[RequestDelta] = []
+            if prev is not None and not self._overlap():
+                deltas += self._complete(prev)
+                prev = None
+            launched = self._launch(prev)
+            if prev is not None:
+                deltas += self._complete(prev)  # while `launched` runs on the device
+            if launched is not None:
+                self._commit(launched)
+                if self._overlap():
+                    self._inflight = launched
+                else:
+                    deltas += self._complete(launched)
+            return deltas
+        except BaseException:
+            self._inflight = None
+            raise
+
+    def _overlap(self) -> bool:
+        return self.config.async_scheduling and self._tp is None and self._history_readers == 0
+
+    def _launch(self, prev: _InFlight | None) -> _InFlight | None:
+        """Schedule and start a step; placeholders in it are read from `prev`'s tokens."""
         running = self.scheduler.running_adapter_ids()
         self.adapters.place_pinned(running)
         # Pinned adapters hold slots whether or not they run; the cap keeps a batch within the rest.
@@ -292,11 +360,12 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         self.num_preemptions += len(batch.preempted)
         if batch.is_empty:
-            return []
+            return None
         lora_slots = self.adapters.make_resident(
             [s.adapter_id for s in batch.seqs], self.scheduler.running_adapter_ids()
         )
-        logits = self.runner.execute(batch.seqs, batch.num_new_tokens, batch.is_prefill, lora_slots)
+        pending = prev.sample.token_ids if prev is not None else None
+        logits = self.runner.execute(batch.seqs, batch.num_new_tokens, batch.is_prefill, lora_slots, pending)
         requests = [self._by_seq[seq.seq_id] for seq in batch.seqs]
         if batch.is_prefill:
             now = time.monotonic()
@@ -314,12 +383,27 @@ class LLMEngine:
             )
             for r in requests
         ]
-        sampled = self.sampler(logits, rows)
-        self.scheduler.update(batch, sampled.token_ids)
-        return [
-            self._postprocess(r, token_id, logprob)
-            for r, token_id, logprob in zip(requests, sampled.token_ids, sampled.logprobs, strict=True)
-        ]
+        return _InFlight(batch, requests, self.sampler.launch(logits, rows), [])
+
+    def _commit(self, step: _InFlight) -> None:
+        """Append each live row's placeholder to its sequence (the scheduler's view moves on)."""
+        seqs = step.batch.seqs
+        step.token_index = [s.num_output_tokens if s.status is SequenceStatus.RUNNING else -1 for s in seqs]
+        self.scheduler.update(step.batch, [placeholder(i) for i in range(len(seqs))])
+
+    def _complete(self, step: _InFlight) -> list[RequestDelta]:
+        """Wait for the step's tokens, patch them over the placeholders, post-process them."""
+        out = step.sample.result()
+        deltas = []
+        for i, (request, token_id, logprob) in enumerate(
+            zip(step.requests, out.token_ids, out.logprobs, strict=True)
+        ):
+            index = step.token_index[i]
+            if index < 0 or self._by_seq.get(request.seq.seq_id) is not request:
+                continue  # aborted, or stopped at the step before: this token is dropped
+            request.seq.output_token_ids[index] = token_id
+            deltas.append(self._postprocess(request, token_id, logprob))
+        return deltas
 
     def _postprocess(self, request: _Request, token_id: int, logprob: TokenLogprob | None) -> RequestDelta:
         seq, params = request.seq, request.params
@@ -352,7 +436,8 @@ class LLMEngine:
         )
 
     def _release(self, request: _Request) -> None:
-        self._requests.pop(request.request_id, None)
+        if self._requests.pop(request.request_id, None) is not None:
+            self._history_readers -= request.reads_history
         self._by_seq.pop(request.seq.seq_id, None)
         if request.seq.adapter_id != BASE_ADAPTER_ID:
             self.adapters.unref(request.seq.adapter_id)

@@ -11,6 +11,9 @@ replay a CUDA graph (engine/cuda_graphs.py); prefill always runs eagerly.
 `execute` is `run(prepare(...))`: `prepare` turns the sequences into a `StepInputs` of plain
 lists (the step's description, what a tensor-parallel rank 0 sends its workers) and `run`
 does the device work from it, the same on every rank.
+
+A sequence's last token may still be on the device (engine/placeholders.py): `run` reads
+those from the previous step's sampled ids (`pending_tokens`) without waiting for the host.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine import placeholders
 from engine.attention import set_attention_backend
 from engine.context import ForwardContext, LoraContext, set_context
 from engine.cuda_graphs import DecodeGraphs, DecodeInputs
@@ -80,10 +84,15 @@ class ModelRunner:
         self._lora_cache: list[LoRALinear] | None = None
 
     def execute(
-        self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int]
-    ) -> torch.Tensor:
-        """Logits [B, vocab] for the last new token of each sequence, in the order given."""
-        return self.run(self.prepare(seqs, num_new_tokens, is_prefill, lora_slots))
+        self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int],
+        pending_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Logits [B, vocab] for the last new token of each sequence, in the order given.
+
+        `pending_tokens`: the previous step's sampled ids on the device, which placeholder
+        ids among the inputs stand for (engine/placeholders.py).
+        """
+        return self.run(self.prepare(seqs, num_new_tokens, is_prefill, lora_slots), pending_tokens)
 
     def prepare(
         self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int]
@@ -103,18 +112,20 @@ class ModelRunner:
                 return StepInputs(is_prefill=False, decode=inputs, order=order)
         return StepInputs(is_prefill, batch=self._build(seqs, num_new_tokens, is_prefill, lora_slots))
 
-    def run(self, step: StepInputs) -> torch.Tensor:
+    def run(self, step: StepInputs, pending_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run the forward `step` describes; logits [B, vocab] in the caller's order."""
         self._select_kernels()
         if step.decode is not None:
             if self.graphs is None or step.order is None:
                 raise RuntimeError("a graph decode step reached a runner without captured graphs")
-            return self._decode_from_graph(self.graphs, step.decode, step.order)
+            return self._decode_from_graph(self.graphs, step.decode, step.order, pending_tokens)
         batch, is_prefill = step.batch, step.is_prefill
         if batch is None:
             raise ValueError("the step has neither a batch nor graph decode inputs")
         ctx = self._context(batch, is_prefill)
         input_ids = self._to_device(batch.input_ids, torch.long)
+        if pending_tokens is not None:
+            input_ids = placeholders.resolve(input_ids, pending_tokens)
         positions = self._to_device(batch.positions, torch.long)
         last_index = self._to_device([end - 1 for end in batch.query_start[1:]], torch.long)
         inverse = [0] * len(batch.order)
@@ -203,13 +214,15 @@ class ModelRunner:
             self.model._quiver_use_triton = self.use_triton
 
     # -------------------------------------------------------------- graph path
-    def _decode_from_graph(self, graphs: DecodeGraphs, inputs: DecodeInputs, order: list[int]) -> torch.Tensor:
+    def _decode_from_graph(
+        self, graphs: DecodeGraphs, inputs: DecodeInputs, order: list[int], pending_tokens: torch.Tensor | None
+    ) -> torch.Tensor:
         any_lora = any(slot >= 0 for _, _, slot in inputs.seg_bounds)
         if any_lora:
             version = sum(m.live_version for m in self._lora_modules())
             if graphs.lora_version != version:
                 graphs.capture_lora(version)
-        logits = graphs.run(inputs, any_lora)
+        logits = graphs.run(inputs, any_lora, pending_tokens)
         if order == list(range(len(order))):
             return logits
         inverse = [0] * len(order)

@@ -47,14 +47,87 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None]  # None where params.top_logprobs is None
 
 
+class PendingSample:
+    """A step's sampled tokens (and the logprobs rows asked for) on their way to the host.
+
+    `token_ids` stays on the device, so the next step can read its input ids from it before
+    the host has them; `result()` waits for this step's copies and builds the SamplerOutput.
+    Everything crosses in two transfers (ints, floats), not one per row.
+    """
+
+    def __init__(
+        self,
+        token_ids: torch.Tensor,
+        rows: list[SamplerInput],
+        top_ids: torch.Tensor | None = None,
+        floats: torch.Tensor | None = None,
+        wanted: list[int] | None = None,
+        k: int = 0,
+    ) -> None:
+        self.token_ids = token_ids
+        self._rows = rows
+        self._wanted = wanted or []
+        self._k = k
+        on_cuda = token_ids.is_cuda
+        ints = token_ids if top_ids is None else torch.cat([token_ids, top_ids.flatten()])
+        self._ints = _to_host(ints, on_cuda)
+        self._floats = None if floats is None else _to_host(floats, on_cuda)
+        self._ready: torch.cuda.Event | None = None
+        if on_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    @classmethod
+    def launch(cls, logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplerInput]) -> PendingSample:
+        """Queue the raw log-softmax work for the rows that asked, then the copies to the host."""
+        wanted = [i for i, row in enumerate(rows) if row.params.top_logprobs is not None]
+        if not wanted:
+            return cls(tokens, rows)
+        index = _ints(wanted, logits.device)
+        logprobs = logits.index_select(0, index).log_softmax(dim=-1)
+        chosen = logprobs.gather(1, tokens.index_select(0, index).unsqueeze(1))
+        k = min(max(rows[i].params.top_logprobs or 0 for i in wanted), logits.shape[1])
+        top_values, top_ids = logprobs.topk(k, dim=-1)  # sorted descending
+        return cls(tokens, rows, top_ids, torch.cat([chosen, top_values], dim=1), wanted, k)
+
+    def result(self) -> SamplerOutput:
+        """Wait for this step's copies (not for work queued after them) and unpack them."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        rows, k = self._rows, self._k
+        ints = self._ints.tolist()
+        token_ids = ints[: len(rows)]
+        result: list[TokenLogprob | None] = [None] * len(rows)
+        if self._floats is not None:
+            floats = self._floats.tolist()
+            top_flat = ints[len(rows) :]
+            for j, i in enumerate(self._wanted):
+                n = min(rows[i].params.top_logprobs or 0, k)
+                top = list(zip(top_flat[j * k : j * k + n], floats[j][1 : 1 + n], strict=True))
+                result[i] = TokenLogprob(token_id=token_ids[i], logprob=floats[j][0], top=top)
+        return SamplerOutput(token_ids=token_ids, logprobs=result)
+
+
+def _to_host(t: torch.Tensor, on_cuda: bool) -> torch.Tensor:
+    if not on_cuda:
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplerInput]) -> SamplerOutput:
+        return self.launch(logits, rows).result()
+
+    def launch(self, logits: torch.Tensor, rows: list[SamplerInput]) -> PendingSample:
+        """Queue the step's sampling on the logits' device without waiting for it: the tokens
+        stay on the device (`PendingSample.token_ids`) until `result()` is asked for."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [num_rows={len(rows)}, vocab], got {tuple(logits.shape)}")
         logits = logits.float()
         tokens = sample_tokens(process_logits(logits, rows), rows)
-        token_ids, logprobs = _raw_logprobs(logits, tokens, rows)
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+        return PendingSample.launch(logits, tokens, rows)
 
 
 def process_logits(logits: torch.Tensor, rows: list[SamplerInput]) -> torch.Tensor:
@@ -199,32 +272,6 @@ def _exponential_race(probs: torch.Tensor, generators: list[torch.Generator | No
     # A zero draw would turn a masked token (prob 0) into 0/0 = NaN, which argmax prefers.
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
     return (probs / noise).argmax(dim=-1)
-
-
-def _raw_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplerInput]
-) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Sampled ids and, for rows that asked, logprobs from the raw log-softmax.
-
-    Everything reaches the host in two transfers (ints, floats), not one per row.
-    """
-    wanted = [i for i, row in enumerate(rows) if row.params.top_logprobs is not None]
-    if not wanted:
-        return tokens.tolist(), [None] * len(rows)
-    index = _ints(wanted, logits.device)
-    logprobs = logits.index_select(0, index).log_softmax(dim=-1)
-    chosen = logprobs.gather(1, tokens.index_select(0, index).unsqueeze(1))
-    k = min(max(rows[i].params.top_logprobs or 0 for i in wanted), logits.shape[1])
-    top_values, top_ids = logprobs.topk(k, dim=-1)  # sorted descending
-    ints = torch.cat([tokens, top_ids.flatten()]).tolist()
-    floats = torch.cat([chosen, top_values], dim=1).tolist()
-    token_ids, top_flat = ints[: len(rows)], ints[len(rows) :]
-    result: list[TokenLogprob | None] = [None] * len(rows)
-    for j, i in enumerate(wanted):
-        n = min(rows[i].params.top_logprobs or 0, k)
-        top = list(zip(top_flat[j * k : j * k + n], floats[j][1 : 1 + n], strict=True))
-        result[i] = TokenLogprob(token_id=token_ids[i], logprob=floats[j][0], top=top)
-    return token_ids, result
 
 
 def _ints(values: list[int], device: torch.device) -> torch.Tensor:

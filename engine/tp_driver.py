@@ -185,8 +185,11 @@ class TensorParallelRunner:
         return self.local.graphs
 
     def execute(
-        self, seqs: list[Any], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int]
-    ) -> torch.Tensor:
+        self, seqs: list[Any], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int],
+        pending_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        if pending_tokens is not None:  # the workers hold no copy of rank 0's sampled ids
+            raise ValueError("tensor-parallel steps run one at a time: no placeholder tokens")
         step = self.local.prepare(seqs, num_new_tokens, is_prefill, lora_slots)
         self._driver.send("run", step)
         return self.local.run(step)

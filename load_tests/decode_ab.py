@@ -1,19 +1,19 @@
-"""Batch-1 decode variants of one llama-8b model, measured interleaved: a clean A/B.
+"""Single stream on the llama-8b shape through the serving engine, variants interleaved.
 
-Phases of load_tests/bench.py build a fresh model each, and on an H100 a later phase runs
-0.1-0.3 ms/token slower than the first whatever it measures (two orders of the same pair
-disagree by that much), which drowns the changes being measured. Here one model and one KV
-pool serve every variant: each variant's decode graph is captured with its switches set,
-then rounds replay the variants in turn (single-stream ms/token through the scheduler,
-sampler and graph, and the GPU time of one graph replay), and the medians over rounds are
-compared.
+Batch 1, bf16, random weights (`--load-format dummy`), a 128-token prompt and forced output
+lengths, greedy. Every variant runs on one `LLMEngine` (one model, one KV pool): each has its
+own decode graphs, captured with its switches set, and rounds run the variants in turn, so
+the ratios are not drowned by what differs between processes or machine starts (on an H100
+a later phase of load_tests/bench.py runs 0.1-0.3 ms/token slower than the first, whatever
+it measures). Per variant and round: ms per output token as a client sees it (from the first
+token's delta to the last) and the GPU time of one batch-1 graph replay; medians over rounds.
 
-    python load_tests/decode_ab.py --out DIR [--rounds 5] [--variants cublas,gemv,...]
+    python load_tests/decode_ab.py --out DIR [--rounds 5] [--tokens 256] [--variants a,b]
 
-Variants (engine switches at capture time):
-    cublas        every matmul on cuBLAS, no PDL              (before engine/kernels/triton_gemv.py)
-    gemv          Triton GEMV, no PDL
-    gemv_pdl      + programmatic dependent launch            (engine/kernels/pdl.py; the default)
+Variants (engine switches):
+    cublas_sync     cuBLAS matmuls, no PDL, one step at a time      (the engine before GEMV/PDL/overlap)
+    gemv_pdl_sync   Triton GEMV + programmatic dependent launch, one step at a time
+    gemv_pdl_async  the same with one step in flight                 (the default)
 """
 
 from __future__ import annotations
@@ -23,82 +23,118 @@ import contextlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.cuda_graphs import DecodeGraphs  # noqa: E402
-from engine.kernels import pdl  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.kernels import pdl as pdl_switch  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.models.layers import set_gemv  # noqa: E402
-from load_tests.bench_quiver import QKVO, QuiverOffline, hf_config  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+from load_tests.model_dir import write_model_dir  # noqa: E402
+from load_tests.synthetic_adapters import DEFAULT_TARGETS, write_adapter  # noqa: E402
 
-FLOOR_MS = 4.48  # llama-8b: 15.0 GB of weights per token at the H100's datasheet 3.35 TB/s
+FLOOR_MS = 4.48  # llama-8b: 15.0 GB of weights read per token at the H100's datasheet 3.35 TB/s
 VARIANTS = {
-    "cublas": dict(gemv=False, pdl=False),
-    "gemv": dict(gemv=True, pdl=False),
-    "gemv_pdl": dict(gemv=True, pdl=True),
+    "cublas_sync": dict(gemv=False, pdl=False, overlap=False),
+    "gemv_pdl_sync": dict(gemv=True, pdl=True, overlap=False),
+    "gemv_pdl_async": dict(gemv=True, pdl=True, overlap=True),
 }
 
 
 @contextlib.contextmanager
-def switches(gemv: bool, pdl_on: bool) -> Iterator[None]:
+def switches(engine: LLMEngine, gemv: bool, pdl: bool, overlap: bool) -> Iterator[None]:
     set_gemv(gemv)
-    pdl.set_enabled(pdl_on)
+    pdl_switch.set_enabled(pdl)
+    engine.config.async_scheduling = overlap
     try:
         yield
     finally:
         set_gemv(True)
-        pdl.set_enabled(True)
+        pdl_switch.set_enabled(True)
+        engine.config.async_scheduling = True
+
+
+def stream(engine: LLMEngine, prompt: list[int], tokens: int, adapter: str | None) -> float:
+    """ms per output token between the first and the last token's delta."""
+    engine.add_request(f"s{time.monotonic_ns()}", prompt,
+                       SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True), adapter)  # fmt: skip
+    stamps = []
+    while engine.has_unfinished():
+        for delta in engine.step():
+            stamps += [time.perf_counter()] * len(delta.token_ids)
+    return 1e3 * (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def replay_gpu_ms(engine: LLMEngine, lora: bool) -> float:
+    graph = engine.runner.graphs._graphs[(1, lora)]
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--adapter", action="store_true", help="also measure one rank-16 q,k,v,o adapter")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.variants.split(",")
-    q = QuiverOffline(hf_config("llama-8b"), num_slots=2, max_rank=16, max_num_seqs=1, max_model_len=512,
-                      max_batched_tokens=512, graph_max_batch=1, enforce_eager=True)  # fmt: skip
-    q.load_adapters(1, [16], QKVO)
-    lora_modules = q.runner._lora_modules()
-    graphs: dict[str, DecodeGraphs] = {}
-    for name in names:
-        v = VARIANTS[name]
-        with switches(v["gemv"], v["pdl"]):
-            q.runner.capture_decode_graphs(1, 512)
-            graphs[name] = q.runner.graphs
-            if args.adapter:
-                g = graphs[name]
-                g.capture_lora(sum(m.live_version for m in lora_modules))
-    slots = [-1, 0] if args.adapter else [-1]
+    tmp = Path(tempfile.mkdtemp())
+    model_dir = write_model_dir(tmp / "llama-8b", "llama-8b")
+    config = json.loads((model_dir / "config.json").read_text())
+    adapter_dir = write_adapter(tmp / "a16", config, rank=16, targets=DEFAULT_TARGETS, seed=1, base_name=str(model_dir))
+    t0 = time.perf_counter()
+    engine = LLMEngine(EngineConfig(model=str(model_dir), load_format="dummy", device="cuda", dtype="bfloat16",
+                                    max_model_len=512, max_num_seqs=1, cuda_graph_max_batch=1, max_loras=2,
+                                    max_lora_rank=16, enable_prefix_caching=False),
+                       {"a16": adapter_dir})  # fmt: skip
+    setup_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    vocab = config["vocab_size"]
+    prompt = lambda: rng.integers(0, vocab, 128).tolist()  # noqa: E731
+    graphs = {}
+    for name in names:  # capture each variant's graphs (base and LoRA) under its switches
+        with switches(engine, **VARIANTS[name]):
+            engine.runner.capture_decode_graphs(1, engine.max_model_len)
+            stream(engine, prompt(), 8, None)
+            stream(engine, prompt(), 8, "a16")  # the LoRA graphs are captured at first use
+            graphs[name] = engine.runner.graphs
     rows: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     for _ in range(args.rounds):
         for name in names:
-            q.runner.graphs = graphs[name]
-            for slot in slots:
-                r = q.single_stream(128, args.tokens, slot, repeats=1)
-                label = "base" if slot < 0 else "adapter"
-                rows[name].setdefault(f"{label}_ms_per_token", []).append(r["ms_per_token"])
-                rows[name].setdefault(f"{label}_gpu_ms", []).append(r["graph_replay_gpu_ms"])
+            engine.runner.graphs = graphs[name]
+            with switches(engine, **VARIANTS[name]):
+                for label, adapter in (("base", None), ("adapter", "a16")):
+                    ms = stream(engine, prompt(), args.tokens, adapter)
+                    rows[name].setdefault(f"{label}_ms_per_token", []).append(ms)
+                    rows[name].setdefault(f"{label}_gpu_ms", []).append(replay_gpu_ms(engine, adapter is not None))
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rounds": args.rounds, "tokens": args.tokens,
-              "floor_ms": FLOOR_MS, "variants": {}}  # fmt: skip
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "setup_s": setup_s, "rounds": args.rounds,
+              "tokens": args.tokens, "prompt_len": 128, "floor_ms": FLOOR_MS, "variants": {}}  # fmt: skip
     for name in names:
         med = {k: statistics.median(v) for k, v in rows[name].items()}
         med["base_vs_floor"] = med["base_ms_per_token"] / FLOOR_MS
-        if args.adapter:
-            med["adapter_vs_base"] = med["adapter_ms_per_token"] / med["base_ms_per_token"]
+        med["adapter_vs_base"] = med["adapter_ms_per_token"] / med["base_ms_per_token"]
         result["variants"][name] = med | {"samples": rows[name]}
         print(name, json.dumps({k: round(v, 4) for k, v in med.items()}), flush=True)
     (args.out / "decode_ab.json").write_text(json.dumps(result, indent=1))
+    engine.close()
     return 0
 
 

@@ -213,9 +213,15 @@ class Scheduler:
         )
 
     def _schedule_decode(self) -> ScheduledBatch:
-        """One token for every running sequence, preempting the newest when blocks run out."""
+        """One token for every running sequence, preempting the newest when blocks run out.
+
+        A sequence that already holds its last token (max_tokens, or max_model_len) is left
+        out: the engine finishes it once it has read that token (it may still be on the
+        device while this step is scheduled).
+        """
         preempted: list[Sequence] = []
-        pending = deque(sorted(self._running, key=lambda s: s.arrival))
+        complete = [s for s in self._running if self._complete(s)]
+        pending = deque(sorted((s for s in self._running if not self._complete(s)), key=lambda s: s.arrival))
         scheduled: list[Sequence] = []
         while pending:
             seq = pending.popleft()
@@ -230,10 +236,13 @@ class Scheduler:
             else:
                 self._preempt(seq, preempted)
         # A copy: finishing a sequence must not change the batch the engine holds.
-        self._running = list(scheduled)
+        self._running = scheduled + complete
         return ScheduledBatch(
             scheduled, is_prefill=False, num_new_tokens=[1] * len(scheduled), preempted=preempted
         )
+
+    def _complete(self, seq: Sequence) -> bool:
+        return seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len
 
     def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
         """Recompute later: drop the KV, keep the tokens, go back to the front."""

@@ -123,6 +123,12 @@ def add_serve_parser(subparsers: Any) -> None:
         help="Fail adapters whose base_model_name_or_path names another model (default: load them with a "
              f"warning). [env {env_name('--refuse-base-mismatch')}]",
     )
+    parser.add_argument(
+        "--no-async-scheduling", action="store_true",
+        default=os.environ.get(env_name("--no-async-scheduling"), "").lower() in ("1", "true", "yes"),
+        help="Run one engine step at a time (default: the next step is scheduled and launched while the "
+             f"device computes the current one). [env {env_name('--no-async-scheduling')}]",
+    )
     env_adapters = [item for item in os.environ.get("QUIVER_ADAPTERS", "").split(",") if item.strip()]
     try:
         adapter_defaults = [_parse_adapter(item) for item in env_adapters]
@@ -164,6 +170,7 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_waiting=args.max_waiting,
         seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
+        async_scheduling=not args.no_async_scheduling,
     )
 
 

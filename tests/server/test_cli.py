@@ -60,6 +60,13 @@ def test_defaults_without_environment(monkeypatch):
     assert (args.host, args.port, args.model) == (cli.DEFAULT_HOST, cli.DEFAULT_PORT, None)
     config = cli.engine_config(_parse("--max-model-len", "512", "--dtype", "float32"), "m")
     assert (config.max_model_len, config.dtype, config.model) == (512, "float32", "m")
+    assert config.async_scheduling
+
+
+def test_async_scheduling_can_be_turned_off(monkeypatch):
+    assert not cli.engine_config(_parse("--no-async-scheduling"), "m").async_scheduling
+    monkeypatch.setenv("QUIVER_NO_ASYNC_SCHEDULING", "1")
+    assert not cli.engine_config(_parse(), "m").async_scheduling
 
 
 @pytest.mark.parametrize("argv", [["--adapter", "no-equals"], ["--adapter", "=path"], ["--port", "eighty"]])
