@@ -99,7 +99,7 @@ def test_overlap_matches_one_step_at_a_time(model):
     want = _run(sync, requests)
     # Stop tokens taken from the reference output: those requests must stop at the same place.
     stops = {}
-    for rid, _, params, _ in requests[:3]:
+    for rid, *_ in requests[:3]:
         tokens = want[rid]["tokens"]
         if len(tokens) >= 3:
             stops[rid] = tokens[1]
