@@ -2,14 +2,17 @@
 
 The loop is `LLMEngine.step` without the parts a benchmark of forced-length random tokens has
 no use for (detokenizer, stop strings, adapter registry): scheduler → runner → sampler →
-scheduler update. Adapters go straight into GPU slots (adapter id = slot + 1); every adapter a
-run uses is resident, as after a warm server's first requests.
+scheduler update, with one step in flight as the engine runs it (step n+1 is launched before
+step n's tokens are read; engine/placeholders.py). Adapters go straight into GPU slots
+(adapter id = slot + 1); every adapter a run uses is resident, as after a warm server's
+first requests.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import time
 
 import numpy as np
@@ -19,9 +22,11 @@ from engine.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
 from engine.lora.slots import LoraSlots
 from engine.model_runner import ModelRunner
 from engine.models import build_model
+from engine.placeholders import placeholder
 from engine.sampler import Sampler, SamplerInput
 from engine.sampling_params import SamplingParams
 from scheduler import Scheduler, SchedulerConfig, Sequence
+from scheduler.sequence import SequenceStatus
 
 BLOCK_SIZE = 16
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -134,8 +139,14 @@ class QuiverOffline:
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    def run(self, requests: list[Request], time_limit_s: float = 1e9) -> dict:
-        """All requests at once, greedy, forced lengths; output tokens/s over the whole run."""
+    def run(self, requests: list[Request], time_limit_s: float = 1e9, overlap: bool = True) -> dict:
+        """All requests at once, greedy, forced lengths; output tokens/s over the whole run.
+
+        `overlap`: one step in flight, as `LLMEngine` runs by default; False waits for every
+        step's tokens before scheduling the next. The host time of each decode step (schedule,
+        launch, then reading the previous step's tokens and updating) is split in
+        `decode_split_ms`; with overlap the device works through most of it.
+        """
         sched = Scheduler(SchedulerConfig(
             num_blocks=int(self.num_blocks), block_size=BLOCK_SIZE, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_batched, max_model_len=self.max_model_len,
@@ -143,11 +154,13 @@ class QuiverOffline:
         ))  # fmt: skip
         sampler = Sampler()
         rows: dict[int, SamplerInput] = {}
+        seqs = []
         for i, r in enumerate(requests):
             seq = Sequence(seq_id=i, prompt_token_ids=list(r.prompt), max_tokens=r.output_len, adapter_id=r.slot + 1)
             params = SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
             rows[i] = SamplerInput(params, seq.prompt_token_ids, seq.output_token_ids, None, [])
             sched.add(seq)
+            seqs.append(seq)
         torch.cuda.synchronize()
         start = time.perf_counter()
         prefill_s = decode_s = 0.0
@@ -156,26 +169,50 @@ class QuiverOffline:
         out_tokens = 0
         partial = False
         host_s = {"schedule": 0.0, "model_and_sample": 0.0, "update": 0.0}
-        while sched.has_unfinished:
+        inflight = None  # (batch, pending sample, each row's placeholder index)
+
+        def resolve(step) -> int:
+            """Patch a step's tokens over its placeholders; finish sequences at their length."""
+            done, pending_sample, index = step
+            n = 0
+            for seq, token_id, k in zip(done.seqs, pending_sample.result().token_ids, index, strict=True):
+                if k >= 0 and not seq.is_finished:
+                    seq.output_token_ids[k] = token_id
+                    n += 1
+                    if seq.num_output_tokens >= seq.max_tokens:
+                        sched.finish(seq)
+            return n
+
+        while sched.has_unfinished or inflight is not None:
             t = time.perf_counter()
             if t - start > time_limit_s:
                 partial = True
                 break
             batch = sched.schedule()
-            if batch.is_empty:
-                raise RuntimeError("scheduler returned an empty batch with requests unfinished")
             t_model = time.perf_counter()
-            slots = [s.adapter_id - 1 for s in batch.seqs]
-            logits = self.runner.execute(batch.seqs, batch.num_new_tokens, batch.is_prefill, slots)
-            sampled = sampler(logits, [rows[s.seq_id] for s in batch.seqs])  # syncs (token ids to host)
+            launched = None
+            if not batch.is_empty:
+                slots = [s.adapter_id - 1 for s in batch.seqs]
+                pending = inflight[1].token_ids if inflight is not None else None
+                logits = self.runner.execute(batch.seqs, batch.num_new_tokens, batch.is_prefill, slots, pending)
+                launched = (batch, sampler.launch(logits, [rows[s.seq_id] for s in batch.seqs]), [])
+            elif inflight is None:
+                raise RuntimeError("scheduler returned an empty batch with requests unfinished")
             t_update = time.perf_counter()
-            sched.update(batch, sampled.token_ids)
-            out_tokens += len(batch.seqs)
-            for seq in batch.seqs:
-                if seq.num_output_tokens >= seq.max_tokens:
-                    sched.finish(seq)
+            if inflight is not None:  # the previous step's tokens, read while this one runs
+                out_tokens += resolve(inflight)
+            if launched is not None:
+                b = launched[0]
+                launched[2].extend(s.num_output_tokens if s.status is SequenceStatus.RUNNING else -1 for s in b.seqs)
+                sched.update(b, [placeholder(i) for i in range(len(b.seqs))])
+                if not overlap:
+                    out_tokens += resolve(launched)
+                    launched = None
+            inflight = launched
             t_end = time.perf_counter()
             dt = t_end - t
+            if batch.is_empty:
+                continue
             if not batch.is_prefill:
                 host_s["schedule"] += t_model - t
                 host_s["model_and_sample"] += t_update - t_model
@@ -192,9 +229,11 @@ class QuiverOffline:
             requests=len(requests), output_tokens=out_tokens, seconds=elapsed,
             output_tok_s=out_tokens / elapsed, prefill_s=prefill_s, decode_s=decode_s, steps=steps,
             mean_decode_batch=float(np.mean(decode_batch)) if decode_batch else 0.0,
-            decode_step_ms=1e3 * decode_s / max(1, steps["decode"]), partial=partial,
+            decode_step_ms=1e3 * decode_s / max(1, steps["decode"]), partial=partial, overlap=overlap,
             decode_split_ms={k: round(1e3 * v / max(1, steps["decode"]), 3) for k, v in host_s.items()},
             prompt_tokens=sum(len(r.prompt) for r in requests),
+            # Every output token, hashed: two runs of the same requests can be checked for equality.
+            tokens_sha1=hashlib.sha1(repr([s.output_token_ids for s in seqs]).encode()).hexdigest(),
         )  # fmt: skip
 
     def single_stream(self, prompt_len: int, output_len: int, slot: int, repeats: int = 3) -> dict:

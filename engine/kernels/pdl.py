@@ -16,8 +16,8 @@ A PDL launch after a kernel that never triggers simply starts at its end, and
 `gdc_wait` in a kernel launched without PDL returns at once, so mixing PDL kernels with
 cuBLAS and torch kernels is safe. CUDA graph capture keeps the programmatic edges.
 
-`enabled(device)` is the switch the launchers read; `set_enabled(False)` turns PDL off
-(the benchmarks compare both).
+`launch_args(x)` is what a launcher passes (kernels take a `USE_PDL` constexpr);
+`set_enabled(False)` turns PDL off (the benchmarks compare both).
 """
 
 from __future__ import annotations
@@ -42,3 +42,10 @@ def enabled(device: torch.device) -> bool:
     if index not in _capability:
         _capability[index] = torch.cuda.get_device_capability(index)[0] >= 9
     return _capability[index]
+
+
+def launch_args(x: torch.Tensor) -> dict[str, bool]:
+    """Keyword arguments for a Triton launch on x's device: the kernel's `USE_PDL` constexpr and
+    Triton's `launch_pdl` option, both on where `enabled`."""
+    on = enabled(x.device)
+    return {"USE_PDL": on, "launch_pdl": on}

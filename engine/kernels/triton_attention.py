@@ -189,12 +189,6 @@ def _store_kv_kernel(
     )
 
 
-def _pdl(x: torch.Tensor) -> dict[str, bool]:
-    """Launch arguments for programmatic dependent launch (engine/kernels/pdl.py)."""
-    on = pdl.enabled(x.device)
-    return {"USE_PDL": on, "launch_pdl": on}
-
-
 @functools.lru_cache(maxsize=8)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -268,7 +262,7 @@ def paged_decode_attention(
     meta = dict(
         G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d, PAGE=page,
         BLOCK_N=block_n, SPLIT=num_splits > 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=2, **_pdl(q),
+        num_warps=num_warps, num_stages=2, **pdl.launch_args(q),
     )  # fmt: skip
     args = (
         scale * _LOG2E, sliding_window or _NO_WINDOW,
@@ -290,7 +284,7 @@ def paged_decode_attention(
     _merge_splits_kernel[(batch, hq)](
         part, ml, out, num_splits,
         part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4, **_pdl(q),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4, **pdl.launch_args(q),
     )  # fmt: skip
     return out
 
@@ -318,7 +312,7 @@ def store_kv(
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
-        HEAD_DIM=d, NUM_HEADS=hkv, PAGE=k_cache.shape[1], BLOCK=block, num_warps=4, **_pdl(k),
+        HEAD_DIM=d, NUM_HEADS=hkv, PAGE=k_cache.shape[1], BLOCK=block, num_warps=4, **pdl.launch_args(k),
     )  # fmt: skip
 
 

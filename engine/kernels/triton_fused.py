@@ -90,7 +90,7 @@ def _launch_norm(
     _rms_norm_kernel[(rows,)](
         x2, r2, weight, out, summed if summed is not None else out,
         x2.stride(0), r2.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block), **_pdl(x),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block), **pdl.launch_args(x),
     )  # fmt: skip
     return out, summed
 
@@ -203,7 +203,7 @@ def qk_rotary(
         q_norm_weight if qk_norm else cos, k_norm_weight if qk_norm else cos, q_out, k_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0), eps,
         NUM_Q=num_q, NUM_K=num_k, HEAD_DIM=head_dim, ROT=rot, QK_NORM=qk_norm,
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **_pdl(q),
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **pdl.launch_args(q),
     )  # fmt: skip
     return q_out, k_out
 
@@ -238,7 +238,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(n))
     _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, out, x2.stride(0), n, BLOCK=block, num_warps=4,
-                                                                 **_pdl(x))  # fmt: skip
+                                                                 **pdl.launch_args(x))  # fmt: skip
     return out
 
 
@@ -246,12 +246,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, last dim] with a unit stride along the last dimension (a view where it can be)."""
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
-def _pdl(x: torch.Tensor) -> dict[str, bool]:
-    """Launch arguments for programmatic dependent launch (engine/kernels/pdl.py)."""
-    on = pdl.enabled(x.device)
-    return {"USE_PDL": on, "launch_pdl": on}
 
 
 def _warps(block: int) -> int:

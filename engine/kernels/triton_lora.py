@@ -22,8 +22,10 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from engine.context import LoraContext
+from engine.kernels import pdl
 
 
 @triton.jit
@@ -60,8 +62,11 @@ def _sgmv_shrink_kernel(
     K, R, split_k, num_segs,
     stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_hm, stride_hr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SEG_CAP: tl.constexpr,
-    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # engine/kernels/pdl.py
+        gdc_launch_dependents()
+        gdc_wait()
     slot, m0, end = _find_tile(seg_starts_ptr, seg_slots_ptr, num_segs, BLOCK_M, SEG_CAP)
     pid_k = tl.program_id(1)
     if (slot < 0) | (m0 >= end):
@@ -100,8 +105,11 @@ def _sgmv_expand_kernel(
     N, R, num_segs,
     stride_hm, stride_hr, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SEG_CAP: tl.constexpr,
-    HAS_RANKS: tl.constexpr, ADD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RANKS: tl.constexpr, ADD: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # engine/kernels/pdl.py
+        gdc_launch_dependents()
+        gdc_wait()
     slot, m0, end = _find_tile(seg_starts_ptr, seg_slots_ptr, num_segs, BLOCK_M, SEG_CAP)
     pid_n = tl.program_id(1)
     if (slot < 0) | (m0 >= end):
@@ -139,8 +147,11 @@ def _bgmv_shrink_kernel(
     x_ptr, a_ptr, h_ptr, slots_ptr, ranks_ptr,
     K, R, split_k,
     stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_hm, stride_hr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RANKS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RANKS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # engine/kernels/pdl.py
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     pid_k = tl.program_id(1)
     slot = tl.load(slots_ptr + t)
@@ -174,8 +185,11 @@ def _bgmv_expand_kernel(
     h_ptr, b_ptr, y_ptr, slots_ptr, ranks_ptr,
     N, R,
     stride_hm, stride_hr, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_RANKS: tl.constexpr, ADD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_RANKS: tl.constexpr, ADD: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # engine/kernels/pdl.py
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = tl.load(slots_ptr + t)
@@ -307,7 +321,7 @@ def sgmv_shrink(
         x.stride(0), x.stride(1), *a_stack.stride(), *out.stride(),
         BLOCK_M=block_m, BLOCK_R=_block_r(r), BLOCK_K=block_k, SEG_CAP=seg_cap,
         HAS_RANKS=ranks is not None, PRECISION=_precision(x.dtype),
-        num_warps=4, num_stages=3,
+        num_warps=4, num_stages=3, **pdl.launch_args(x),
     )  # fmt: skip
     return out
 
@@ -350,7 +364,7 @@ def sgmv_expand(
         *h.stride(), *b_stack.stride(), y_view.stride(0), y_view.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(r), SEG_CAP=seg_cap,
         HAS_RANKS=ranks is not None, ADD=add, PRECISION=_precision(b_stack.dtype),
-        num_warps=4, num_stages=1,
+        num_warps=4, num_stages=1, **pdl.launch_args(y),
     )  # fmt: skip
 
 
@@ -384,7 +398,7 @@ def bgmv_shrink(
         k, r, split_k,
         x.stride(0), x.stride(1), *a_stack.stride(), *out.stride(),
         BLOCK_R=block_r, BLOCK_K=block_k, HAS_RANKS=ranks is not None,
-        num_warps=4,
+        num_warps=4, **pdl.launch_args(x),
     )  # fmt: skip
     return out
 
@@ -419,7 +433,7 @@ def bgmv_expand(
         n, r,
         *h.stride(), *b_stack.stride(), y_view.stride(0), y_view.stride(1),
         BLOCK_N=block_n, BLOCK_R=block_r, HAS_RANKS=ranks is not None, ADD=add,
-        num_warps=4,
+        num_warps=4, **pdl.launch_args(y),
     )  # fmt: skip
 
 

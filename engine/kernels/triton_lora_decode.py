@@ -30,7 +30,9 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from engine.kernels import pdl
 from engine.kernels.triton_lora import _block_r, _num_sms
 
 
@@ -84,8 +86,11 @@ def _lora_small_kernel(
     K: tl.constexpr, R: tl.constexpr, A_ROWS: tl.constexpr, COLS: tl.constexpr, NS: tl.constexpr,
     CHUNK_BOUNDS: tl.constexpr, NUM_SLICES: tl.constexpr,
     CHUNK_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # engine/kernels/pdl.py
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     pid = tl.program_id(1)
     slot = tl.load(slots_ptr + t)
@@ -187,5 +192,5 @@ def lora_fused_small(
         NS=tuple(sizes), CHUNK_BOUNDS=tuple(bounds), NUM_SLICES=len(slices),
         CHUNK_N=chunk_n, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=TILE // block_r,
         STAGES=max(1, min(STAGES, 65536 // (TILE * lora_a.element_size()))),
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, **pdl.launch_args(y),
     )  # fmt: skip
