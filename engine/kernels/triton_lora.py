@@ -66,7 +66,8 @@ def _sgmv_shrink_kernel(
 ):  # fmt: skip
     if USE_PDL:  # engine/kernels/pdl.py
         gdc_launch_dependents()
-        gdc_wait()
+    # The segment table and ranks are host copies made before the step: no kernel of the step
+    # writes them, so the tile is found while the previous kernel drains (before the wait).
     slot, m0, end = _find_tile(seg_starts_ptr, seg_slots_ptr, num_segs, BLOCK_M, SEG_CAP)
     pid_k = tl.program_id(1)
     if (slot < 0) | (m0 >= end):
@@ -74,6 +75,8 @@ def _sgmv_shrink_kernel(
     rank = R
     if HAS_RANKS:
         rank = tl.minimum(tl.load(ranks_ptr + slot), R)
+    if USE_PDL:
+        gdc_wait()
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -109,7 +112,8 @@ def _sgmv_expand_kernel(
 ):  # fmt: skip
     if USE_PDL:  # engine/kernels/pdl.py
         gdc_launch_dependents()
-        gdc_wait()
+    # Before the wait: the tile (segment table: a host copy), the rank and this tile's B (a
+    # weight) depend on no kernel of the step; h and y do.
     slot, m0, end = _find_tile(seg_starts_ptr, seg_slots_ptr, num_segs, BLOCK_M, SEG_CAP)
     pid_n = tl.program_id(1)
     if (slot < 0) | (m0 >= end):
@@ -123,14 +127,16 @@ def _sgmv_expand_kernel(
     mask_m = offs_m < end
     mask_n = offs_n < N
     mask_r = offs_r < rank
-    h = tl.load(
-        h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_r[None, :] * stride_hr,
-        mask=mask_m[:, None] & mask_r[None, :],
-        other=0.0,
-    )
     b = tl.load(
         b_ptr + slot.to(tl.int64) * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
         mask=mask_n[:, None] & mask_r[None, :],
+        other=0.0,
+    )
+    if USE_PDL:
+        gdc_wait()
+    h = tl.load(
+        h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_r[None, :] * stride_hr,
+        mask=mask_m[:, None] & mask_r[None, :],
         other=0.0,
     )
     # h stays float32 (no rounding between the two products, as in the reference).
@@ -354,7 +360,11 @@ def sgmv_expand(
     block_m = _block_m(t, num_segs)
     tiles, seg_cap = _seg_grid(t, num_segs, block_m)
     if block_n is None:
-        block_n = _expand_block_n(n, triton.cdiv(t, block_m), y.device)
+        # Count every program of the token axis, not only those with work: each one reads the
+        # whole segment table (`_find_tile`), so with a graph's table of hundreds of segments
+        # narrow columns multiplied that read (64 columns: 8.7k programs, 17.5 µs per expand
+        # at 256 rows and 128 adapters; load_tests/lora_graph_profile.py).
+        block_n = _expand_block_n(n, tiles, y.device)
     if t == 0 or num_segs == 0 or n == 0:
         return
     y_view = y[:, out_offset:]
