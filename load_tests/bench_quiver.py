@@ -25,6 +25,7 @@ from engine.models import build_model
 from engine.placeholders import placeholder
 from engine.sampler import Sampler, SamplerInput
 from engine.sampling_params import SamplingParams
+from load_tests.gpu_timing import replay_ms
 from scheduler import Scheduler, SchedulerConfig, Sequence
 from scheduler.sequence import SequenceStatus
 
@@ -267,16 +268,7 @@ class QuiverOffline:
         graphs = self.runner.graphs
         if graphs is None or (1, lora) not in graphs._graphs:
             return None
-        graph = graphs._graphs[(1, lora)]
-        times = []
-        for _ in range(20):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return float(np.median(times))
+        return replay_ms(graphs._graphs[(1, lora)])
 
     def profile_graph(self, lora: bool, replays: int = 5) -> dict | None:
         """Kernels of one batch-1 decode graph replay (torch.profiler): count, GPU time, and the idle

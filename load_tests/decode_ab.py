@@ -38,6 +38,7 @@ from engine.kernels import pdl as pdl_switch  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.models.layers import set_gemv  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+from load_tests.gpu_timing import replay_ms  # noqa: E402
 from load_tests.model_dir import write_model_dir  # noqa: E402
 from load_tests.synthetic_adapters import DEFAULT_TARGETS, write_adapter  # noqa: E402
 
@@ -74,16 +75,7 @@ def stream(engine: LLMEngine, prompt: list[int], tokens: int, adapter: str | Non
 
 
 def replay_gpu_ms(engine: LLMEngine, lora: bool) -> float:
-    graph = engine.runner.graphs._graphs[(1, lora)]
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return replay_ms(engine.runner.graphs._graphs[(1, lora)])
 
 
 def main() -> int:

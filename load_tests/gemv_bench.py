@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.kernels import pdl, triton_fused, triton_gemv  # noqa: E402
+from load_tests.gpu_timing import replay_ms  # noqa: E402
 from load_tests.kernel_bench import gpu_time_us  # noqa: E402
 
 # (name, out_features N, in_features K) of llama-8b; qkv and gate_up are the fused projections.
@@ -104,15 +104,7 @@ class Chain:
                 out = self.step(mode)
             graph.replay()
             torch.cuda.synchronize()
-            times = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graph.replay()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            return statistics.median(times), out.float().clone()
+            return replay_ms(graph, reps), out.float().clone()
         finally:
             pdl.set_enabled(True)
 

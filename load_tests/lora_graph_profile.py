@@ -12,7 +12,6 @@ graphs) and prints the replay GPU times of both.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,18 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from load_tests.bench import _warm  # noqa: E402
 from load_tests.bench_quiver import QKVO, QuiverOffline, assign_adapters, hf_config, make_requests  # noqa: E402
-
-
-def replay_ms(graph: torch.cuda.CUDAGraph) -> float:
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+from load_tests.gpu_timing import replay_ms  # noqa: E402
 
 
 def table(graph: torch.cuda.CUDAGraph, replays: int = 5) -> str:
