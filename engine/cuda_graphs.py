@@ -198,13 +198,12 @@ class DecodeGraphs:
             raise ValueError(f"no captured graph holds a batch of {n}")
         if any_lora and (size, True) not in self._graphs:
             raise RuntimeError("LoRA batch but no LoRA graphs: call capture_lora first")
-        lora = any_lora
         self._stage(inputs, n, size)
         if pending_tokens is not None:
             ids = self.input_ids[:n]
             ids.copy_(placeholders.resolve(ids, pending_tokens))
-        self._graphs[(size, lora)].replay()
-        return self._logits[(size, lora)][:n]
+        self._graphs[(size, any_lora)].replay()
+        return self._logits[(size, any_lora)][:n]
 
     def _stage(self, inputs: DecodeInputs, n: int, size: int) -> None:
         segs = segment_capacity(size, self.num_lora_slots)

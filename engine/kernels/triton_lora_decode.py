@@ -30,7 +30,6 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from engine.kernels.triton_lora import _block_r, _num_sms
 
@@ -85,13 +84,11 @@ def _lora_small_kernel(
     K: tl.constexpr, R: tl.constexpr, A_ROWS: tl.constexpr, COLS: tl.constexpr, NS: tl.constexpr,
     CHUNK_BOUNDS: tl.constexpr, NUM_SLICES: tl.constexpr,
     CHUNK_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
-    # Launched without PDL: with it, one rank-16 q,k,v,o adapter at batch 1 cost +13.7% over
-    # the base instead of +6.5% (load_tests/decode_ab.py, H100); the cause was not isolated.
-    if USE_PDL:  # engine/kernels/pdl.py
-        gdc_launch_dependents()
-        gdc_wait()
+    # No programmatic dependent launch here (engine/kernels/pdl.py): with it, one rank-16
+    # q,k,v,o adapter at batch 1 cost +13.7% over the base instead of +6.5%
+    # (load_tests/decode_ab.py, H100); the cause was not isolated.
     t = tl.program_id(0)
     pid = tl.program_id(1)
     slot = tl.load(slots_ptr + t)
@@ -193,5 +190,5 @@ def lora_fused_small(
         NS=tuple(sizes), CHUNK_BOUNDS=tuple(bounds), NUM_SLICES=len(slices),
         CHUNK_N=chunk_n, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=TILE // block_r,
         STAGES=max(1, min(STAGES, 65536 // (TILE * lora_a.element_size()))),
-        num_warps=NUM_WARPS, USE_PDL=False,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
