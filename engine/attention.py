@@ -74,6 +74,20 @@ def torch_prefill(
     return out
 
 
+def context_slots(ctx: ForwardContext, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat cache slots of every context token, sequence after sequence, and the cumulative
+    context lengths [batch + 1] (int32), computed on the device without a host sync."""
+    lens = ctx.context_lens.to(torch.int64)
+    total = sum(ctx.context_lens_list)
+    device = lens.device
+    cu = torch.zeros(lens.numel() + 1, dtype=torch.int64, device=device)
+    torch.cumsum(lens, 0, out=cu[1:])
+    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens, output_size=total)
+    pos = torch.arange(total, device=device) - cu[seq]
+    blocks = ctx.block_tables.to(torch.int64)[seq, pos // block_size]
+    return blocks * block_size + pos % block_size, cu.to(torch.int32)
+
+
 def torch_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -5,7 +5,11 @@ Prefill of sequences with nothing cached attends over the new tokens only: their
 gathered back from the cache in one `index_select` over `slot_mapping` and handed to torch's
 variable-length flash attention (`varlen_attn`, one launch for the whole batch), or, where
 that is missing, to one causal SDPA per sequence. A prefill that extends a cached prefix
-(prefix caching) or slides a window uses the torch reference, which reads whole blocks.
+(prefix caching) gathers each sequence's whole context (cached blocks and new tokens) through
+its block table, on the device, and hands queries and keys of different lengths to the same
+`varlen_attn` call (causal from the bottom right: query i sees keys up to
+i + context - query). A sliding window uses the torch reference, which reads whole blocks and
+loops over sequences: a burst of 256 repeated prompts took seconds there.
 Measured on H100 (GPU notes): varlen/SDPA prefill is fast; gathering pages for a varlen call
 is slower than the Triton decode kernel, hence the split.
 """
@@ -20,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionBackend, register_attention_backend, torch_prefill
+from engine.attention import AttentionBackend, context_slots, register_attention_backend, torch_prefill
 from engine.context import ForwardContext
 from engine.kernels.triton_attention import store_kv, triton_decode
 
@@ -48,8 +52,10 @@ def sdpa_prefill(
     sliding_window: int | None,
 ) -> torch.Tensor:
     """`engine.attention` prefill signature; same semantics as `torch_prefill`."""
-    if sliding_window is not None or ctx.query_lens != ctx.context_lens_list:
+    if sliding_window is not None:
         return torch_prefill(q, k_cache, v_cache, ctx, scale, sliding_window)
+    if ctx.query_lens != ctx.context_lens_list:
+        return _cached_prefix_prefill(q, k_cache, v_cache, ctx, scale)
     num_kv_heads, head_dim = k_cache.shape[2:]
     k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, ctx.slot_mapping)
     v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, ctx.slot_mapping)
@@ -70,6 +76,29 @@ def sdpa_prefill(
 
 
 _varlen_failed = False
+
+
+def _cached_prefix_prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext, scale: float
+) -> torch.Tensor:
+    """Prefill whose sequences start after a cached prefix: queries are the new tokens only,
+    keys and values every context token (the new ones were stored by `store_kv` already)."""
+    varlen_attn, takes_gqa = _varlen()
+    if varlen_attn is None or q.dtype not in (torch.float16, torch.bfloat16) or _varlen_failed:
+        return torch_prefill(q, k_cache, v_cache, ctx, scale, None)
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    slots, cu_k = context_slots(ctx, k_cache.shape[1])
+    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
+    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
+    extra = {"enable_gqa": True} if takes_gqa else {}
+    try:
+        return varlen_attn(
+            q, k, v, ctx.query_start, cu_k, ctx.max_query_len, ctx.max_context_len,
+            scale=scale, window_size=(-1, 0), **extra,
+        )  # fmt: skip
+    except (RuntimeError, TypeError, ValueError) as exc:
+        _disable_varlen(exc)
+        return torch_prefill(q, k_cache, v_cache, ctx, scale, None)
 
 
 def _disable_varlen(exc: BaseException) -> None:

@@ -213,3 +213,15 @@ def test_kv_cache_sizing_and_binding(tiny_model_factory) -> None:
         assert k.shape == (3, 16, cfg.num_key_value_heads, cfg.head_dim)
         assert not k.any()
     assert caches[0][0].data_ptr() != caches[1][0].data_ptr()
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_context_slots_list_every_context_token_through_the_block_table(block_size: int) -> None:
+    from engine.attention import context_slots
+
+    batch = _Batch([5, 33, 17, 1], [2, 1, 17, 1], 4, 2, block_size, seed=3)
+    slots, cu = context_slots(batch.context(is_prefill=True), block_size)
+    expected = [s for i, c in enumerate(batch.ctx_lens) for s in batch.slots(i, range(c))]
+    assert slots.tolist() == expected
+    assert cu.tolist() == [0, 5, 38, 55, 56]
+    assert cu.dtype == torch.int32
