@@ -12,11 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Message
 
 from server.errors import APIError, bad_request, parse_json_body
 from training.errors import ConflictError, FineTuneError, NotFoundError, TooLargeError
@@ -24,6 +25,8 @@ from training.jobs import JobManager
 
 _STATUS = {NotFoundError: 404, ConflictError: 409, TooLargeError: 413}
 _MAX_LIMIT = 100
+# Room for the multipart framing and the small fields beside the file (purpose, filename).
+FORM_OVERHEAD_BYTES = 64 * 1024
 
 
 class _JobCreate(BaseModel):
@@ -47,6 +50,40 @@ async def call_jobs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except FineTuneError as exc:
         status = next((s for kind, s in _STATUS.items() if isinstance(exc, kind)), 400)
         raise APIError(status, exc.message, param=exc.param, code=exc.code) from None
+
+
+async def read_upload_form(request: Request, max_file_bytes: int, *, param: str, max_files: int,
+                           max_fields: int) -> FormData:
+    """The multipart form of an upload whose file may hold up to `max_file_bytes`.
+
+    A declared Content-Length beyond that (plus the form's framing) is refused before a byte is
+    read; a body without one, or longer than it said, is cut off as soon as it grows past it,
+    so no more than the cap is ever spooled to disk. The store checks the file's exact size.
+    """
+    limit = max_file_bytes + FORM_OVERHEAD_BYTES
+
+    def too_large() -> APIError:
+        return APIError(413, f"The upload is larger than the {max_file_bytes} bytes allowed for a file.",
+                        param=param, code="file_too_large")
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large()
+    received = 0
+
+    async def capped_receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise too_large()
+        return message
+
+    try:
+        return await Request(request.scope, capped_receive).form(max_files=max_files, max_fields=max_fields)
+    except HTTPException as exc:
+        raise bad_request(f"Could not read the multipart form: {exc.detail}", param=param) from None
 
 
 def _limit(request: Request, default: int) -> int:
@@ -78,10 +115,7 @@ def finetune_routes(manager: JobManager) -> list[Route]:
     """Routes for `/v1/files` and `/v1/fine_tuning/jobs`; the caller starts and closes `manager`."""
 
     async def create_file(request: Request) -> Response:
-        try:
-            form = await request.form(max_files=1, max_fields=8)
-        except HTTPException as exc:
-            raise bad_request(f"Could not read the multipart form: {exc.detail}", param="file") from None
+        form = await read_upload_form(request, manager.files.max_bytes, param="file", max_files=1, max_fields=8)
         try:
             upload = form.get("file")
             purpose = form.get("purpose")

@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -26,7 +25,7 @@ from starlette.routing import Route
 from server import seekrai_shapes as shapes
 from server.deployments import Deployments
 from server.errors import APIError, bad_request, parse_json_body
-from server.routes_finetune import call_jobs
+from server.routes_finetune import call_jobs, read_upload_form
 from server.seekrai_chat import chat_route
 from server.state import ServerState
 from server.store import Store
@@ -171,10 +170,7 @@ def seekrai_routes(state: ServerState, store: Store, jobs: JobManager, deploymen
 
     # ---------------------------------------------------------------- files
     async def upload_file(request: Request) -> Response:
-        try:
-            form = await request.form(max_files=4, max_fields=8)
-        except HTTPException as exc:
-            raise bad_request(f"Could not read the multipart form: {exc.detail}", param="files") from None
+        form = await read_upload_form(request, jobs.files.max_bytes, param="files", max_files=4, max_fields=8)
         try:
             upload = form.get("files") or form.get("file")
             if not isinstance(upload, UploadFile):

@@ -147,6 +147,8 @@ def parse_line(raw: bytes | str, line: int) -> Record | None:
         obj = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise _Bad(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise _Bad("JSON nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise _Bad(f"expected a JSON object, got {_kind(obj)}")
     has_messages, has_text = "messages" in obj, "text" in obj

@@ -34,7 +34,7 @@ from training.checkpoints import list_checkpoints
 from training.data import DataError, read_records
 from training.errors import ConflictError, InvalidRequestError, NotFoundError
 from training.events import EVENTS_NAME, read_events
-from training.files import FileStore
+from training.files import DEFAULT_MAX_BYTES, FileStore
 from training.job_params import cli_arguments, merge_hyperparameters, resolve_hyperparameters, train_config
 from training.job_record import TERMINAL, JobRecord, fine_tuned_model_name, load_records, page
 
@@ -54,15 +54,17 @@ class JobManager:
 
     train_args: extra `quiver train` flags for every job (e.g. `--device cpu`, `--max-length 4096`).
     env:        extra environment for the child processes (e.g. `CUDA_VISIBLE_DEVICES`, `OMP_NUM_THREADS`).
+    max_upload_bytes: the largest training file accepted.
     """
 
     def __init__(self, root: Path, *, base_model: str, model_name: str,
                  on_adapter_ready: AdapterCallback | None = None,
                  on_adapter_removed: Callable[[str], None] | None = None,
                  max_concurrent: int = 1, train_args: Sequence[str] = (), python: str = sys.executable,
-                 env: dict[str, str] | None = None, poll_interval: float = 0.2) -> None:
+                 env: dict[str, str] | None = None, poll_interval: float = 0.2,
+                 max_upload_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.root = Path(root)
-        self.files = FileStore(self.root / "files")
+        self.files = FileStore(self.root / "files", max_bytes=max_upload_bytes)
         self.jobs_dir = self.root / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.base_model, self.model_name = str(base_model), model_name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -14,8 +15,9 @@ import pytest
 from openai import OpenAI
 
 from server.app import create_app
-from server.routes_finetune import finetune_routes
+from server.routes_finetune import FORM_OVERHEAD_BYTES, finetune_routes
 from server.state import ServerState
+from server.wiring import stateful_routes
 from tests.server.conftest import LiveServer
 from training.jobs import JobManager
 
@@ -158,3 +160,100 @@ def test_a_job_from_upload_to_adapter(client, live) -> None:
     cancelled = client.fine_tuning.jobs.cancel(
         client.fine_tuning.jobs.create(model="tiny-base", training_file=training.id).id)
     assert cancelled.status == "cancelled" and cancelled.error is None
+
+
+# ---------------------------------------------------------------- uploads: size cap and hostile data
+_UPLOAD_CAP = 256 * 1024
+_CHUNK = 64 * 1024
+_BOUNDARY = "quiverboundary"
+_UPLOAD_PATHS = {"/v1/files": "file", "/v1/flow/files": "files"}
+
+
+@pytest.fixture
+def upload_app(tmp_path):
+    state = ServerState(_StubEngine())
+    routes = stateful_routes(state, [], jobs_dir=tmp_path, base_model="base", model_name="tiny-base",
+                             max_upload_bytes=_UPLOAD_CAP)
+    return create_app(state, extra_routes=routes)
+
+
+def _form_head(field: str) -> bytes:
+    return (f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+            f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="t.jsonl"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+
+
+async def _push(app, path: str, chunks, content_length: int | None) -> tuple[int, dict, int]:
+    """Send a multipart body chunk by chunk straight into the ASGI app: (status, body, bytes it pulled)."""
+    headers = [(b"content-type", f"multipart/form-data; boundary={_BOUNDARY}".encode())]
+    if content_length is not None:
+        headers.append((b"content-length", str(content_length).encode()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    pulled = 0
+    sent: list[dict] = []
+    iterator = iter(chunks)
+
+    async def receive() -> dict:
+        nonlocal pulled
+        chunk = next(iterator, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        pulled += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body), pulled
+
+
+def _endless_upload(field: str, total: int):
+    """A multipart upload of `total` bytes of valid JSONL, produced only as it is read."""
+    yield _form_head(field)
+    line = (GOOD_LINE + "\n").encode()
+    block = line * (_CHUNK // len(line))
+    for _ in range(total // len(block)):
+        yield block
+
+
+@pytest.mark.parametrize("path", list(_UPLOAD_PATHS))
+@pytest.mark.parametrize("declared", ["none", "lying"])
+def test_an_oversized_streamed_upload_is_cut_off_near_the_cap(upload_app, path, declared) -> None:
+    field = _UPLOAD_PATHS[path]
+    body = _endless_upload(field, total=64 * 2**20)  # 256x the cap
+    status, error, pulled = asyncio.run(_push(upload_app, path, body, None if declared == "none" else 1000))
+    assert status == 413 and error["error"]["param"] == field and str(_UPLOAD_CAP) in error["error"]["message"]
+    assert pulled <= _UPLOAD_CAP + FORM_OVERHEAD_BYTES + 2 * _CHUNK  # stopped at the cap, not at the end
+
+
+@pytest.mark.parametrize("path", list(_UPLOAD_PATHS))
+def test_an_upload_declaring_too_many_bytes_is_413_before_any_is_read(upload_app, path) -> None:
+    body = _endless_upload(_UPLOAD_PATHS[path], total=64 * 2**20)
+    status, error, pulled = asyncio.run(_push(upload_app, path, body, 64 * 2**20))
+    assert status == 413 and error["error"]["code"] == "file_too_large"
+    assert pulled == 0
+
+
+@pytest.mark.parametrize("path", list(_UPLOAD_PATHS))
+def test_an_upload_under_the_cap_is_stored(upload_app, path) -> None:
+    data = ((GOOD_LINE + "\n") * 100).encode()
+    body = _form_head(_UPLOAD_PATHS[path]) + data + f"\r\n--{_BOUNDARY}--\r\n".encode()
+    status, record, _ = asyncio.run(_push(upload_app, path, [body[:1000], body[1000:]], len(body)))
+    assert status == 200, record
+    assert record["bytes"] == len(data)
+
+
+@pytest.mark.parametrize("path", list(_UPLOAD_PATHS))
+def test_a_jsonl_line_nested_100k_deep_is_400_naming_its_line(upload_app, path) -> None:
+    field = _UPLOAD_PATHS[path]
+    data = (GOOD_LINE + "\n" + "[" * 100_000 + "]" * 100_000 + "\n").encode()
+    body = _form_head(field) + data + f"\r\n--{_BOUNDARY}--\r\n".encode()
+    status, error, _ = asyncio.run(_push(upload_app, path, [body], len(body)))
+    assert status == 400, error
+    assert "line 2: JSON nested too deeply" in error["error"]["message"]
+    assert error["error"]["param"] == "file"

@@ -44,3 +44,12 @@ def test_purpose_size_and_unknown_ids(tmp_path: Path) -> None:
     assert list(tmp_path.glob("file-*")) == []
     with pytest.raises(NotFoundError, match="No such file"):
         store.get("file-nope")
+
+
+def test_a_line_nested_too_deeply_is_refused_with_its_line(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    deep = GOOD + "\n" + "{\"a\":" * 100_000 + "1" + "}" * 100_000 + "\n"
+    with pytest.raises(InvalidRequestError) as info:
+        store.add("deep.jsonl", io.BytesIO(deep.encode()), "fine-tune")
+    assert "deep.jsonl: line 2: JSON nested too deeply" in info.value.message
+    assert list(tmp_path.glob("file-*")) == []
