@@ -252,8 +252,12 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     app = create_app(state, api_key=args.api_key, admin_key=args.admin_key, protect_metrics=args.protect_metrics,
                      limits=limits, metrics=metrics, extra_routes=extra_routes)
+
+    def fatal() -> str | None:  # a model that cannot load never will: exit for the orchestrator to see
+        return None if state.load_error is None else f"the model could not be loaded: {state.load_error}"
+
     return serve(app, host=args.host, port=args.port, log_level=args.log_level,
-                 shutdown_timeout=args.shutdown_timeout)
+                 shutdown_timeout=args.shutdown_timeout, fatal=fatal)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

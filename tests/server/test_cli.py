@@ -145,3 +145,28 @@ def test_serve_launches_a_working_server(server_model_dir, server_adapters, tmp_
             process.wait(5)
         process.stdout.close()
     assert process.returncode == 0
+
+
+def _serve_until_exit(argv: list[str], tmp_path: Path, timeout: float = 90.0) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUIVER_")}
+    env.update(PYTHONPATH=str(REPO), QUIVER_CACHE=str(tmp_path / "cache"))
+    return subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--port", str(_free_port()), "--log-level", "warning",
+         "--jobs-dir", str(tmp_path / "jobs"), *argv],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_a_model_that_cannot_load_exits_non_zero_with_the_reason(tmp_path):
+    missing = tmp_path / "no-such-model"
+    done = _serve_until_exit(["--model", str(missing), "--device", "cpu"], tmp_path)
+    assert done.returncode != 0, done.stderr
+    reason = done.stderr.strip().splitlines()[-1]
+    assert reason.startswith("quiver serve: the model could not be loaded:") and str(missing) in reason
+
+
+def test_a_device_that_cannot_be_used_exits_non_zero_with_the_reason(server_model_dir, tmp_path):
+    done = _serve_until_exit(["--model", str(server_model_dir), "--device", "nosuchdevice"], tmp_path)
+    assert done.returncode != 0, done.stderr
+    reason = done.stderr.strip().splitlines()[-1]
+    assert reason.startswith("quiver serve: ") and "nosuchdevice" in reason
