@@ -6,9 +6,12 @@ thread, which alone changes the registry.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,6 +39,9 @@ class LoadPolicy:
     refuse_base_mismatch: bool = False
     pin_memory: bool = False
     hub_cache_dir: Path | None = None
+    # Held while pinning: page-locking memory is a CUDA call, which must not run while the
+    # engine thread captures a CUDA graph (it would invalidate the capture).
+    pin_lock: AbstractContextManager[Any] | None = None
 
 
 @dataclass
@@ -68,7 +74,8 @@ def load_from_source(
     )
     if policy.pin_memory:
         # Page-locked host copies make the copy into a GPU slot a fast DMA.
-        weights.modules = {key: (a.pin_memory(), b.pin_memory()) for key, (a, b) in weights.modules.items()}
+        with policy.pin_lock or contextlib.nullcontext():
+            weights.modules = {key: (a.pin_memory(), b.pin_memory()) for key, (a, b) in weights.modules.items()}
     return LoadedAdapter(weights, path, warnings)
 
 

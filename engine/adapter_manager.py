@@ -73,6 +73,7 @@ class AdapterManager:
         self._pending: deque[AdapterEntry] = deque()  # waiting for host room
         self._load_waiters: dict[int, list[Future[None]]] = {}  # queued or loading
         self._pin_waiters: dict[int, list[Future[None]]] = {}
+        self._load_retries: dict[int, int] = {}  # adapter id -> transient failures in a row
         self._pumping = False
 
     def use_executor(self, submit: Submit, post: Submit) -> None:
@@ -282,6 +283,24 @@ class AdapterManager:
         entry = self.registry.by_id(adapter_id)
         if entry is None:  # deleted and drained while loading
             _resolve(waiters, UnknownAdapterError(name))
+        elif isinstance(result, BaseException) and not _is_invalid(result):
+            # Not the adapter's fault (a device or I/O error): retried, never marked failed.
+            entry.loading = False
+            retries = self._load_retries.get(adapter_id, 0)
+            if retries < TRANSIENT_LOAD_RETRIES:
+                log.warning("adapter %r: transient load error, retrying: %s: %s", name, type(result).__name__, result)
+                self._load_retries[adapter_id] = retries + 1
+                for waiter in waiters:
+                    self._wait_load(entry, waiter)
+                pin_waiters = self._pin_waiters.get(adapter_id)
+                if pin_waiters and adapter_id not in self._load_waiters:
+                    self._wait_load(entry, Future())
+            else:
+                self._load_retries.pop(adapter_id, None)
+                log.error("adapter %r: load failed %d times: %s: %s", name, retries + 1, type(result).__name__, result)
+                error = AdapterUnavailableError(name, f"loading it failed ({type(result).__name__}); retry later")
+                _resolve(waiters, error)
+                self._unpin(entry, error)
         elif isinstance(result, BaseException):
             reason = result.detail if isinstance(result, AdapterError) else f"{type(result).__name__}: {result}"
             log.warning("adapter %r failed to load: %s", name, reason)
@@ -291,6 +310,7 @@ class AdapterManager:
             _resolve(waiters, error)
             _resolve(self._pin_waiters.pop(adapter_id, []), error)
         else:
+            self._load_retries.pop(adapter_id, None)
             self.registry.install(entry, result.weights, result.path, result.warnings, seconds)
             _resolve(waiters, None)
             self.place_pinned(self._running_ids())
@@ -324,7 +344,14 @@ class AdapterManager:
         if entry is None or entry.weights is None:
             self.slots.remove(load.adapter_id)
             raise RuntimeError(f"adapter id {load.adapter_id} has no host weights to copy into a GPU slot")
-        self.lora.load(load.slot, entry.weights)
+        try:
+            self.lora.load(load.slot, entry.weights)
+        except BaseException:
+            # The slot holds part of a copy: forget it, so the next step copies the adapter again.
+            self.slots.remove(load.adapter_id)
+            if entry.pinned:
+                self.slots.pin(entry.adapter_id)
+            raise
         entry.gpu_slot = load.slot
         self.registry.count(entry, "gpu_loads")
 
@@ -348,6 +375,18 @@ class AdapterManager:
         if entry in self._pending:  # queued, not started: nobody else will answer its waiters
             self._pending.remove(entry)
             _resolve(self._load_waiters.pop(entry.adapter_id, []), UnknownAdapterError(entry.name))
+
+
+TRANSIENT_LOAD_RETRIES = 2
+"""Times a load that failed for a reason other than the adapter's files is tried again at once."""
+
+
+def _is_invalid(exc: BaseException) -> bool:
+    """Whether a load failure is the adapter's own fault (its files or config), so it stays failed.
+
+    Everything the loader checks raises an `AdapterError`; the rest (a CUDA error while pinning,
+    an interrupted read) may well pass on a second try."""
+    return isinstance(exc, AdapterError | ValueError | KeyError)
 
 
 def _resolve(futures: list[Future[None]], error: BaseException | None) -> None:

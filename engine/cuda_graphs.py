@@ -15,11 +15,21 @@ kernels skip (their launch depends only on b and that length, see `triton_lora.l
 Two sets: base-only batches replay graphs that contain no LoRA kernels at all, so serving
 adapters costs base traffic nothing; LoRA graphs are captured on first need and recaptured
 when a LoRA slice comes alive (see engine/lora/layers.py).
+
+Captures happen while the server runs, so other threads may be doing CUDA work at that moment
+(adapter loaders page-locking host memory). A capture holds `CAPTURE_LOCK`, which every such
+thread takes around its CUDA calls, and captures in thread-local mode, so a call from another
+thread can never invalidate it. If a capture fails all the same, `capture_lora` drops the LoRA
+graphs and moves later captures to a fresh memory pool (the old one may still be marked as
+recording), and raises `CaptureFailedError`: the caller runs that step eagerly and tries again
+later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +41,13 @@ from engine.context import ForwardContext, LoraContext, set_context
 log = logging.getLogger(__name__)
 
 BATCH_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+CAPTURE_LOCK = threading.Lock()
+"""Held by a graph capture, and by any other thread around CUDA calls it makes while serving."""
+
+
+class CaptureFailedError(RuntimeError):
+    """A LoRA graph capture failed; the graphs were reset and the step can run eagerly."""
 
 
 def ladder(max_batch: int) -> list[int]:
@@ -97,14 +114,16 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._logits: dict[tuple[int, bool], torch.Tensor] = {}
         self._pool = None
+        self._lora_pool = None  # after a failed capture: a fresh pool for the LoRA graphs
         self.lora_version: int | None = None  # live_version the LoRA graphs were captured at
 
     # ------------------------------------------------------------------ capture
     def capture(self) -> None:
         """Capture the base-only graphs (largest first, so smaller ones reuse its memory pool)."""
-        for size in reversed(self.sizes):
-            self._capture_one(size, False)
-        torch.cuda.synchronize(self.device)
+        with CAPTURE_LOCK:
+            for size in reversed(self.sizes):
+                self._capture_one(size, False)
+            torch.cuda.synchronize(self.device)
 
     def capture_lora(self, live_version: int) -> None:
         """(Re)capture the LoRA graphs over the LoRA slices live now (`LoRALinear.live_slices`).
@@ -112,14 +131,38 @@ class DecodeGraphs:
         Done lazily, at the first LoRA decode step and again whenever a slice comes alive
         (`live_version` changes): rare, since slices only ever join the captured set.
         """
+        self._drop_lora()
+        try:
+            with CAPTURE_LOCK:
+                for size in reversed(self.sizes):
+                    self._capture_one(size, True)
+                torch.cuda.synchronize(self.device)
+        except Exception as exc:
+            self._reset_after_failure()
+            raise CaptureFailedError(f"LoRA decode graph capture failed: {type(exc).__name__}: {exc}") from exc
+        self.lora_version = live_version
+        log.info("captured LoRA decode graphs for batch sizes %s (live version %d)", self.sizes, live_version)
+
+    def _drop_lora(self) -> None:
         for size in self.sizes:
             self._graphs.pop((size, True), None)
             self._logits.pop((size, True), None)
-        for size in reversed(self.sizes):
-            self._capture_one(size, True)
-        torch.cuda.synchronize(self.device)
-        self.lora_version = live_version
-        log.info("captured LoRA decode graphs for batch sizes %s (live version %d)", self.sizes, live_version)
+        self.lora_version = None
+
+    def _reset_after_failure(self) -> None:
+        """Forget the LoRA graphs and the pool a failed capture may have left recording."""
+        self._drop_lora()
+        pool, self._lora_pool = self._lora_pool, torch.cuda.graph_pool_handle()
+        if pool is not None:
+            end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+            if end is not None:
+                # Raises if the failed capture already ended its allocation: nothing to undo then.
+                with contextlib.suppress(Exception):
+                    end(self.device.index if self.device.index is not None else torch.cuda.current_device(), pool)
+        try:
+            torch.cuda.synchronize(self.device)
+        except Exception:  # noqa: BLE001 - a sticky device error shows again on the next step
+            log.exception("device synchronize after a failed capture")
 
     def _reset_inputs(self) -> None:
         """Padding everywhere, so the warm-up run before a capture stores no K/V and reads none."""
@@ -140,7 +183,8 @@ class DecodeGraphs:
                 self.model.compute_logits(self.model(self.input_ids[:size], self.positions[:size]))
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
+                pool = self._lora_pool if lora and self._lora_pool is not None else self._pool
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                     hidden = self.model(self.input_ids[:size], self.positions[:size])
                     logits = self.model.compute_logits(hidden)
         finally:

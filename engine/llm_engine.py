@@ -36,6 +36,7 @@ from adapters.registry import AdapterRegistry
 from adapters.sources import scan_root, source_from_operator
 from engine.adapter_manager import AdapterLease, AdapterManager, gpu_slots_for_budget
 from engine.config import EngineConfig
+from engine.cuda_graphs import CAPTURE_LOCK
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import RequestTooLongError
 from engine.logits_processor import LogitsProcessor
@@ -54,6 +55,9 @@ from scheduler.scheduler import ScheduledBatch
 from scheduler.sequence import BASE_ADAPTER_ID, SequenceStatus
 
 log = logging.getLogger(__name__)
+
+# Sampled in place of a row whose own parameters failed (its token is dropped).
+_STAND_IN = SamplingParams(max_tokens=1, temperature=0.0)
 
 
 @dataclass
@@ -167,6 +171,8 @@ class LLMEngine:
         self._by_seq: dict[int, _Request] = {}
         self._history_readers = 0  # live requests with `reads_history`
         self._inflight: _InFlight | None = None
+        self._failed: list[RequestDelta] = []  # error deltas for the next step() to return
+        self.num_failed_steps = 0
         self._next_seq_id = 0
         self.num_preemptions = 0
         self.adapters = self._adapter_manager(adapters)
@@ -194,6 +200,7 @@ class LLMEngine:
             ),
             refuse_base_mismatch=cfg.refuse_base_mismatch,
             pin_memory=self.device.type == "cuda",
+            pin_lock=CAPTURE_LOCK if self.device.type == "cuda" else None,
             hub_cache_dir=cfg.hub_cache_dir,
         )
         manager = AdapterManager(self.lora, registry, policy, self.scheduler.running_adapter_ids)
@@ -304,7 +311,8 @@ class LLMEngine:
         return list(self._requests)
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests)
+        """Requests in flight, or error deltas the next step still has to hand back."""
+        return bool(self._requests or self._failed)
 
     @property
     def num_requests(self) -> int:
@@ -330,7 +338,8 @@ class LLMEngine:
         """
         prev, self._inflight = self._inflight, None
         try:
-            deltas: list[RequestDelta] = []
+            deltas: list[RequestDelta] = self._failed
+            self._failed = []
             if prev is not None and not self._overlap():
                 deltas += self._complete(prev)
                 prev = None
@@ -361,6 +370,17 @@ class LLMEngine:
         self.num_preemptions += len(batch.preempted)
         if batch.is_empty:
             return None
+        try:
+            return self._start(batch, prev)
+        except Exception as exc:
+            if self._tp is not None:  # the ranks may disagree on where the step stopped
+                raise  # noqa: BLE001 - this batch fails; the engine and other requests go on
+            log.exception("engine step failed; failing its %d requests", len(batch.seqs))
+            self.num_failed_steps += 1
+            self._fail([self._by_seq[s.seq_id] for s in batch.seqs if s.seq_id in self._by_seq], exc)
+            return None
+
+    def _start(self, batch: ScheduledBatch, prev: _InFlight | None) -> _InFlight:
         lora_slots = self.adapters.make_resident(
             [s.adapter_id for s in batch.seqs], self.scheduler.running_adapter_ids()
         )
@@ -383,7 +403,48 @@ class LLMEngine:
             )
             for r in requests
         ]
-        return _InFlight(batch, requests, self.sampler.launch(logits, rows), [])
+        try:
+            sample = self.sampler.launch(logits, rows)
+        except Exception as exc:  # noqa: BLE001 - find the rows whose parameters cause it
+            sample = self._sample_without_bad_rows(logits, rows, requests, exc)
+        return _InFlight(batch, requests, sample, [])
+
+    def _sample_without_bad_rows(
+        self, logits: torch.Tensor, rows: list[SamplerInput], requests: list[_Request], exc: Exception
+    ) -> PendingSample:
+        """Sampling the batch failed: fail the requests whose row fails alone, greedy-sample a
+        stand-in for each of them (their token is dropped), and sample the rest as asked.
+        If no row fails alone, the batch fails as a whole (the caller fails its requests)."""
+        bad = []
+        for i, row in enumerate(rows):
+            state = row.generator.get_state() if row.generator is not None else None
+            try:
+                self.sampler.launch(logits[i : i + 1], [row]).result()
+            except Exception as row_exc:  # noqa: BLE001
+                bad.append((i, row_exc))
+            finally:
+                if state is not None:  # the probe must not use up a seeded row's draws
+                    row.generator.set_state(state)  # type: ignore[union-attr]
+        if not bad:
+            raise exc
+        for i, row_exc in bad:
+            log.warning("request %s failed in sampling: %s", requests[i].request_id, row_exc)
+            self._fail([requests[i]], row_exc)
+            rows[i] = SamplerInput(params=_STAND_IN, prompt_token_ids=[], output_token_ids=[],
+                                   generator=None, eos_token_ids=[])
+        return self.sampler.launch(logits, rows)
+
+    def _fail(self, requests: list[_Request], exc: BaseException) -> None:
+        """End `requests` with an error delta (returned by the next `step`); others go on."""
+        for request in requests:
+            if self._requests.get(request.request_id) is not request:
+                continue
+            self.scheduler.abort(request.seq.seq_id)
+            self._release(request)
+            self._failed.append(RequestDelta(
+                request_id=request.request_id, finish_reason="error", error=f"{type(exc).__name__}: {exc}",
+                num_prompt_tokens=request.seq.num_prompt_tokens, num_output_tokens=request.seq.num_output_tokens,
+            ))  # fmt: skip
 
     def _commit(self, step: _InFlight) -> None:
         """Append each live row's placeholder to its sequence (the scheduler's view moves on)."""

@@ -18,6 +18,7 @@ those from the previous step's sampled ids (`pending_tokens`) without waiting fo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +27,16 @@ from torch import nn
 from engine import placeholders
 from engine.attention import set_attention_backend
 from engine.context import ForwardContext, LoraContext, set_context
-from engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from engine.cuda_graphs import CaptureFailedError, DecodeGraphs, DecodeInputs
 from engine.kv_cache import allocate_kv_cache, kv_budget_after_profile
 from engine.lora.layers import LoRALinear
 from scheduler.sequence import Sequence
 
+log = logging.getLogger(__name__)
+
 KERNELS = ("auto", "torch")
+_CAPTURE_RETRY_STEPS = 16
+_CAPTURE_RETRY_MAX = 1024
 
 
 @dataclass
@@ -82,6 +87,9 @@ class ModelRunner:
             self._attention_backend = register_cuda_backend()
         self.graphs: DecodeGraphs | None = None
         self._lora_cache: list[LoRALinear] | None = None
+        self.capture_failures = 0
+        self._capture_backoff = 0
+        self._capture_wait = 0
 
     def execute(
         self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int],
@@ -218,10 +226,8 @@ class ModelRunner:
         self, graphs: DecodeGraphs, inputs: DecodeInputs, order: list[int], pending_tokens: torch.Tensor | None
     ) -> torch.Tensor:
         any_lora = any(slot >= 0 for _, _, slot in inputs.seg_bounds)
-        if any_lora:
-            version = sum(m.live_version for m in self._lora_modules())
-            if graphs.lora_version != version:
-                graphs.capture_lora(version)
+        if any_lora and not self._lora_graphs_ready(graphs):
+            return self.run(StepInputs(False, batch=_eager_batch(inputs, order)), pending_tokens)
         logits = graphs.run(inputs, any_lora, pending_tokens)
         if order == list(range(len(order))):
             return logits
@@ -229,6 +235,28 @@ class ModelRunner:
         for pos, caller_index in enumerate(order):
             inverse[caller_index] = pos
         return logits.index_select(0, self._to_device(inverse, torch.long))
+
+    def _lora_graphs_ready(self, graphs: DecodeGraphs) -> bool:
+        """Capture the LoRA graphs if the live slices changed; False (run eagerly) if that failed.
+
+        After a failure the capture is retried only after `_CAPTURE_RETRY_STEPS` LoRA decode
+        steps, doubling up to `_CAPTURE_RETRY_MAX`, so a lasting cause costs little."""
+        version = sum(m.live_version for m in self._lora_modules())
+        if graphs.lora_version == version:
+            return True
+        if self._capture_wait > 0:
+            self._capture_wait -= 1
+            return False
+        try:
+            graphs.capture_lora(version)
+        except CaptureFailedError:
+            log.exception("LoRA graph capture failed; decoding eagerly for now")
+            self.capture_failures += 1
+            self._capture_backoff = min(_CAPTURE_RETRY_MAX, max(_CAPTURE_RETRY_STEPS, 2 * self._capture_backoff))
+            self._capture_wait = self._capture_backoff
+            return False
+        self._capture_backoff = 0
+        return True
 
     def _build_decode(
         self, seqs: list[Sequence], num_new_tokens: list[int], lora_slots: list[int]
@@ -334,6 +362,16 @@ class ModelRunner:
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype, pin_memory=self._pin)
         return t.to(self.device, non_blocking=True)
+
+
+def _eager_batch(d: DecodeInputs, order: list[int]) -> _HostBatch:
+    """The eager form of a graph decode step (same rows, same slot order)."""
+    n = len(d.input_ids)
+    return _HostBatch(
+        input_ids=d.input_ids, positions=d.positions, slot_mapping=d.slot_mapping,
+        query_start=list(range(n + 1)), query_lens=[1] * n, context_lens=d.context_lens,
+        block_tables=d.block_tables, token_slots=d.token_slots, seg_bounds=d.seg_bounds, order=order,
+    )  # fmt: skip
 
 
 def _slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:

@@ -195,3 +195,80 @@ def test_slot_table_lru_with_protection() -> None:
     assert table.place(4, {1}) is None
     assert table.place(4, set()) == SlotLoad(0, 4, evicted=1)
     assert table.pinned == {3} and table.remove(3) == 1 and table.pinned == frozenset()
+
+
+def _flaky_loads(monkeypatch: pytest.MonkeyPatch, failures: int) -> list[str]:
+    """The next `failures` host loads raise a device error; returns the names loaded, in order."""
+    import engine.adapter_manager as am
+
+    real, calls = am.load_from_source, []
+
+    def flaky(name, source, policy, path=None):
+        calls.append(name)
+        if len(calls) <= failures:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return real(name, source, policy, path)
+
+    monkeypatch.setattr(am, "load_from_source", flaky)
+    return calls
+
+
+def test_a_transient_load_error_is_retried_and_never_marks_the_adapter_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _flaky_loads(monkeypatch, failures=1)
+    h = Harness(tmp_path)
+    lease = h.lease("a")
+    h.run_loads()
+    entry = h.manager.lookup("a")
+    assert calls == ["a", "a"]
+    assert lease.ready.result() is None and entry.state is AdapterState.HOST and entry.error is None
+
+
+def test_a_load_that_keeps_failing_transiently_answers_503_and_stays_registered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engine.adapter_manager as am
+    from engine.errors import AdapterUnavailableError
+
+    calls = _flaky_loads(monkeypatch, failures=am.TRANSIENT_LOAD_RETRIES + 1)
+    h = Harness(tmp_path)
+    lease = h.lease("a")
+    h.run_loads()
+    error = lease.ready.exception()
+    assert isinstance(error, AdapterUnavailableError) and not isinstance(error, AdapterFailedError)
+    entry = h.manager.lookup("a")
+    assert entry.error is None and entry.state is AdapterState.REGISTERED
+    h.manager.release(lease)
+    # The device recovered: the next request loads it.
+    again = h.lease("a")
+    h.run_loads()
+    assert again.ready.result() is None and entry.state is AdapterState.HOST
+    assert len(calls) == am.TRANSIENT_LOAD_RETRIES + 2
+
+
+def test_invalid_files_still_mark_the_adapter_failed(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    lease = h.lease("bad")
+    h.run_loads()
+    assert isinstance(lease.ready.exception(), AdapterFailedError)
+    assert h.manager.lookup("bad").state is AdapterState.FAILED
+
+
+def test_a_failed_slot_copy_leaves_no_stale_slot(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    lease = h.lease("a")
+    h.run_loads()
+    adapter_id = h.manager.consume(lease)
+    real_load = h.lora.load
+
+    def broken(slot, weights):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    h.lora.load = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        h.manager.make_resident([adapter_id], set())
+    assert h.manager.slots.slot_of(adapter_id) is None and h.manager.lookup("a").gpu_slot is None
+    h.lora.load = real_load  # type: ignore[method-assign]
+    (slot,) = h.manager.make_resident([adapter_id], set())
+    assert h.lora.copies == [(slot, "a")], "copied again on the next step"

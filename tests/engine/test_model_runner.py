@@ -139,3 +139,60 @@ def test_real_model_logits_follow_caller_order(tiny_model_factory) -> None:
     alone_decode = torch.cat([runner.execute([s], [1], False, [-1]) for s in seqs])
     torch.testing.assert_close(decode, alone_decode, atol=1e-5, rtol=0)
     assert not torch.allclose(decode[0], decode[1])
+
+
+class _FailingGraphs:
+    """Stands in for DecodeGraphs on the CPU: every batch fits, LoRA captures fail `failures` times."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.lora_version = None
+        self.captures = 0
+        self.replays: list[bool] = []
+
+    def size_for(self, batch: int) -> int:
+        return batch
+
+    def fits(self, inputs) -> bool:
+        return True
+
+    def capture_lora(self, version: int) -> None:
+        from engine.cuda_graphs import CaptureFailedError
+
+        self.captures += 1
+        if self.failures > 0:
+            self.failures -= 1
+            raise CaptureFailedError("capture invalidated")
+        self.lora_version = version
+
+    def run(self, inputs, any_lora: bool, pending_tokens=None) -> torch.Tensor:
+        self.replays.append(any_lora)
+        n = len(inputs.input_ids)
+        return torch.stack([torch.tensor(inputs.input_ids), torch.tensor(inputs.positions)], dim=-1).float()[:n]
+
+
+def test_failed_lora_capture_runs_the_step_eagerly_and_retries_later() -> None:
+    from engine import model_runner as mr
+
+    model = _RecordingModel()
+    runner = ModelRunner(model, BLOCK_SIZE, "cpu")
+    graphs = _FailingGraphs(failures=1)
+    runner.graphs = graphs  # type: ignore[assignment]
+    runner._lora_cache = [type("L", (), {"live_version": 1})()]  # one live LoRA layer, version 1
+    seqs = [_seq(0, [10, 11], [5], outputs=[12]), _seq(1, [20], [2], outputs=[21])]
+    expected = [[12, 2], [21, 1]]
+
+    # The capture fails: this step runs eagerly (the model is called), with the right logits.
+    assert runner.execute(seqs, [1, 1], False, [2, -1]).tolist() == expected
+    assert graphs.captures == 1 and graphs.replays == [] and len(model.inputs) == 1
+    assert runner.capture_failures == 1
+    # The next LoRA steps wait out the back-off eagerly, without trying to capture again.
+    for _ in range(mr._CAPTURE_RETRY_STEPS):
+        assert runner.execute(seqs, [1, 1], False, [2, -1]).tolist() == expected
+    assert graphs.captures == 1 and len(model.inputs) == 1 + mr._CAPTURE_RETRY_STEPS
+    # Then it captures (successfully this time) and replays the graph.
+    assert runner.execute(seqs, [1, 1], False, [2, -1]).tolist() == expected
+    assert graphs.captures == 2 and graphs.replays == [True]
+    # Base-only decode steps never needed the LoRA graphs.
+    runner.execute(seqs, [1, 1], False, [-1, -1])
+    assert graphs.replays == [True, False]
