@@ -26,6 +26,7 @@ from adapters.registry import AdapterEntry, AdapterExistsError, AdapterRegistry
 from adapters.sources import AdapterSource, validate_name
 from engine.adapter_slots import AdapterSlotTable, SlotLoad
 from engine.errors import AdapterFailedError, AdapterUnavailableError, UnknownAdapterError
+from engine.load_times import LoadTimes
 from engine.lora.slots import LoraSlots
 from scheduler.sequence import BASE_ADAPTER_ID
 
@@ -74,6 +75,7 @@ class AdapterManager:
         self._load_waiters: dict[int, list[Future[None]]] = {}  # queued or loading
         self._pin_waiters: dict[int, list[Future[None]]] = {}
         self._load_retries: dict[int, int] = {}  # adapter id -> transient failures in a row
+        self.load_times = LoadTimes()
         self._pumping = False
 
     def use_executor(self, submit: Submit, post: Submit) -> None:
@@ -311,6 +313,7 @@ class AdapterManager:
             _resolve(self._pin_waiters.pop(adapter_id, []), error)
         else:
             self._load_retries.pop(adapter_id, None)
+            self.load_times.observe("disk", seconds)
             self.registry.install(entry, result.weights, result.path, result.warnings, seconds)
             _resolve(waiters, None)
             self.place_pinned(self._running_ids())
@@ -344,8 +347,10 @@ class AdapterManager:
         if entry is None or entry.weights is None:
             self.slots.remove(load.adapter_id)
             raise RuntimeError(f"adapter id {load.adapter_id} has no host weights to copy into a GPU slot")
+        started = time.perf_counter()
         try:
             self.lora.load(load.slot, entry.weights)
+            self.load_times.observe("host", time.perf_counter() - started)
         except BaseException:
             # The slot holds part of a copy: forget it, so the next step copies the adapter again.
             self.slots.remove(load.adapter_id)

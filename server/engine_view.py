@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from scheduler.sequence import BASE_ADAPTER_ID
 from training.job_record import STATUSES as JOB_STATUSES
@@ -42,6 +42,7 @@ class EngineView:
     preempted_waiting: int | None = None
     preemptions: int | None = None
     max_lora: int | None = None
+    load_times: dict[str, Any] | None = None  # tier -> engine.load_times.TierHistogram
     jobs: dict[str, int] | None = None
     gpu_memory: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> kind -> bytes
 
@@ -65,6 +66,7 @@ def _core_view(core: Any) -> dict[str, Any]:
         "preempted_waiting": sum(1 for s in core.scheduler.waiting if s.num_preemptions > 0),
         "preemptions": int(core.num_preemptions),
         "max_lora": int(core.lora.num_slots),
+        "load_times": core.adapters.load_times.snapshot(),
     }
 
 
@@ -173,9 +175,12 @@ class EngineCollector:
         yield evictions
         yield CounterMetricFamily("quiver_adapter_load_failures", "Adapter loads that failed validation.",
                                   value=stats.get("adapter_load_failures", 0))
-        if "adapter_load_seconds" in stats:  # from engines that time their loads (total seconds, host loads)
-            yield SummaryMetricFamily("quiver_adapter_load_seconds", "Time spent loading adapters into host memory.",
-                                      count_value=stats.get("adapter_loads", 0), sum_value=stats["adapter_load_seconds"])
+        if view.load_times is not None:
+            hist = HistogramMetricFamily("quiver_adapter_load_seconds", "Adapter load time by the tier it came "
+                                         "from: disk (into host memory) or host (into a GPU slot).", labels=["tier"])
+            for tier, times in sorted(view.load_times.items()):
+                hist.add_metric([tier], times.cumulative(), sum_value=times.total)
+            yield hist
         if view.adapters is None:
             yield _gauge("quiver_adapters_registered", "Adapters registered.", stats.get("adapters_registered", 0))
             return

@@ -113,6 +113,11 @@ def test_engine_state_is_read_at_scrape_time(live: LiveServer) -> None:
     assert value(samples, "quiver_adapters", state="pinned", tier="gpu") == 1
     assert sum(v for (n, _), v in samples.items() if n == "quiver_adapters") == len(states) == 8
     assert value(samples, "quiver_adapter_loads_total", tier="gpu") >= 3
+    # Every load is timed, by the tier it came from: disk -> host memory, host -> GPU slot.
+    assert value(samples, "quiver_adapter_load_seconds_count", tier="disk") >= 3
+    assert value(samples, "quiver_adapter_load_seconds_count", tier="host") >= 3
+    assert value(samples, "quiver_adapter_load_seconds_bucket", tier="host", le="+Inf") >= 3
+    assert value(samples, "quiver_adapter_load_seconds_sum", tier="disk") > 0
     assert value(samples, "quiver_model_ready") == 1
     assert value(samples, "quiver_kv_cache_blocks_total") == live.engine.stats()["num_total_blocks"] > 0
     assert value(samples, "quiver_sequences_running") == 0 and value(samples, "quiver_kv_cache_blocks_used") == 0
