@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from typing import Any
 
@@ -25,6 +26,7 @@ from engine.errors import (
     RequestTooLongError,
     UnknownAdapterError,
 )
+from server import off_loop
 
 logger = logging.getLogger(__name__)
 
@@ -131,20 +133,44 @@ def from_engine_error(exc: Exception, model: str) -> APIError:
 
 
 async def parse_json_body(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    """The request body as a JSON object, or a 400 saying what is wrong with it (`decode_json_body`).
+
+    A large body is decoded on a worker thread, so that decoding it never stalls the event loop.
+    """
     raw = await request.body()
+    if off_loop.is_large(raw):
+        return await off_loop.run_off_loop(decode_json_body, raw)
+    return decode_json_body(raw)
+
+
+def decode_json_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 saying what is wrong with it.
+
+    What comes back is text all the way down: no UTF-16 surrogate (raw or escaped), which the
+    tokenizer, SQLite and the UTF-8 of any response would fail on, and no NaN or infinity,
+    which no field takes and no response may carry.
+    """
     if not raw.strip():
         raise bad_request("The request body is empty; expected a JSON object.", code="invalid_json")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # Strict decoding: `json.loads(bytes)` lets UTF-8-encoded surrogates (b"\xed\xa0\x80") through.
+        text = raw.decode(json.detect_encoding(raw))
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise bad_request(f"The request body is not valid UTF-8 text: {exc}", code="invalid_json") from None
+    try:
+        body = off_loop.loads(text, parse_constant=_non_finite, parse_float=_finite_float)
+    except off_loop.JSONTooLarge as exc:
+        raise bad_request(f"The request body is too large to decode: {exc}.", code="request_too_large") from None
+    except _NonFiniteNumber as exc:
+        raise bad_request(f"The request body holds {exc}, which is not a finite number.",
+                          code="invalid_json") from None
+    except ValueError as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:
         raise bad_request("The request body is nested too deeply.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
     if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
-        # Not text: the tokenizer, SQLite and even the error response (UTF-8) would fail on it.
         raise bad_request("The request body contains an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF).",
                           code="invalid_json")
     return body
@@ -165,6 +191,21 @@ def _has_lone_surrogate(body: Any) -> bool:
             except UnicodeEncodeError:
                 return True
     return False
+
+
+class _NonFiniteNumber(ValueError):
+    pass
+
+
+def _non_finite(literal: str) -> float:
+    raise _NonFiniteNumber(literal)
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e999
+        raise _NonFiniteNumber(literal[:32])
+    return value
 
 
 async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:
