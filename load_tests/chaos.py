@@ -19,6 +19,7 @@ import numpy as np
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+ADAPTERS = "/v1/adapters"
 _MESSAGES = [{"role": "user", "content": "Say something."}]
 
 
@@ -72,6 +73,31 @@ def invalid_requests(base_model: str) -> list[RawRequest]:
         RawRequest("prompt_bad_token_id", COMPLETIONS, json.dumps({**m, "prompt": [10**9], "max_tokens": 4}).encode()),
         RawRequest("completion_logprobs_over_5", COMPLETIONS,
                    json.dumps({**m, "prompt": "hi", "logprobs": 6}).encode()),
+        # Numbers past what a tensor or torch's generator holds; strict types, as OpenAI's.
+        RawRequest("top_k_huge", CHAT, _chat(**m, top_k=2**63)),
+        RawRequest("top_k_past_int32", COMPLETIONS, json.dumps({**m, "prompt": "hi", "top_k": 2**31}).encode()),
+        RawRequest("seed_past_uint64", CHAT, _chat(**m, seed=2**64)),
+        RawRequest("seed_below_int64", CHAT, _chat(**m, seed=-(2**63) - 1)),
+        RawRequest("logit_bias_key_past_int64", CHAT, _chat(**m, logit_bias={str(2**64): 1})),
+        RawRequest("stop_token_id_negative", CHAT, _chat(**m, stop_token_ids=[-1])),
+        RawRequest("stop_string_too_long", CHAT, _chat(**m, stop=["x" * 5000])),
+        RawRequest("prompt_negative_token_id", COMPLETIONS, json.dumps({**m, "prompt": [-1], "max_tokens": 4}).encode()),
+        RawRequest("prompt_token_id_past_int64", COMPLETIONS,
+                   json.dumps({**m, "prompt": [[1], [2**64]], "max_tokens": 4}).encode()),
+        RawRequest("max_tokens_string", CHAT, _chat(**{**m, "max_tokens": "999"})),
+        RawRequest("max_tokens_float", CHAT, _chat(**{**m, "max_tokens": 999.0})),
+        RawRequest("max_tokens_bool", COMPLETIONS, json.dumps({**m, "prompt": "hi", "max_tokens": True}).encode()),
+        RawRequest("n_bool", CHAT, _chat(**m, n=True)),
+        RawRequest("stream_string", CHAT, _chat(**m, stream="yes")),
+        RawRequest("temperature_nan", CHAT, _chat(**m)[:-1] + b', "temperature": NaN}'),
+        RawRequest("temperature_overflow", CHAT, _chat(**m)[:-1] + b', "temperature": 1e999}'),
+        # Not text: UTF-8-encoded surrogates and lone surrogate escapes.
+        RawRequest("surrogate_bytes_chat", CHAT,
+                   b'{"messages": [{"role": "user", "content": "a\xed\xa0\x80b"}], "max_tokens": 4}'),
+        RawRequest("surrogate_bytes_completions", COMPLETIONS, b'{"prompt": "\xed\xb0\x80", "max_tokens": 4}'),
+        RawRequest("surrogate_escape_chat", CHAT,
+                   b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 4}'),
+        RawRequest("surrogate_bytes_adapter", ADAPTERS, b'{"name": "x\xed\xa0\x80", "source": "/nowhere"}'),
     ]
     return cases
 

@@ -1,8 +1,10 @@
 """Request bodies of the OpenAI routes, as pydantic models.
 
-Unknown fields are tolerated (clients send newer or vendor-specific ones). Ranges a user can
-get wrong are checked here so that they come back as 400s naming the field; checks that
-need the model (vocabulary, context length) live in `server.params`.
+Unknown fields are tolerated (clients send newer or vendor-specific ones). Types are strict, as
+OpenAI's are: `"max_tokens": "9"`, `9.0` or `true` and `"stream": "yes"` are 400s, not coerced
+(a float field still takes an integer). Every number that reaches a tensor or the sampler is
+bounded here, so that a bad value comes back as a 400 naming the field and never reaches the
+engine; checks that need the model (vocabulary, context length) live in `server.params`.
 """
 
 from __future__ import annotations
@@ -15,10 +17,16 @@ MAX_STOP_STRINGS = 4
 MAX_CHOICES = 128
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+MAX_MESSAGES = 2048  # as OpenAI; each is templated and tokenized before the engine sees the request
+# Characters per stop string: the stop check holds back (and rescans) up to this much text per step.
+MAX_STOP_LENGTH = 1024
+MAX_STOP_TOKEN_IDS = 1024
+# top_k beyond the vocabulary keeps everything; the bound keeps it an int32 (and so an int64 tensor).
+MAX_TOP_K = 2**31 - 1
 
 
 class _Tolerant(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -74,7 +82,8 @@ class ResponseFormat(_Tolerant):
         return self
 
 
-Stop = str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None
+StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None
 
 
 class _SamplingFields(_Tolerant):
@@ -89,7 +98,7 @@ class _SamplingFields(_Tolerant):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
+    top_k: int = Field(default=0, ge=-1, le=MAX_TOP_K)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
@@ -97,7 +106,7 @@ class _SamplingFields(_Tolerant):
     max_tokens: int | None = Field(default=None, ge=1)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     user: str | None = None
 
     def stop_list(self) -> list[str]:
@@ -111,7 +120,7 @@ class _SamplingFields(_Tolerant):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(default=None, ge=1)

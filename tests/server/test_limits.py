@@ -75,6 +75,18 @@ def test_max_tokens_over_the_ceiling_is_refused(live: LiveServer, path: str, fie
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 8
 
 
+@pytest.mark.parametrize("value", ["999", 999.0, 9.0, True, "8"])
+@pytest.mark.parametrize(("path", "field"), [("/v1/chat/completions", "max_tokens"),
+                                             ("/v1/chat/completions", "max_completion_tokens"),
+                                             ("/v1/completions", "max_tokens")])
+def test_a_max_tokens_that_is_not_an_integer_is_refused_not_capped(live: LiveServer, path: str, field: str,
+                                                                   value: Any) -> None:
+    body = _chat(**{field: value}) if "chat" in path else {"model": MODEL_NAME, "prompt": "hi", field: value}
+    with live.http() as http:
+        error = _error(http.post(path, json=body), 400)
+    assert error["param"] == field and "integer" in error["message"], error
+
+
 def test_an_omitted_max_tokens_is_capped_to_the_ceiling(live: LiveServer) -> None:
     with live.http() as http:
         answer = http.post("/v1/chat/completions", json=_chat()).json()

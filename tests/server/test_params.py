@@ -57,3 +57,41 @@ def test_seed_per_choice():
     assert seeds == [40, 41, 42]
     unseeded = ChatCompletionRequest.model_validate({"messages": [{"role": "user"}]})
     assert build_sampling_params(unseeded, max_tokens=4, top_logprobs=None, vocab_size=10, choice_index=2).seed is None
+
+
+def _chat_body(**fields):
+    return {"messages": [{"role": "user", "content": "x"}], **fields}
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_tokens", "999"), ("max_tokens", 999.0), ("max_tokens", True), ("n", True), ("stream", "yes"),
+    ("stream", 1), ("logprobs", 1), ("top_k", 2**63), ("top_k", 2**31), ("seed", 2**64), ("seed", False),
+    ("temperature", True), ("temperature", "1"), ("logit_bias", {"1": "2"}), ("stop_token_ids", [False]),
+])
+def test_strict_types_and_bounds_are_400s_naming_the_field(field, value):
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(_chat_body(**{field: value}))
+    error = from_validation_error(info.value)
+    assert error.status == 400 and (error.param == field or error.param.startswith(field + ".")), error.param
+
+
+def test_a_float_field_still_takes_an_integer():
+    req = ChatCompletionRequest.model_validate(_chat_body(temperature=1, top_p=1, presence_penalty=-2,
+                                                          logit_bias={"3": 5}))
+    assert (req.temperature, req.top_p, req.presence_penalty, req.logit_bias) == (1.0, 1.0, -2.0, {"3": 5.0})
+    assert isinstance(req.temperature, float)
+
+
+def test_every_bounded_value_builds_engine_parameters():
+    """What validation lets through, the engine's own checks accept: nothing fails later."""
+    req = CompletionRequest.model_validate({"prompt": "x", "top_k": 2**31 - 1, "seed": 2**63 - 1 - 128, "n": 128,
+                                            "logit_bias": {"9": 100}, "stop_token_ids": [0, 9]})
+    params = [build_sampling_params(req, max_tokens=4, top_logprobs=5, vocab_size=10, choice_index=i)
+              for i in range(req.n)]
+    assert params[-1].seed == 2**63 - 1 - 128 + 127 and params[0].top_k == 2**31 - 1
+
+
+def test_logit_bias_key_beyond_int64_is_400():
+    with pytest.raises(APIError) as info:
+        parse_logit_bias({str(2**64): 1}, vocab_size=10)
+    assert info.value.param == "logit_bias"
