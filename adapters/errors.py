@@ -34,3 +34,7 @@ class UnsupportedAdapterError(AdapterConfigError):
 
 class AdapterWeightsError(AdapterError):
     """The safetensors file is corrupt, or its tensors disagree with the config or the base model."""
+
+
+class UnsafeAdapterPathError(AdapterError):
+    """A file of an adapter from the adapter root is a link leading out of the root."""

@@ -56,7 +56,7 @@ def load_from_source(
 ) -> LoadedAdapter:
     """Read and validate adapter `name`; `path` skips fetching when the files are already local."""
     path = path or materialize(name, source, policy.hub_cache_dir)
-    spec = read_adapter_spec(path, name)
+    spec = read_adapter_spec(path, name, source.root)
     warnings = []
     mismatch = base_mismatch(spec, policy.base_names)
     if mismatch:
@@ -71,6 +71,7 @@ def load_from_source(
         num_layers=policy.num_layers,
         max_rank=policy.max_rank,
         dtype=policy.dtype,
+        root=source.root,
     )
     if policy.pin_memory:
         # Page-locked host copies make the copy into a GPU slot a fast DMA.

@@ -1,9 +1,10 @@
 """Parse a PEFT LoRA `adapter_config.json` into an `AdapterSpec`, refusing what we cannot serve.
 
-PEFT's own `LoraConfig` validates the fields and PEFT's own matching helpers decide which
-modules are targeted and which rank/alpha each gets, so an adapter means here exactly what it
-meant when it was trained. peft is imported lazily: it is slow to import and only needed when
-an adapter is registered, never on the serving path.
+PEFT's own `LoraConfig` validates the fields, and PEFT's matching rules decide which modules
+are targeted and which rank/alpha each gets, so an adapter means here exactly what it meant when
+it was trained. The rules run in `adapters.module_match`, under a time bound, because their
+patterns come from the adapter. peft is imported lazily: it is slow to import and only needed
+when an adapter is registered, never on the serving path.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from adapters.errors import (
@@ -24,11 +23,14 @@ from adapters.errors import (
     AdapterNotFoundError,
     UnsupportedAdapterError,
 )
+from adapters.files import confined
+from adapters.module_match import ModuleSelector, PatternBudget, check_pattern_key, pattern_key
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20  # real configs are a few KB
 
 # PEFT short name -> the submodule of a decoder layer that holds it (HF Llama-family naming).
 MODULE_PARENTS: dict[str, str] = {
@@ -42,8 +44,8 @@ MODULE_PARENTS: dict[str, str] = {
 }
 SUPPORTED_TARGETS: tuple[str, ...] = tuple(MODULE_PARENTS)
 
-# Regex targets and layer-restricted targets are resolved by asking PEFT's matcher about the
-# module names of a model this deep; deeper than any Llama-family model in use (405B has 126).
+# Regex targets and layer-restricted targets are resolved by asking PEFT's matching rules about
+# the module names of a model this deep; deeper than any Llama-family model in use (405B has 126).
 _PROBE_LAYERS = 256
 _EMBEDDING_PATHS = ("model.embed_tokens", "lm_head")
 
@@ -83,6 +85,8 @@ class AdapterSpec:
     target_modules: frozenset[str]  # short names among SUPPORTED_TARGETS
     base_model_name_or_path: str | None
     layers_to_transform: frozenset[int] | None = None  # None: every layer may carry weights
+    # What is left of the time its patterns may take matching (rank_pattern/alpha_pattern keys).
+    patterns: PatternBudget = dataclasses.field(default_factory=PatternBudget, compare=False, repr=False)
 
     @property
     def max_rank(self) -> int:
@@ -91,27 +95,32 @@ class AdapterSpec:
 
     def scale_for(self, module_path: str) -> tuple[int, float]:
         """(rank, scaling) of the module named `module_path` (see `module_path()`), as PEFT computes them."""
-        from peft.utils.other import get_pattern_key
-
-        rank = self.rank_pattern.get(get_pattern_key(self.rank_pattern.keys(), module_path), self.rank)
-        alpha = self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), module_path), self.alpha)
+        rank_key = pattern_key(list(self.rank_pattern), module_path, "rank_pattern", self.patterns)
+        alpha_key = pattern_key(list(self.alpha_pattern), module_path, "alpha_pattern", self.patterns)
+        rank = self.rank_pattern.get(rank_key, self.rank)
+        alpha = self.alpha_pattern.get(alpha_key, self.alpha)
         scaling = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
         return int(rank), float(scaling)
 
 
-def read_adapter_spec(adapter_dir: Path, name: str | None = None) -> AdapterSpec:
-    """Read and validate `adapter_dir/adapter_config.json`; `name` (default: the folder's) labels errors."""
+def read_adapter_spec(adapter_dir: Path, name: str | None = None, root: Path | str | None = None) -> AdapterSpec:
+    """Read and validate `adapter_dir/adapter_config.json`; `name` (default: the folder's) labels errors.
+
+    root: the adapter root the directory came from; the config must resolve inside it.
+    """
     adapter_dir = Path(adapter_dir)
     name = name or adapter_dir.name
-    raw = _read_json(adapter_dir, name)
+    raw = _read_json(adapter_dir, name, root)
     config = _to_lora_config(raw, name)
     _refuse_unsupported(config, name)
-    targets = _resolve_targets(config, name)
+    budget = PatternBudget(name)
+    targets = _resolve_targets(config, name, budget)
     rank_pattern = {
-        k: _positive_int(v, f"rank_pattern[{k!r}]", name) for k, v in _patterns(config, "rank_pattern", name)
+        k: _positive_int(v, f"rank_pattern[{k!r}]", name)
+        for k, v in _patterns(config, "rank_pattern", name, budget)
     }
     alpha_pattern = {
-        k: _finite(v, f"alpha_pattern[{k!r}]", name) for k, v in _patterns(config, "alpha_pattern", name)
+        k: _finite(v, f"alpha_pattern[{k!r}]", name) for k, v in _patterns(config, "alpha_pattern", name, budget)
     }
     layers = config.layers_to_transform
     if isinstance(layers, int):
@@ -127,25 +136,41 @@ def read_adapter_spec(adapter_dir: Path, name: str | None = None) -> AdapterSpec
         target_modules=targets,
         base_model_name_or_path=config.base_model_name_or_path,
         layers_to_transform=frozenset(layers) if layers else None,
+        patterns=budget,
     )
 
 
-def _read_json(adapter_dir: Path, name: str) -> dict[str, Any]:
-    path = adapter_dir / CONFIG_NAME
+def _read_json(adapter_dir: Path, name: str, root: Path | str | None) -> dict[str, Any]:
     if not adapter_dir.is_dir():
         raise AdapterNotFoundError(name, f"adapter directory {str(adapter_dir)!r} does not exist")
+    path = adapter_dir / CONFIG_NAME
     if not path.is_file():
         raise AdapterNotFoundError(name, f"{CONFIG_NAME} is missing from {str(adapter_dir)!r}")
+    path = confined(path, root, name)
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise AdapterConfigError(name, f"{CONFIG_NAME} is {size} bytes; at most {MAX_CONFIG_BYTES} are allowed")
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterConfigError(name, f"{CONFIG_NAME} is not valid JSON: {exc}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise AdapterConfigError(name, f"{CONFIG_NAME} is not valid JSON ({_why(exc)})") from None
     if not isinstance(raw, dict):
         raise AdapterConfigError(name, f"{CONFIG_NAME} must hold a JSON object, got {type(raw).__name__}")
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
         raise UnsupportedAdapterError(name, f"peft_type is {peft_type!r}; only 'LORA' adapters are supported")
     return raw
+
+
+def _why(exc: Exception) -> str:
+    # A position, never the text: the file may be something other than a config.
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return "nested too deeply" if isinstance(exc, RecursionError) else type(exc).__name__
 
 
 def _to_lora_config(raw: dict[str, Any], name: str) -> Any:
@@ -199,7 +224,7 @@ def _refuse_unsupported(config: Any, name: str) -> None:
         )
 
 
-def _resolve_targets(config: Any, name: str) -> frozenset[str]:
+def _resolve_targets(config: Any, name: str, budget: PatternBudget) -> frozenset[str]:
     targets = config.target_modules
     if not targets:
         raise AdapterConfigError(
@@ -207,11 +232,11 @@ def _resolve_targets(config: Any, name: str) -> frozenset[str]:
         )
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = set(SUPPORTED_TARGETS)  # PEFT's shorthand for every linear layer but the output head
-    whole = _matcher(config, targets, exclude=True)
+    whole = _selector(config, targets, name)
     # Layer restrictions cannot apply to un-numbered modules; ignore them to catch embeddings.
-    unlayered = SimpleNamespace(**{**vars(whole), "layers_to_transform": None, "layers_pattern": None})
+    unlayered = dataclasses.replace(whole, layers_to_transform=None, layers_pattern=None)
     for path in _EMBEDDING_PATHS:
-        if _targets(unlayered, path):
+        if unlayered.selects(path, budget):
             raise UnsupportedAdapterError(
                 name,
                 f"target_modules {_show(targets)} include {path!r}; LoRA on embeddings or lm_head "
@@ -219,58 +244,65 @@ def _resolve_targets(config: Any, name: str) -> frozenset[str]:
             )
     entries = [targets] if isinstance(targets, str) else sorted(targets)
     for entry in entries:
-        probe = _matcher(config, entry if isinstance(targets, str) else {entry}, exclude=False)
+        one = targets if isinstance(targets, str) else frozenset({entry})
+        probe = dataclasses.replace(whole, target_modules=one, exclude_modules=None)
         if not any(
-            _targets(probe, module_path(i, s)) for s in SUPPORTED_TARGETS for i in range(_PROBE_LAYERS)
+            probe.selects(module_path(i, s), budget) for s in SUPPORTED_TARGETS for i in range(_PROBE_LAYERS)
         ):
             kind = "regex" if isinstance(targets, str) else "module"
             raise UnsupportedAdapterError(
                 name,
-                f"target_modules {kind} {entry!r} matches none of the supported modules "
+                f"target_modules {kind} {_show(entry)} matches none of the supported modules "
                 f"{list(SUPPORTED_TARGETS)} (module names look like {module_path(0, 'q_proj')!r})",
             )
     resolved = frozenset(
         short
         for short in SUPPORTED_TARGETS
-        if any(_targets(whole, module_path(i, short)) for i in range(_PROBE_LAYERS))
+        if any(whole.selects(module_path(i, short), budget) for i in range(_PROBE_LAYERS))
     )
     if not resolved:
         raise AdapterConfigError(name, f"target_modules {_show(targets)} leave no module to adapt")
     return resolved
 
 
-def _matcher(config: Any, target_modules: Any, exclude: bool) -> SimpleNamespace:
-    # The subset of a LoraConfig that PEFT's matcher reads; modules_to_save and
-    # target_parameters were refused before we get here.
-    return SimpleNamespace(
-        target_modules=target_modules,
-        exclude_modules=config.exclude_modules if exclude else None,
-        modules_to_save=None,
-        target_parameters=None,
-        layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern,
+def _selector(config: Any, targets: str | set[str], name: str) -> ModuleSelector:
+    layers = config.layers_to_transform
+    layers_pattern = config.layers_pattern
+    if isinstance(layers_pattern, list):
+        layers_pattern = tuple(layers_pattern)
+    if layers_pattern is not None and not (
+        isinstance(layers_pattern, str) or all(isinstance(p, str) for p in layers_pattern)
+    ):
+        raise AdapterConfigError(name, f"layers_pattern must be a string or a list of strings, got {_show(layers_pattern)}")
+    return ModuleSelector(
+        target_modules=targets if isinstance(targets, str) else _names(targets, "target_modules", name),
+        exclude_modules=(
+            None if not config.exclude_modules
+            else config.exclude_modules if isinstance(config.exclude_modules, str)
+            else _names(config.exclude_modules, "exclude_modules", name)
+        ),
+        layers_to_transform=layers if layers is None or isinstance(layers, int) else frozenset(layers),
+        layers_pattern=layers_pattern,
     )
 
 
-def _targets(matcher: SimpleNamespace, path: str) -> bool:
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    return bool(check_target_module_exists(matcher, path))
+def _names(values: Any, field: str, name: str) -> frozenset[str]:
+    if not all(isinstance(v, str) for v in values):
+        raise AdapterConfigError(name, f"{field} must be a string or a list of strings, got {_show(values)}")
+    return frozenset(values)
 
 
 def _show(targets: Any) -> str:
-    return repr(targets) if isinstance(targets, str) else repr(sorted(targets))
+    text = repr(targets) if isinstance(targets, str) or not isinstance(targets, (set, frozenset)) else repr(sorted(targets))
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
 
 
-def _patterns(config: Any, field: str, name: str) -> list[tuple[str, Any]]:
+def _patterns(config: Any, field: str, name: str, budget: PatternBudget) -> list[tuple[str, Any]]:
     patterns = getattr(config, field) or {}
     if not isinstance(patterns, dict):
-        raise AdapterConfigError(name, f"{field} must be a JSON object, got {patterns!r}")
+        raise AdapterConfigError(name, f"{field} must be a JSON object, got {_show(patterns)}")
     for key in patterns:
-        try:
-            re.compile(key)  # PEFT matches the keys as regular expressions
-        except (re.error, TypeError) as exc:
-            raise AdapterConfigError(name, f"{field} key {key!r} is not a valid pattern: {exc}") from exc
+        check_pattern_key(key, field, budget)  # PEFT matches the keys as regular expressions
     return list(patterns.items())
 
 

@@ -21,6 +21,7 @@ from adapters.errors import (
     UnsafeAdapterFormatError,
     UnsupportedAdapterError,
 )
+from adapters.files import confined
 from adapters.peft_format import MODULE_PARENTS, WEIGHTS_NAME, AdapterSpec, module_path, read_adapter_spec
 
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
@@ -51,15 +52,17 @@ def load_adapter(
     num_layers: int | None,
     max_rank: int,
     dtype: torch.dtype = torch.float32,
+    root: Path | str | None = None,
 ) -> LoraWeights:
     """Read, validate and fold an adapter.
 
     expected_shapes: short name -> (in_features, out_features) of the base model's module;
     None skips the shape checks (and `num_layers=None` the layer-range check).
+    root: the adapter root the directory came from; every file read must resolve inside it.
     """
     adapter_dir = Path(adapter_dir)
-    spec = read_adapter_spec(adapter_dir, name)
-    tensors = _read_tensors(adapter_dir, name)
+    spec = read_adapter_spec(adapter_dir, name, root)
+    tensors = _read_tensors(adapter_dir, name, root)
     pairs = _pair_up(tensors, spec, name, num_layers)
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for (layer, short), (a, b) in sorted(pairs.items()):
@@ -79,7 +82,7 @@ def load_adapter(
     )
 
 
-def _read_tensors(adapter_dir: Path, name: str) -> dict[str, torch.Tensor]:
+def _read_tensors(adapter_dir: Path, name: str, root: Path | str | None) -> dict[str, torch.Tensor]:
     path = adapter_dir / WEIGHTS_NAME
     if not path.is_file():
         pickled = [p for p in _PICKLE_NAMES if (adapter_dir / p).is_file()]
@@ -90,6 +93,7 @@ def _read_tensors(adapter_dir: Path, name: str) -> dict[str, torch.Tensor]:
                 "convert to safetensors (e.g. save_pretrained(..., safe_serialization=True))",
             )
         raise AdapterNotFoundError(name, f"{WEIGHTS_NAME} is missing from {str(adapter_dir)!r}")
+    path = confined(path, root, name)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -66,10 +67,30 @@ def restore_on_ready(state: ServerState, store: Store) -> None:
                 continue
             try:
                 if record.source is not None and not engine.has_adapter(record.name):
-                    await engine.add_adapter(record.name, record.source)
+                    await _register_again(engine, record.name, record.source)
                 if record.pinned and engine.has_adapter(record.name):
                     await engine.promote_adapter(record.name)
             except Exception as exc:  # the others still come back
                 logger.warning("could not restore adapter %s: %s", record.name, exc)
 
     state.add_hooks(ready=restore)
+
+
+async def _register_again(engine: Any, name: str, source: str) -> None:
+    # A directory from the adapter root was registered by a client: it is checked again as a
+    # client's source (still inside the root, its files too), not trusted as the operator's.
+    config = getattr(engine, "adapter_config", None)
+    root = getattr(config, "adapter_root", None)
+    if root is not None and Path(source).is_absolute():
+        relative = _relative_to(Path(source), Path(root))
+        if relative is not None:
+            await engine.register_adapter(name, relative)
+            return
+    await engine.add_adapter(name, source)
+
+
+def _relative_to(path: Path, root: Path) -> str | None:
+    try:
+        return str(path.relative_to(root.resolve()))
+    except (ValueError, OSError):
+        return None

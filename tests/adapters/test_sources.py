@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
 import pytest
 
-from adapters.errors import AdapterNotFoundError, UnsafeAdapterFormatError
+from adapters.errors import (
+    AdapterConfigError,
+    AdapterNotFoundError,
+    UnsafeAdapterFormatError,
+    UnsafeAdapterPathError,
+)
 from adapters.loader import BaseModelMismatchError, LoadPolicy, base_mismatch, base_names, load_from_source
 from adapters.peft_format import read_adapter_spec
 from adapters.sources import (
@@ -51,7 +58,7 @@ def test_good_names_pass(name: str) -> None:
 
 def test_root_discovery_finds_adapter_dirs_by_name_only(root: Path) -> None:
     assert set(scan_root(root)) == {"alpha", "beta.v2"}
-    assert find_in_root(root, "alpha") == AdapterSource("dir", str((root / "alpha").resolve()))
+    assert find_in_root(root, "alpha") == AdapterSource("dir", str((root / "alpha").resolve()), root=str(root.resolve()))
     assert find_in_root(root, "not-an-adapter") is None
     assert find_in_root(root, "../outside") is None
     assert find_in_root(None, "alpha") is None
@@ -151,3 +158,89 @@ def test_base_mismatch_warns_or_refuses(tmp_path: Path) -> None:
     assert "other-org/another-model" in warned.warnings[0]
     with pytest.raises(BaseModelMismatchError, match="names a different model.*refuses"):
         load_from_source("other", source, LoadPolicy(None, None, 8, base_names=names, refuse_base_mismatch=True))
+
+
+SECRET = "s3cr3t-value-outside-the-root"
+
+
+def _leaky(root: Path, outside: Path, linked: str) -> Path:
+    """`root/leaky`: an adapter whose `linked` file is a symlink to a file outside the root."""
+    adapter = write_lora_dir(root / "leaky", fake_dims())
+    target = outside / f"outside-{linked}"
+    if linked == "adapter_config.json":  # a file an error would quote a value of
+        target.write_text(json.dumps({"peft_type": "LORA", "r": SECRET, "target_modules": ["q_proj"]}))
+    else:
+        target.write_bytes((adapter / linked).read_bytes())
+    (adapter / linked).unlink()
+    (adapter / linked).symlink_to(target)
+    return adapter
+
+
+@pytest.mark.parametrize("linked", ["adapter_config.json", "adapter_model.safetensors"])
+def test_adapter_files_linking_out_of_the_root_are_not_read(root: Path, tmp_path: Path, linked: str) -> None:
+    _leaky(root, tmp_path, linked)
+    source = find_in_root(root, "leaky")
+    assert source is not None and source.root == str(root.resolve())
+    with pytest.raises(UnsafeAdapterPathError, match=f"{linked} is a link leading outside the adapter root") as info:
+        load_from_source("leaky", source, LoadPolicy(None, None, max_rank=8))
+    assert SECRET not in str(info.value) and str(tmp_path / "outside") not in str(info.value)
+    # Once loaded, a reload (path already known) is checked again.
+    with pytest.raises(UnsafeAdapterPathError):
+        load_from_source("leaky", source, LoadPolicy(None, None, max_rank=8), Path(source.location))
+    # The same directory named by the operator is trusted as it is.
+    if linked == "adapter_model.safetensors":
+        trusted = load_from_source("leaky", source_from_operator(root / "leaky"), LoadPolicy(None, None, max_rank=8))
+        assert trusted.weights.max_rank == 4
+
+
+def test_adapter_files_linking_inside_the_root_are_read(root: Path) -> None:
+    shared = write_lora_dir(root / "shared-weights", fake_dims())
+    adapter = write_lora_dir(root / "linked", fake_dims())
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.safetensors").symlink_to(shared / "adapter_model.safetensors")
+    source = find_in_root(root, "linked")
+    assert source is not None
+    assert load_from_source("linked", source, LoadPolicy(None, None, max_rank=8)).weights.max_rank == 4
+
+
+def test_config_errors_never_quote_file_contents(root: Path) -> None:
+    adapter = write_lora_dir(root / "garbled", fake_dims())
+    (adapter / "adapter_config.json").write_text(f"{SECRET}\n")
+    with pytest.raises(AdapterConfigError, match=r"not valid JSON \(Expecting value at line 1 column 1\)") as info:
+        read_adapter_spec(adapter)
+    assert SECRET not in str(info.value)
+    (adapter / "adapter_config.json").write_bytes(b"{\xff" + SECRET.encode())
+    with pytest.raises(AdapterConfigError, match=r"not valid JSON \(not UTF-8\)"):
+        read_adapter_spec(adapter)
+
+
+def test_huge_configs_are_refused_unread(root: Path) -> None:
+    adapter = write_lora_dir(root / "huge", fake_dims())
+    (adapter / "adapter_config.json").write_text(" " * (2 << 20) + "{}")
+    with pytest.raises(AdapterConfigError, match=r"is 2097154 bytes; at most 1048576"):
+        read_adapter_spec(adapter)
+
+
+def test_a_100k_character_source_is_refused_with_its_length(root: Path) -> None:
+    with pytest.raises(AdapterSourceError, match="source is 100000 characters long; at most 1024") as info:
+        source_from_request("a" * 100_000, root)
+    assert len(str(info.value)) < 300
+    # Under the bound but over the file system's name limit (ENAMETOOLONG): still a clear refusal.
+    with pytest.raises(AdapterSourceError, match="cannot be read \\(File name too long\\)"):
+        source_from_request("a" * 1000, root)
+    with pytest.raises(AdapterSourceError, match=r"invalid adapter name 'aaaa.*\(100002 characters\)"):
+        validate_name("a" * 100_000)
+
+
+def test_root_entries_leading_out_of_the_root_are_logged_when_skipped(
+    root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (root / "sneaky").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (root / "bad name").mkdir()
+    (root / ".hidden").mkdir()
+    with caplog.at_level(logging.WARNING, logger="adapters.sources"):
+        assert set(scan_root(root)) == {"alpha", "beta.v2"}
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("skipping 'sneaky'" in m and "resolves outside the adapter root" in m for m in messages), messages
+    assert any("skipping 'bad name'" in m and "invalid adapter name" in m for m in messages), messages
+    assert not any("not-an-adapter" in m or ".hidden" in m for m in messages), messages
