@@ -1,8 +1,9 @@
 """Admin routes of the adapter registry: list, inspect, register, promote, demote, delete.
 
 Errors use the OpenAI envelope: 400 for a bad name or source and for an adapter that failed
-validation (the reason is the message), 404 for an unknown adapter, 409 for a name already taken
-or a pin that would leave no GPU slot for unpinned adapters.
+validation (the reason is the message), 404 for an unknown adapter, 409 for a name already taken,
+a reserved name (the base model's, or fine-tuning's `ft-` names, which only a job publishes) or a
+pin that would leave no GPU slot for unpinned adapters.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from adapters.sources import AdapterSourceError, validate_name
 from engine.errors import AdapterFailedError, UnknownAdapterError
 from server.errors import APIError, bad_request, parse_json_body
 from server.state import ServerState
+from training.job_record import fine_tuned_model_name
+
+# Fine-tuning publishes `ft-<job-id>` and `ft-<job-id>:ckpt-<step>`; a client must not take one first.
+_FINE_TUNED_PREFIX = fine_tuned_model_name("")
 
 
 def adapter_routes(state: ServerState) -> list[Route]:
@@ -45,6 +50,7 @@ def adapter_routes(state: ServerState) -> list[Route]:
         if not isinstance(source, str):
             raise bad_request("`source` is required and must be a string.", param="source")
         _check_name(name)
+        _check_not_reserved(name, engine.model_name)
         info = await _guard(engine.register_adapter(name, source), name, param="source")
         return JSONResponse(info, status_code=201)
 
@@ -80,6 +86,16 @@ def _check_name(name: str) -> str:
         return validate_name(name)
     except AdapterSourceError as exc:
         raise bad_request(str(exc), param="name", code="invalid_adapter_name") from None
+
+
+def _check_not_reserved(name: str, base_model: str) -> None:
+    if name == base_model:
+        reason = "it is the base model's name, which always serves the base model"
+    elif name.startswith(_FINE_TUNED_PREFIX):
+        reason = f"names starting with {_FINE_TUNED_PREFIX!r} are reserved for fine-tuning jobs' adapters"
+    else:
+        return
+    raise APIError(409, f"The adapter name `{name}` is reserved: {reason}.", param="name", code="reserved_name")
 
 
 async def _guard(work: Awaitable[Any], name: str, param: str | None = None) -> Any:

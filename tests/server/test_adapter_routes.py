@@ -4,6 +4,8 @@ other adapters keep serving, path traversal refused, hub ids from a prepared off
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -271,6 +273,90 @@ def test_delete_waits_for_requests_in_flight(env: Env) -> None:
         assert _complete(env.http, victim).status_code == 404
         assert _text(running.result()) == long_ref
     _wait_for(lambda: engine.stats()["adapter_refcount_total"] == 0)
+
+
+def test_hostile_target_regex_is_400_and_spares_health_and_other_adapters(
+    env: Env, server_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters import module_match
+
+    monkeypatch.setattr(module_match, "MATCH_SECONDS", 1.0)
+    # Backtracks exponentially against a module name; `re` would hold the GIL until it gave up.
+    write_lora_dir(env.root / "hostile-regex", model_dims(server_model_dir), target_modules=r"(?:.|\w|[a-z]|\S)*\.q")
+    gaps: list[float] = []
+    with ThreadPoolExecutor(2) as pool:
+        registering = pool.submit(env.http.post, "/v1/adapters", json={"name": "hostile", "source": "hostile-regex"})
+        other = pool.submit(_complete, env.http, "good-3")
+        with httpx.Client(base_url=env.live.base_url, timeout=30.0) as probe:
+            while not registering.done():
+                started = time.monotonic()
+                assert probe.get("/health").status_code == 200
+                gaps.append(time.monotonic() - started)
+        response = registering.result()
+        assert _text(other.result()) == env.refs["good-3"]
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "adapter_failed" and "could not be matched against the module names" in error["message"]
+    assert gaps and max(gaps) < 0.5, f"/health took up to {max(gaps):.2f} s while the pattern was matched"
+
+
+def test_adapter_files_linking_out_of_the_root_are_400_without_their_contents(
+    env: Env, server_model_dir: Path
+) -> None:
+    secret = "value-of-a-file-outside-the-root"
+    outside_config = env.outside / "outside-config.json"
+    outside_config.write_text(json.dumps({"peft_type": "LORA", "r": secret, "target_modules": ["q_proj"]}))
+    adapter = write_lora_dir(env.root / "leaky-config", model_dims(server_model_dir))
+    (adapter / "adapter_config.json").unlink()
+    (adapter / "adapter_config.json").symlink_to(outside_config)
+    response = env.http.post("/v1/adapters", json={"name": "leaky", "source": "leaky-config"})
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert "adapter_config.json is a link leading outside the adapter root" in message
+    assert secret not in message and str(env.outside) not in message
+    served = _complete(env.http, "leaky-config")  # discovered from the root: the same refusal
+    assert served.status_code == 400 and secret not in served.text
+
+
+def test_a_100k_character_source_is_400_naming_the_bound(env: Env) -> None:
+    for source in ("a" * 100_000, "b" * 1000, "hf://org/" + "c" * 100_000):
+        response = env.http.post("/v1/adapters", json={"name": "long-source", "source": source})
+        assert response.status_code == 400, response.text[:300]
+        assert len(response.text) < 1000
+    assert "at most 1024" in env.http.post("/v1/adapters", json={"name": "x", "source": "a" * 100_000}).text
+    assert "long-source" not in _adapters(env)
+
+
+@pytest.mark.parametrize("name", [MODEL_NAME, "ft-ftjob-0123456789ab", "ft-ftjob-0123456789ab:ckpt-3", "ft-x"])
+def test_reserved_adapter_names_are_409(env: Env, name: str) -> None:
+    response = env.http.post("/v1/adapters", json={"name": name, "source": "good-0"})
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    assert error["code"] == "reserved_name" and f"`{name}` is reserved" in error["message"]
+    assert name not in _adapters(env)
+    assert env.http.post(f"/v1/adapters/{name}/promote").status_code == 404
+
+
+def test_restored_root_adapters_are_checked_as_client_sources(tmp_path: Path) -> None:
+    from server.adapter_journal import _register_again
+
+    class Recorder:
+        adapter_config = AdapterConfig(adapter_root=tmp_path)
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str, str]] = []
+
+        async def register_adapter(self, name: str, source: str) -> None:
+            self.calls.append(("client", name, source))
+
+        async def add_adapter(self, name: str, source: str) -> None:
+            self.calls.append(("operator", name, source))
+
+    engine = Recorder()
+    outside = tmp_path.parent / "elsewhere"
+    for name, source in [("a", str(tmp_path.resolve() / "ada")), ("b", str(outside)), ("c", "hf://org/x")]:
+        asyncio.run(_register_again(engine, name, source))
+    assert engine.calls == [("client", "a", "ada"), ("operator", "b", str(outside)), ("operator", "c", "hf://org/x")]
 
 
 def _wait_for(condition, timeout: float = 10.0) -> None:
