@@ -19,6 +19,7 @@ from training.checkpoints import CHECKPOINTS_DIR, has_adapter
 from training.config import DEFAULT_TARGETS, DEVICES, DTYPES, LR_SCHEDULERS, TrainConfig
 from training.data import DataError
 from training.events import EVENTS_NAME, PLOT_NAME, EventLog
+from training.run_guard import OutputBusy, die_with_parent_from_env, hold_output
 
 DORA_WARNING = ("warning: --use-dora trains a DoRA adapter, which the Quiver server cannot serve yet; "
                 "use it with peft or transformers directly")
@@ -115,8 +116,19 @@ def run_train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(f"error: {exc}", 2)
     _warn_unservable(config)
+    die_with_parent_from_env()
     if args.validate_only:
         return _validate_only(config)
+    if config.output.exists() and not config.output.is_dir():
+        return _fail(f"error: --output {str(config.output)!r} exists and is not a directory", 2)
+    try:
+        with hold_output(config.output):  # one run per output directory, for as long as this process lives
+            return _run_holding_output(config, args)
+    except OutputBusy as exc:
+        return _fail(f"error: {exc}", 2)
+
+
+def _run_holding_output(config: TrainConfig, args: argparse.Namespace) -> int:
     try:
         _prepare_output(config.output, args.overwrite)
     except ValueError as exc:

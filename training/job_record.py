@@ -98,9 +98,10 @@ class JobRecord:
 
     def requeue(self, message: str) -> None:
         """Back to the start: the run's partial progress is dropped (the next run overwrites its
-        output directory), its files are validated again, and the history keeps `message`."""
+        output directory), its files are validated again, and the history keeps `message`.
+        Checkpoints already published stay, served, until the next run replaces them."""
         self.started_at = self.estimated_finish = self.trained_tokens = None
-        self.checkpoints, self.child_error, self.final_event = [], None, None
+        self.child_error, self.final_event = None, None
         self.set_status("validating_files", message, level="warn")
 
     def fail(self, code: str, message: str, param: str | None = None) -> None:
@@ -120,25 +121,30 @@ class JobRecord:
         self.add_event(f"New fine-tuned model created: {name}")
         self.set_status("succeeded", "The job has successfully completed.")
 
+    def add_checkpoint(self, step: int, path: Path, event: dict[str, Any]) -> None:
+        """A checkpoint published at `path` (and registered), from the child's `checkpoint` event."""
+        self.checkpoints.append({
+            "id": f"ftckpt-{secrets.token_hex(12)}", "created_at": int(event.get("time") or time.time()),
+            "step_number": step, "fine_tuned_model_checkpoint": self.checkpoint_name(step),
+            "path": str(path), "metrics": event.get("metrics") or {},
+        })
+        self.add_event(f"Checkpoint created at step {step}: {self.checkpoint_name(step)}")
+        self.save()
+
+    def drop_checkpoint(self, step: int) -> None:
+        self.checkpoints = [c for c in self.checkpoints if c["step_number"] != step]
+        self.save()
+
+    def checkpoint_name(self, step: int) -> str:
+        return f"{self.fine_tuned_name}:ckpt-{step}"
+
     def record_child_event(self, event: dict[str, Any]) -> None:
-        """Fold one event of the child's events.jsonl into this record."""
+        """Fold one event of the child's events.jsonl into this record (checkpoints are the manager's)."""
         kind = event.get("type")
         if kind == "metrics":
             self._metrics(event)
         elif kind == "message":
             self.add_event(str(event.get("message", "")), level="warn" if event.get("level") == "warning" else "info")
-        elif kind == "checkpoint":
-            step = int(event["step"])
-            self.checkpoints.append({
-                "id": f"ftckpt-{secrets.token_hex(12)}", "created_at": int(event.get("time") or time.time()),
-                "step_number": step, "fine_tuned_model_checkpoint": f"{self.fine_tuned_name}:ckpt-{step}",
-                "path": str(event["path"]), "metrics": event.get("metrics") or {},
-            })
-            self.add_event(f"Checkpoint created at step {step}: {self.fine_tuned_name}:ckpt-{step}")
-            self.save()
-        elif kind == "checkpoint_removed":
-            self.checkpoints = [c for c in self.checkpoints if c["step_number"] != int(event["step"])]
-            self.save()
         elif kind == "error":
             self.child_error = {k: event.get(k) for k in ("code", "message", "param")}
             self.save()

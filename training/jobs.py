@@ -3,24 +3,32 @@
 States follow OpenAI's: validating_files -> queued -> running -> succeeded | failed | cancelled.
 One monitor thread moves jobs along: it re-checks their files, starts queued jobs while
 fewer than `max_concurrent` run, tails each child's events.jsonl (metrics, checkpoints,
-errors) and reaps it when it exits. When a checkpoint appears it is handed to
-`on_adapter_ready("ft-<job-id>:ckpt-<step>", path)`, and the final adapter, when the child
-exits cleanly, to `on_adapter_ready("ft-<job-id>", path)`; a checkpoint rotated out of the
-run (`save_total_limit`) goes to `on_adapter_removed(name)`. The callbacks run on the
-monitor thread: one that must reach an event loop or engine thread posts to it and waits.
-A failure there, in the child, or a cancel leaves the manager as it was, with the reason
-in the job's `error` and events.
+errors) and reaps it when it exits. The final adapter, when the child exits cleanly, is
+handed to `on_adapter_ready("ft-<job-id>", path)`.
+
+Checkpoints are published by the manager, not served from where the child writes them: the
+child keeps every checkpoint it writes, and the monitor thread, in event order, moves each
+into the job's `checkpoints/`, hands it to `on_adapter_ready("ft-<job-id>:ckpt-<step>", path)`
+and only then rotates out the oldest beyond `save_total_limit` (`on_adapter_removed(name)`,
+then its files). So a checkpoint is never deleted while it is being registered or while it
+is registered, and published ones outlive a restart that reruns the job (a rerun's step N
+replaces the old step N). The callbacks run on the monitor thread: one that must reach an
+event loop or engine thread posts to it and waits. A failure there, in the child, or a cancel
+leaves the manager as it was, with the reason in the job's `error` and events.
 
 Layout under `root`: `files/` (uploads) and `jobs/<job-id>/` with `job.json` (the record),
-`events.jsonl` (the API's events), `train.log` (the child's output) and `output/` (the
-`quiver train` output directory: adapter, checkpoints, its own events, loss.png).
+`events.jsonl` (the API's events), `train.log` (the child's output), `checkpoints/ckpt-<step>/`
+(published checkpoints), `trainer.pid` (while a child runs) and `output/` (the `quiver train`
+output directory: adapter, checkpoints not yet published, its own events, loss.png).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,19 +38,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from training.checkpoints import list_checkpoints
+from training.checkpoints import CHECKPOINTS_DIR, checkpoint_name
 from training.data import DataError, read_records
 from training.errors import ConflictError, InvalidRequestError, NotFoundError
 from training.events import EVENTS_NAME, read_events
 from training.files import DEFAULT_MAX_BYTES, FileStore
 from training.job_params import cli_arguments, merge_hyperparameters, resolve_hyperparameters, train_config
 from training.job_record import TERMINAL, JobRecord, fine_tuned_model_name, load_records, page
+from training.run_guard import PARENT_PID_ENV, end_orphan, write_process_record
 
 logger = logging.getLogger(__name__)
 
 AdapterCallback = Callable[[str, Path], None]
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _KILL_GRACE_S = 5.0
+PROCESS_RECORD = "trainer.pid"  # in the job directory while its trainer runs
+_CHILD_KEEPS_EVERY_CHECKPOINT = 2**31 - 1  # the manager rotates checkpoints once they are published
 
 __all__ = ["JobManager", "fine_tuned_model_name"]
 
@@ -80,9 +91,19 @@ class JobManager:
         self._offsets: dict[str, int] = {}
         self._jobs: dict[str, JobRecord] = {}
         for record in load_records(self.jobs_dir):
-            if record.status == "running":  # its process died with the previous server
+            self._end_orphan(record)
+            if record.status == "running":  # its process died with the previous server (or was just ended)
                 record.requeue(_RESTARTED)
             self._jobs[record.id] = record
+
+    @staticmethod
+    def _end_orphan(record: JobRecord) -> None:
+        # A trainer that outlived a killed server must not train on beside the job's next run.
+        pid = end_orphan(record.directory / PROCESS_RECORD, record.output_dir)
+        if pid is not None:
+            logger.warning("stopped training process %s of job %s, left running by a previous server", pid, record.id)
+            record.add_event(f"Stopped the training process {pid}, left running by the previous server.",
+                             level="warn")
 
     # ------------------------------------------------------------------ lifetime
     def start(self) -> None:
@@ -100,8 +121,9 @@ class JobManager:
             self._thread = None
         with self._lock:
             procs, self._procs = self._procs, {}
-        for proc in procs.values():
+        for job_id, proc in procs.items():
             _kill(proc)
+            (self.jobs_dir / job_id / PROCESS_RECORD).unlink(missing_ok=True)
         with self._lock:  # after the kill: no event of the old run lands after the requeue
             for job_id in procs:
                 if self._jobs[job_id].status == "running":
@@ -178,6 +200,7 @@ class JobManager:
             job.set_status("cancelled", "The job was cancelled.")
         if proc is not None:
             _kill(proc)
+            (job.directory / PROCESS_RECORD).unlink(missing_ok=True)
         return self.get_job(job_id)
 
     def _job(self, job_id: str) -> JobRecord:
@@ -233,6 +256,8 @@ class JobManager:
 
     def _launch(self, job: JobRecord) -> None:
         job.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        # A rerun's events are read from the start: none of the previous run's may be read as its own.
+        (job.output_dir / EVENTS_NAME).unlink(missing_ok=True)
         valid = None
         if job.validation_file is not None:
             valid = self.files.copy_to(job.validation_file, job.directory / "validation.jsonl")
@@ -240,6 +265,8 @@ class JobManager:
                               data=self.files.copy_to(job.training_file, job.directory / "training.jsonl"),
                               output=job.output_dir, validation_data=valid, seed=job.seed,
                               name=job.fine_tuned_name)
+        if config.save_total_limit > 0:
+            config = dataclasses.replace(config, save_total_limit=_CHILD_KEEPS_EVERY_CHECKPOINT)
         command = [self.python, "-m", "training", *cli_arguments(config), "--no-progress", "--overwrite",
                    *self.train_args]
         env = dict(os.environ)
@@ -248,9 +275,11 @@ class JobManager:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         env.update(self.env)
+        env[PARENT_PID_ENV] = str(os.getpid())  # the child ends itself when this process dies
         with open(job.directory / "train.log", "ab") as log:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     cwd=job.directory, env=env, start_new_session=os.name == "posix")
+        write_process_record(job.directory / PROCESS_RECORD, proc.pid)
         self._procs[job.id] = proc
         self._offsets[job.id] = 0
         job.started_at = int(time.time())
@@ -267,6 +296,7 @@ class JobManager:
         with self._lock:
             if self._procs.pop(job_id, None) is None:
                 return  # cancelled meanwhile
+        (job.directory / PROCESS_RECORD).unlink(missing_ok=True)
         if code == 0 and job.final_event is not None:
             self._succeed(job)
         else:
@@ -279,13 +309,53 @@ class JobManager:
         with self._lock:
             job.record_child_event(event)
         if kind == "checkpoint":
-            name = f"{job.fine_tuned_name}:ckpt-{event['step']}"
-            self._register(job, name, Path(event["path"]))
-        elif kind == "checkpoint_removed" and self.on_adapter_removed is not None:
+            self._publish_checkpoint(job, int(event["step"]), Path(event["path"]), event)
+
+    # ------------------------------------------------------------------ checkpoints (monitor thread only)
+    def _publish_checkpoint(self, job: JobRecord, step: int, written: Path, event: dict[str, Any]) -> None:
+        """Move the child's checkpoint out of its reach, register it, then rotate: in this order, on
+        one thread, so no checkpoint is deleted while it is registered or being registered."""
+        target = job.directory / CHECKPOINTS_DIR / checkpoint_name(step)
+        with self._lock:
+            replaced = any(c["step_number"] == step for c in job.checkpoints)
+        if (replaced or target.exists()) and not self._retire_checkpoint(job, step):
+            return  # the earlier run's step is still served; this one is not published
+        try:
+            target.parent.mkdir(exist_ok=True)
+            os.rename(written, target)
+        except OSError as exc:
+            with self._lock:
+                job.add_event(f"Could not publish the checkpoint at step {step}: {exc}", level="warn")
+            return
+        if not self._register(job, job.checkpoint_name(step), target):
+            shutil.rmtree(target, ignore_errors=True)
+            return
+        with self._lock:
+            job.add_checkpoint(step, target, event)
+            limit = _checkpoint_limit(job)
+            doomed = [c["step_number"] for c in job.checkpoints[: max(0, len(job.checkpoints) - limit)]]
+        for old in doomed:  # oldest published first
+            if not self._retire_checkpoint(job, old):
+                break
+
+    def _retire_checkpoint(self, job: JobRecord, step: int) -> bool:
+        """Unregister a published checkpoint, then delete it; False (files kept) if unregistering failed."""
+        name = job.checkpoint_name(step)
+        if self.on_adapter_removed is not None:
             try:
-                self.on_adapter_removed(f"{job.fine_tuned_name}:ckpt-{event['step']}")
-            except Exception:
-                logger.exception("unregistering a removed checkpoint failed")
+                self.on_adapter_removed(name)
+            except Exception as exc:
+                logger.exception("unregistering checkpoint %s failed", name)
+                with self._lock:
+                    job.add_event(f"Could not unregister {name}, so it is kept: {type(exc).__name__}: {exc}",
+                                  level="warn")
+                return False
+        with self._lock:
+            paths = [Path(c["path"]) for c in job.checkpoints if c["step_number"] == step]
+            job.drop_checkpoint(step)
+        for path in paths or [job.directory / CHECKPOINTS_DIR / checkpoint_name(step)]:
+            shutil.rmtree(path, ignore_errors=True)
+        return True
 
     def _register(self, job: JobRecord, name: str, path: Path) -> bool:
         if self.on_adapter_ready is None:
@@ -301,9 +371,6 @@ class JobManager:
 
     def _succeed(self, job: JobRecord) -> None:
         name = job.fine_tuned_name
-        present = {step for step, _ in list_checkpoints(job.output_dir)}
-        with self._lock:
-            job.checkpoints = [c for c in job.checkpoints if c["step_number"] in present]
         registered = self._register(job, name, job.output_dir)
         with self._lock:
             if job.status != "running":
@@ -313,6 +380,11 @@ class JobManager:
             else:
                 job.fail("adapter_registration_failed",
                          f"Training finished, but the server could not load the adapter {name}; see the events.")
+
+
+def _checkpoint_limit(job: JobRecord) -> int:
+    """How many published checkpoints the job keeps (its `save_total_limit`)."""
+    return train_config(job.hyperparameters, model="-", data=Path("-"), output=Path("-")).save_total_limit
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
