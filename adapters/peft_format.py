@@ -143,10 +143,9 @@ def read_adapter_spec(adapter_dir: Path, name: str | None = None, root: Path | s
 def _read_json(adapter_dir: Path, name: str, root: Path | str | None) -> dict[str, Any]:
     if not adapter_dir.is_dir():
         raise AdapterNotFoundError(name, f"adapter directory {str(adapter_dir)!r} does not exist")
-    path = adapter_dir / CONFIG_NAME
+    path = confined(adapter_dir / CONFIG_NAME, root, name)
     if not path.is_file():
         raise AdapterNotFoundError(name, f"{CONFIG_NAME} is missing from {str(adapter_dir)!r}")
-    path = confined(path, root, name)
     try:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:

@@ -83,7 +83,7 @@ def load_adapter(
 
 
 def _read_tensors(adapter_dir: Path, name: str, root: Path | str | None) -> dict[str, torch.Tensor]:
-    path = adapter_dir / WEIGHTS_NAME
+    path = confined(adapter_dir / WEIGHTS_NAME, root, name)
     if not path.is_file():
         pickled = [p for p in _PICKLE_NAMES if (adapter_dir / p).is_file()]
         if pickled:
@@ -93,7 +93,6 @@ def _read_tensors(adapter_dir: Path, name: str, root: Path | str | None) -> dict
                 "convert to safetensors (e.g. save_pretrained(..., safe_serialization=True))",
             )
         raise AdapterNotFoundError(name, f"{WEIGHTS_NAME} is missing from {str(adapter_dir)!r}")
-    path = confined(path, root, name)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)

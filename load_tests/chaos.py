@@ -9,6 +9,7 @@ fail to load (and fail only the requests that name them).
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 from dataclasses import dataclass
@@ -98,6 +99,12 @@ def invalid_requests(base_model: str) -> list[RawRequest]:
         RawRequest("surrogate_escape_chat", CHAT,
                    b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 4}'),
         RawRequest("surrogate_bytes_adapter", ADAPTERS, b'{"name": "x\xed\xa0\x80", "source": "/nowhere"}'),
+        # Adapter names and sources: bounded, and names the server or fine-tuning own are reserved.
+        RawRequest("adapter_source_100k", ADAPTERS, json.dumps({"name": "long", "source": "a" * 100_000}).encode()),
+        RawRequest("adapter_name_of_base_model", ADAPTERS,
+                   json.dumps({"name": base_model, "source": "hf://org/x"}).encode()),
+        RawRequest("adapter_name_of_checkpoint", ADAPTERS,
+                   json.dumps({"name": "ft-ftjob-000000000000:ckpt-1", "source": "hf://org/x"}).encode()),
     ]
     return cases
 
@@ -119,7 +126,9 @@ def fuzzed_bodies(base_model: str, rng: np.random.Generator, count: int) -> list
     return cases
 
 
-BROKEN_KINDS = ("broken-shapes", "broken-corrupt", "broken-pickle", "broken-config")
+BROKEN_KINDS = ("broken-shapes", "broken-corrupt", "broken-pickle", "broken-config", "broken-link", "broken-regex")
+# target_modules that backtracks exponentially on a module name; matching must give up in time.
+_HOSTILE_REGEX = r"(?:.|\w|[a-z]|\S)*\.q"
 
 
 def write_broken_adapters(root: Path, template: Path) -> dict[str, Path]:
@@ -143,6 +152,13 @@ def write_broken_adapters(root: Path, template: Path) -> dict[str, Path]:
     (root / "broken-pickle" / "adapter_model.bin").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
     shutil.copy(template / "adapter_model.safetensors", root / "broken-config" / "adapter_model.safetensors")
     (root / "broken-config" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    shutil.copy(template / "adapter_model.safetensors", root / "broken-link" / "adapter_model.safetensors")
+    (root / "broken-link" / "adapter_config.json").unlink()
+    (root / "broken-link" / "adapter_config.json").symlink_to(os.devnull)  # a file outside the root
+    shutil.copy(template / "adapter_model.safetensors", root / "broken-regex" / "adapter_model.safetensors")
+    config = json.loads((template / "adapter_config.json").read_text())
+    config.update(target_modules=_HOSTILE_REGEX, layers_to_transform=None, layers_pattern=None)
+    (root / "broken-regex" / "adapter_config.json").write_text(json.dumps(config))
     return made
 
 

@@ -244,3 +244,13 @@ def test_root_entries_leading_out_of_the_root_are_logged_when_skipped(
     assert any("skipping 'sneaky'" in m and "resolves outside the adapter root" in m for m in messages), messages
     assert any("skipping 'bad name'" in m and "invalid adapter name" in m for m in messages), messages
     assert not any("not-an-adapter" in m or ".hidden" in m for m in messages), messages
+
+
+def test_a_config_linked_to_a_device_outside_the_root_is_refused_as_outside(root: Path) -> None:
+    adapter = write_lora_dir(root / "devnull", fake_dims())
+    (adapter / "adapter_config.json").unlink()
+    (adapter / "adapter_config.json").symlink_to(os.devnull)
+    source = find_in_root(root, "devnull")
+    with pytest.raises(UnsafeAdapterPathError, match="adapter_config.json is a link leading outside"):
+        load_from_source("devnull", source or AdapterSource("dir", str(adapter), root=str(root)),
+                         LoadPolicy(None, None, max_rank=8))
