@@ -127,8 +127,11 @@ class LoRALinear(nn.Module):
             if pair is not None:
                 a, b = pair
                 rank = a.shape[0]
-                a_stack[slot, :rank].copy_(a)
-                b_stack[slot, :, :rank].copy_(b)
+                # From page-locked host memory the copies are queued on the stream, not waited
+                # for: a slot load then costs no sync (the caching host allocator keeps the source
+                # alive until they ran).
+                a_stack[slot, :rank].copy_(a, non_blocking=a.is_pinned())
+                b_stack[slot, :, :rank].copy_(b, non_blocking=b.is_pinned())
 
     @torch.no_grad()
     def reset_lora(self, slot: int) -> None:
