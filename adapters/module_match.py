@@ -4,10 +4,12 @@
 `rank_pattern`/`alpha_pattern` are regular expressions written by whoever made the adapter.
 PEFT matches them with `re`, which holds the GIL and cannot be interrupted: one pattern that
 backtracks catastrophically would freeze the whole server. Here they run on the `regex` engine
-with `concurrent=True` (other threads, the event loop's included, keep running) and a timeout
-drawn from one budget shared by every match of an adapter; a config whose patterns exhaust it
-is refused. Patterns are size-checked before they are compiled, because `regex` expands counted
-repeats at compile time (`a{4294967294}` would take gigabytes).
+with a timeout: a match that takes more than a few milliseconds runs again with the GIL
+released (`concurrent=True`, so other threads, the event loop's included, keep running), and is
+refused past `PER_MATCH_SECONDS`; all matches of one adapter share a budget of `MATCH_SECONDS`
+(a config may list a pattern per module: hundreds of patterns times hundreds of names).
+Patterns are size-checked before they are compiled, because `regex` expands counted repeats at
+compile time (`a{4294967294}` would take gigabytes).
 
 The semantics are PEFT's `check_target_module_exists` and `get_pattern_key`; the tests hold
 these functions to PEFT's on ordinary patterns.
@@ -23,7 +25,9 @@ import regex
 
 from adapters.errors import AdapterConfigError
 
-MATCH_SECONDS = 1.0  # all matching of one adapter's patterns, in total
+MATCH_SECONDS = 10.0  # all matching of one adapter's patterns; PEFT itself takes seconds on the largest
+PER_MATCH_SECONDS = 0.25  # one pattern against one module name takes microseconds
+_GIL_HELD_SECONDS = 0.005  # a match that takes longer runs again with the GIL released
 MAX_PATTERN_CHARS = 1000  # module names are ~40 characters; no useful pattern is longer
 _MAX_EXPANSION = 100_000  # pattern length x the product of its counted repeats
 _COUNTED_REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
@@ -76,18 +80,26 @@ class PatternBudget:
     def _run(
         self, compiled: regex.Pattern[str], text: str, field: str, shown: str, full: bool
     ) -> regex.Match[str] | None:
+        run = compiled.fullmatch if full else compiled.match
         started = time.perf_counter()
         try:
             if self._left <= 0:
                 raise TimeoutError
-            run = compiled.fullmatch if full else compiled.match
-            return run(text, timeout=self._left, concurrent=True)
+            try:
+                return run(text, timeout=min(_GIL_HELD_SECONDS, self._left))
+            except TimeoutError:
+                return run(text, timeout=min(PER_MATCH_SECONDS, self._left), concurrent=True)
         except TimeoutError:
+            spent = self._left <= time.perf_counter() - started
             self._left = 0.0
+            why = (
+                f"all of its patterns may take {self.seconds:g} s" if spent
+                else f"one module name may take {PER_MATCH_SECONDS:g} s"
+            )
             raise AdapterConfigError(
                 self.adapter,
-                f"{field} {_show(shown)} could not be matched against the module names within "
-                f"{self.seconds:g} s (a regular expression that backtracks catastrophically?); simplify it",
+                f"{field} {_show(shown)} could not be matched against the module names in time ({why}; a "
+                "regular expression that backtracks catastrophically?); simplify it",
             ) from None
         finally:
             self._left -= time.perf_counter() - started

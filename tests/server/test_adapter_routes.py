@@ -280,7 +280,7 @@ def test_hostile_target_regex_is_400_and_spares_health_and_other_adapters(
 ) -> None:
     from adapters import module_match
 
-    monkeypatch.setattr(module_match, "MATCH_SECONDS", 1.0)
+    monkeypatch.setattr(module_match, "PER_MATCH_SECONDS", 1.0)  # long enough to probe /health meanwhile
     # Backtracks exponentially against a module name; `re` would hold the GIL until it gave up.
     write_lora_dir(env.root / "hostile-regex", model_dims(server_model_dir), target_modules=r"(?:.|\w|[a-z]|\S)*\.q")
     gaps: list[float] = []
