@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -62,6 +63,10 @@ def create_app(
 
     async def install_hooks(engine: object) -> None:
         hooks.install(engine)
+        # What loading the model allocated stays for good: out of the collector's sight, a full
+        # collection walks only what requests allocate, instead of stalling the event loop for
+        # as long as it takes to walk the whole process (~0.1 s per 400k objects).
+        gc.freeze()
 
     state.add_hooks(ready=install_hooks)
     async def openapi(request: Request) -> Response:

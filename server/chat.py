@@ -1,14 +1,21 @@
 """Turning chat messages into prompt token ids with the tokenizer's chat template.
 
 A tokenizer without a template gets ChatML, the format most small chat models use.
+Tokenizing takes about a second per megabyte of text, so a text that cannot fit the context
+is refused before it is tokenized: a token never covers more characters than the longest
+entry of the vocabulary, so no text longer than the context times that length can fit.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from server.errors import bad_request
 from server.schemas import ChatMessage
+
+# Slack for normalizers that shrink text (composing accents) before it is split into tokens.
+_NORMALIZER_SLACK = 2
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -29,8 +36,11 @@ def render_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return rendered
 
 
-def apply_chat_template(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
-    """Prompt token ids for `messages`, ending with the assistant's generation prompt."""
+def apply_chat_template(tokenizer: Any, messages: list[ChatMessage], context: int | None = None) -> list[int]:
+    """Prompt token ids for `messages`, ending with the assistant's generation prompt.
+
+    context: the model's context length; a rendering too long to fit it is refused untokenized.
+    """
     template = getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
     try:
         text = tokenizer.apply_chat_template(
@@ -38,8 +48,28 @@ def apply_chat_template(tokenizer: Any, messages: list[ChatMessage]) -> list[int
         )
     except Exception as exc:  # a template may reject a conversation (e.g. roles out of order)
         raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from None
+    if context is not None:
+        check_fits_untokenized(tokenizer, text, context, "messages")
     # The template writes any BOS itself; adding special tokens again would double it.
     token_ids = list(tokenizer.encode(text, add_special_tokens=False))
     if not token_ids:
         raise bad_request("The messages render to an empty prompt.", param="messages")
     return token_ids
+
+
+def check_fits_untokenized(tokenizer: Any, text: str, context: int, param: str) -> None:
+    """400 when `text` has more characters than `context` tokens could ever cover."""
+    longest = _longest_token_chars(tokenizer)
+    if longest and len(text) > context * longest * _NORMALIZER_SLACK:
+        raise bad_request(
+            f"The prompt is {len(text)} characters long, more than this model's context of {context} tokens can "
+            "hold.", param=param, code="context_length_exceeded")
+
+
+@functools.lru_cache(maxsize=8)
+def _longest_token_chars(tokenizer: Any) -> int:
+    """Characters of the vocabulary's longest entry (0: unknown, no bound)."""
+    try:
+        return max((len(token) for token in tokenizer.get_vocab()), default=0)
+    except Exception:  # a tokenizer without a listable vocabulary: tokenize, however long
+        return 0

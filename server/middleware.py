@@ -9,7 +9,6 @@ default need the tokenized request and live with the engine hooks (server/hooks.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import off_loop
 from server.errors import RETRY_AFTER_SECONDS, APIError
 from server.logging import RequestContext, current_request
 
@@ -184,7 +184,8 @@ class MaxTokensCeiling:
             return
         if not ended:  # the client left mid-body: nobody to answer
             return
-        error = self._check(body)
+        # A large body is decoded on a worker thread: decoding megabytes would stall the event loop.
+        error = await off_loop.run_off_loop(self._check, body) if off_loop.is_large(body) else self._check(body)
         if error is not None:
             await error.response()(scope, receive, send)
             return
@@ -192,8 +193,8 @@ class MaxTokensCeiling:
 
     def _check(self, body: bytes) -> APIError | None:
         try:
-            data = json.loads(body)
-        except ValueError:
+            data = off_loop.loads(body)
+        except (ValueError, RecursionError):
             return None
         if not isinstance(data, dict):
             return None

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine.sampling_params import SamplingParams
-from server import protocol
-from server.chat import apply_chat_template
+from server import off_loop, protocol
+from server.admission import check_choices, check_raw_prompt, prompt_count
+from server.chat import apply_chat_template, check_fits_untokenized
 from server.errors import APIError, bad_request, from_engine_error, parse_json_body
-from server.generation import ChoiceRequest, ClientDisconnected, MergedGeneration, unless_disconnected
+from server.generation import (
+    MAX_UNREAD_ENTRIES,
+    ChoiceRequest,
+    ClientDisconnected,
+    MergedGeneration,
+    unless_disconnected,
+)
 from server.params import (
     build_sampling_params,
     check_chat_request,
@@ -26,6 +35,8 @@ from server.state import ServerState
 from server.streaming import chat_events, completion_events, failed_delta_error, sse_response
 from server.structured import StructuredOutputs
 
+T = TypeVar("T")
+
 # Answer to a client that left: nobody reads it, but the log shows what happened.
 _CLIENT_CLOSED = 499
 
@@ -34,11 +45,16 @@ def _state(request: Request) -> ServerState:
     return request.app.state.quiver
 
 
-async def _start(request: Request, gen: MergedGeneration, model: str) -> None:
-    """Start the engine requests and wait for their first deltas (errors become statuses)."""
+async def _start(request: Request, gen: MergedGeneration, model: str, stream: bool) -> None:
+    """Start the engine requests and wait until the response status is known (errors become statuses).
+
+    A stream starts at the first delta of any choice: what fails a request (its adapter, the
+    queue limit, the prompt) fails it before any choice runs, while its last choices may wait
+    for its first ones to finish (more choices than --max-num-seqs) and the client must not.
+    """
     gen.start()
     try:
-        await unless_disconnected(request, gen.first_deltas())
+        await unless_disconnected(request, gen.first_deltas(every_choice=not stream))
     except BaseException as exc:
         await gen.aclose()
         if isinstance(exc, ClientDisconnected | APIError | asyncio.CancelledError):
@@ -83,19 +99,44 @@ def _structured(state: ServerState, engine: Any) -> StructuredOutputs:
     return state.structured
 
 
-async def chat_completions(request: Request) -> Response:
-    state = _state(request)
-    req = ChatCompletionRequest.model_validate(await parse_json_body(request))
+async def _prepared(request: Request, prepare: Callable[..., T], *args: Any) -> T:
+    """`prepare(*args)`, on a worker thread when the body is large (decoding, templating and
+    tokenizing megabytes would stall every other request on the event loop)."""
+    if off_loop.is_large(await request.body()):  # the body is cached: no second read
+        return await off_loop.run_off_loop(prepare, *args)
+    return prepare(*args)
+
+
+@dataclass
+class _ChatPlan:
+    req: ChatCompletionRequest
+    adapter: str | None
+    model: str
+    prompt_ids: list[int]
+    top_logprobs: int | None
+    params: list[SamplingParams]
+
+
+def _plan_chat(state: ServerState, body: dict[str, Any]) -> _ChatPlan:
+    req = ChatCompletionRequest.model_validate(body)
     check_chat_request(req)
     engine = state.require_engine()
     adapter = state.resolve_model(req.model)
-    model = req.model or engine.model_name
-    prompt_ids = apply_chat_template(engine.tokenizer, req.messages)
+    check_choices(engine, 1, req.n)
+    prompt_ids = apply_chat_template(engine.tokenizer, req.messages, engine.max_model_len)
     max_tokens = resolve_max_tokens(req.wanted_max_tokens(), len(prompt_ids), engine.max_model_len, "messages")
     top_logprobs = req.wanted_top_logprobs()
     vocab_size = len(engine.tokenizer)
     params = [build_sampling_params(req, max_tokens=max_tokens, top_logprobs=top_logprobs,
                                     vocab_size=vocab_size, choice_index=i) for i in range(req.n)]
+    return _ChatPlan(req, adapter, req.model or engine.model_name, prompt_ids, top_logprobs, params)
+
+
+async def chat_completions(request: Request) -> Response:
+    state = _state(request)
+    plan = await _prepared(request, _plan_chat, state, await parse_json_body(request))
+    req, model, prompt_ids, top_logprobs, params = plan.req, plan.model, plan.prompt_ids, plan.top_logprobs, plan.params
+    engine = state.require_engine()
     processors: list[Any] = [None] * req.n
     schema = StructuredOutputs.schema_of(req.response_format)
     if schema is not None:
@@ -103,14 +144,14 @@ async def chat_completions(request: Request) -> Response:
 
     completion_id = protocol.new_id("chatcmpl")
     gen = MergedGeneration(engine, [
-        ChoiceRequest(i, f"{completion_id}-{i}", prompt_ids, params[i], adapter, processors[i])
+        ChoiceRequest(i, f"{completion_id}-{i}", prompt_ids, params[i], plan.adapter, processors[i])
         for i in range(req.n)
-    ])
+    ], max_unread=MAX_UNREAD_ENTRIES if req.stream else None)
     meta = ResponseMeta(completion_id, protocol.now(), model, engine, req.n, len(prompt_ids),
                         top_logprobs=top_logprobs, include_usage=req.include_usage(),
                         terminal_ids=[_terminal_ids(engine, p) for p in params])
     try:
-        await _start(request, gen, model)
+        await _start(request, gen, model, req.stream)
     except ClientDisconnected:
         return Response(status_code=_CLIENT_CLOSED)
     if req.stream:
@@ -135,6 +176,7 @@ def _prompts(engine: Any, prompt: PromptInput) -> list[tuple[list[int], str]]:
     prompts = []
     for i, item in enumerate(items):
         if isinstance(item, str):
+            check_fits_untokenized(engine.tokenizer, item, engine.max_model_len, "prompt")
             ids, text = list(engine.tokenizer.encode(item, add_special_tokens=True)), item
         else:
             bad = [t for t in item if not 0 <= t < vocab_size]
@@ -147,14 +189,39 @@ def _prompts(engine: Any, prompt: PromptInput) -> list[tuple[list[int], str]]:
     return prompts
 
 
-async def completions(request: Request) -> Response:
-    state = _state(request)
-    req = CompletionRequest.model_validate(await parse_json_body(request))
+@dataclass
+class _CompletionPlan:
+    req: CompletionRequest
+    adapter: str | None
+    model: str
+    prompts: list[tuple[list[int], str]]
+    choices: list[tuple[list[int], SamplingParams]]  # per choice: prompt ids and parameters
+
+
+def _plan_completion(state: ServerState, body: dict[str, Any]) -> _CompletionPlan:
+    if state.ready and state.engine is not None:
+        check_raw_prompt(body.get("prompt"), state.engine.max_model_len)
+    req = CompletionRequest.model_validate(body)
     check_completion_request(req)
     engine = state.require_engine()
     adapter = state.resolve_model(req.model)
-    model = req.model or engine.model_name
+    check_choices(engine, prompt_count(req.prompt), req.n, queued=req.max_tokens != 0)
     prompts = _prompts(engine, req.prompt)
+    choices = []
+    if req.max_tokens != 0:  # 0: only meaningful with echo, the answer is the prompt itself
+        vocab_size = len(engine.tokenizer)
+        for ids, _ in prompts:
+            max_tokens = resolve_max_tokens(req.max_tokens, len(ids), engine.max_model_len, "prompt")
+            choices += [(ids, build_sampling_params(req, max_tokens=max_tokens, top_logprobs=req.logprobs,
+                                                    vocab_size=vocab_size, choice_index=i)) for i in range(req.n)]
+    return _CompletionPlan(req, adapter, req.model or engine.model_name, prompts, choices)
+
+
+async def completions(request: Request) -> Response:
+    state = _state(request)
+    plan = await _prepared(request, _plan_completion, state, await parse_json_body(request))
+    req, model, prompts = plan.req, plan.model, plan.prompts
+    engine = state.require_engine()
     top_logprobs = req.logprobs
     completion_id = protocol.new_id("cmpl")
     created = protocol.now()
@@ -168,21 +235,14 @@ async def completions(request: Request) -> Response:
         return JSONResponse(protocol.completion_body(completion_id, created, model, choices,
                                                      protocol.usage(prompt_tokens, 0)))
 
-    choice_requests = []
-    vocab_size = len(engine.tokenizer)
-    for p, (ids, _) in enumerate(prompts):
-        max_tokens = resolve_max_tokens(req.max_tokens, len(ids), engine.max_model_len, "prompt")
-        for i in range(req.n):
-            params = build_sampling_params(req, max_tokens=max_tokens, top_logprobs=top_logprobs,
-                                           vocab_size=vocab_size, choice_index=i)
-            index = p * req.n + i
-            choice_requests.append(ChoiceRequest(index, f"{completion_id}-{index}", ids, params, adapter))
-    gen = MergedGeneration(engine, choice_requests)
+    choice_requests = [ChoiceRequest(index, f"{completion_id}-{index}", ids, params, plan.adapter)
+                       for index, (ids, params) in enumerate(plan.choices)]
+    gen = MergedGeneration(engine, choice_requests, max_unread=MAX_UNREAD_ENTRIES if req.stream else None)
     meta = ResponseMeta(completion_id, created, model, engine, num_choices, prompt_tokens,
                         top_logprobs=top_logprobs, include_usage=req.include_usage(), echo_texts=echo_texts,
                         terminal_ids=[_terminal_ids(engine, c.params) for c in choice_requests])
     try:
-        await _start(request, gen, model)
+        await _start(request, gen, model, req.stream)
     except ClientDisconnected:
         return Response(status_code=_CLIENT_CLOSED)
     if req.stream:
