@@ -99,6 +99,12 @@ def invalid_requests(base_model: str) -> list[RawRequest]:
         RawRequest("surrogate_escape_chat", CHAT,
                    b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 4}'),
         RawRequest("surrogate_bytes_adapter", ADAPTERS, b'{"name": "x\xed\xa0\x80", "source": "/nowhere"}'),
+        # Large inputs, refused before any tokenizing or engine request (and off the event loop).
+        RawRequest("too_many_messages", CHAT, json.dumps({**m, "messages": _MESSAGES * 2049}).encode()),
+        RawRequest("prompts_times_n_over_limit", COMPLETIONS,
+                   json.dumps({**m, "prompt": [[1]] * 3000, "n": 128, "max_tokens": 1}).encode()),
+        RawRequest("message_longer_than_context", CHAT, _chat(**m, messages=[{"role": "user", "content": "x" * 2**21}])),
+        RawRequest("too_many_json_containers", COMPLETIONS, b'{"prompt": [' + b",".join([b"[1]"] * 70_000) + b"]}"),
         # Adapter names and sources: bounded, and names the server or fine-tuning own are reserved.
         RawRequest("adapter_source_100k", ADAPTERS, json.dumps({"name": "long", "source": "a" * 100_000}).encode()),
         RawRequest("adapter_name_of_base_model", ADAPTERS,

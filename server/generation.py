@@ -122,13 +122,17 @@ class MergedGeneration:
         self._wakeup.set()
 
     def _fail(self, exc: BaseException) -> None:
-        """Keep the first failure for the reader; abort what runs now (the reader may be long in coming)."""
+        """Keep the first failure for the reader; end what runs now (the reader may be long in coming)."""
         if self._failure is not None:
             return
         self._failure = exc
         self._unread.clear()
         self.unread_entries = 0
         self._abort_unfinished()
+        current = asyncio.current_task()
+        for task in self._tasks:  # a choice still queued in the engine gets no delta to wake its pump
+            if task is not current:
+                task.cancel()
         self._wakeup.set()
 
     def _abort_unfinished(self) -> None:
