@@ -76,8 +76,30 @@ def load_from_source(
     if policy.pin_memory:
         # Page-locked host copies make the copy into a GPU slot a fast DMA.
         with policy.pin_lock or contextlib.nullcontext():
-            weights.modules = {key: (a.pin_memory(), b.pin_memory()) for key, (a, b) in weights.modules.items()}
+            weights.modules = pin_all(weights.modules)
     return LoadedAdapter(weights, path, warnings)
+
+
+def pin_all(modules: dict[Any, tuple[torch.Tensor, torch.Tensor]]) -> dict[Any, tuple[torch.Tensor, torch.Tensor]]:
+    """The same tensors as views of one page-locked buffer: one host allocation per adapter, not
+    one per tensor (a llama-8b adapter has 256; allocating each took ~0.65 s on an H100 host)."""
+    tensors = [t for pair in modules.values() for t in pair]
+    if not tensors:
+        return dict(modules)
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        return {key: (a.pin_memory(), b.pin_memory()) for key, (a, b) in modules.items()}
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtypes.pop(), pin_memory=True)
+    offset = 0
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        nonlocal offset
+        view = flat[offset : offset + t.numel()].view(t.shape)
+        view.copy_(t)
+        offset += t.numel()
+        return view
+
+    return {key: (place(a), place(b)) for key, (a, b) in modules.items()}
 
 
 def base_names(*names: str | Path | None) -> frozenset[str]:

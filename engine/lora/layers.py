@@ -27,6 +27,7 @@ the partial output before the all-reduce (engine/models/parallel.py gives the ma
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
@@ -34,6 +35,57 @@ from torch import nn
 
 from engine.context import get_context, get_lora_context
 from engine.kernels.lora_ref import lora_bgmv, lora_shrink_expand_sgmv
+
+
+@dataclass
+class SlotWrite:
+    """The device work of loading one adapter into a slot: zero the slot, copy the adapter's A and B
+    (from page-locked host memory the copies are queued, not waited for), set its ranks."""
+
+    zeros: list[torch.Tensor] = field(default_factory=list)
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (destination, source)
+    ranks: list[tuple[torch.Tensor, int, int]] = field(default_factory=list)  # (rank tensor, slot, rank)
+
+    def extend(self, other: SlotWrite) -> None:
+        self.zeros += other.zeros
+        self.copies += other.copies
+        self.ranks += other.ranks
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        if self.zeros:
+            torch._foreach_zero_(self.zeros)
+        staged = _staged_sources(self.copies)
+        if staged is not None:
+            torch._foreach_copy_([dst for dst, _ in self.copies], staged)
+        else:
+            for dst, src in self.copies:
+                dst.copy_(src, non_blocking=src.device.type == "cpu" and src.is_pinned())
+        for ranks, slot, rank in self.ranks:
+            ranks[slot] = rank
+
+
+# Largest adapter staged on the device in one copy (see `_staged_sources`); bigger ones are
+# copied tensor by tensor, so a load never needs a large free block of device memory.
+STAGE_MAX_BYTES = 128 << 20
+
+
+def _staged_sources(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor] | None:
+    """When every source is a view of one page-locked buffer (`adapters.loader.pin_all`) and the
+    destinations are on a CUDA device: that buffer in one host-to-device copy, and each source as
+    a view of the device copy. Hundreds of small copies then cost one DMA and one batched call."""
+    if not copies or not copies[0][0].is_cuda:
+        return None
+    base = copies[0][1]._base
+    if base is None or base.device.type != "cpu" or not base.is_contiguous() or base.dim() != 1:
+        return None
+    if base.numel() * base.element_size() > STAGE_MAX_BYTES or not base.is_pinned():
+        return None
+    if any(src._base is not base or src.dtype != dst.dtype for dst, src in copies):
+        return None
+    device_copy = base.to(copies[0][0].device, non_blocking=True)
+    origin = base.storage_offset()
+    return [device_copy.as_strided(src.shape, src.stride(), src.storage_offset() - origin) for _, src in copies]
 
 
 class LoRALinear(nn.Module):
@@ -111,27 +163,31 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def set_lora(self, slot: int, slice_weights: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         """Copy one adapter into `slot`: per output slice, (A [r, in], B [out_i, r]) or None (not targeted)."""
+        self.plan_lora(slot, slice_weights).apply()
+
+    def plan_lora(self, slot: int, slice_weights: list[tuple[torch.Tensor, torch.Tensor] | None]) -> SlotWrite:
+        """Validate one adapter for `slot` and mark its live slices; the device work is returned, so
+        that `LoraSlots.load` can do every layer's at once (a few batched calls, not ~1000 ops)."""
         self._check_slot(slot)
         if len(slice_weights) != len(self.output_sizes):
             raise ValueError(f"expected {len(self.output_sizes)} slices, got {len(slice_weights)}")
         for i, pair in enumerate(slice_weights):
             if pair is not None:
                 self._check_pair(i, *pair)
+        write = SlotWrite()
+        write.zeros.append(self.lora_a[slot])  # every slice's A
         for i, (a_stack, b_stack, ranks, pair) in enumerate(
             zip(self.a_stacks, self.b_stacks, self.ranks, slice_weights, strict=True)
         ):
-            a_stack[slot].zero_()
-            b_stack[slot].zero_()
-            ranks[slot] = 0 if pair is None else pair[0].shape[0]
+            write.zeros.append(b_stack[slot])
+            write.ranks.append((ranks, slot, 0 if pair is None else pair[0].shape[0]))
             self._mark(i, slot, pair is not None)
             if pair is not None:
                 a, b = pair
                 rank = a.shape[0]
-                # From page-locked host memory the copies are queued on the stream, not waited
-                # for: a slot load then costs no sync (the caching host allocator keeps the source
-                # alive until they ran).
-                a_stack[slot, :rank].copy_(a, non_blocking=a.is_pinned())
-                b_stack[slot, :, :rank].copy_(b, non_blocking=b.is_pinned())
+                write.copies.append((a_stack[slot, :rank], a))
+                write.copies.append((b_stack[slot, :, :rank], b))
+        return write
 
     @torch.no_grad()
     def reset_lora(self, slot: int) -> None:

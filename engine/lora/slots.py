@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from engine.lora.layers import LoRALinear
+from engine.lora.layers import LoRALinear, SlotWrite
 
 # The PEFT names Quiver serves, and the fused modules each decoder layer must have.
 SHORT_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -52,6 +52,17 @@ class LoraSlots:
         ]
         if not self.layers:
             raise ValueError("the model has no decoder layers to wrap")
+        # Every slice's per-slot ranks are rows of one table, so a load sets them in one copy.
+        modules = [m for layer in self.layers for m in layer.values()]
+        rows = sum(len(m.output_sizes) for m in modules)
+        first = modules[0].lora_a
+        self._rank_table = torch.zeros(rows, num_slots, dtype=torch.int32, device=first.device)
+        self._rank_row: dict[int, int] = {}
+        for module in modules:
+            for i in range(len(module.output_sizes)):
+                row = len(self._rank_row)
+                setattr(module, f"lora_rank_{i}", self._rank_table[row])
+                self._rank_row[id(module.ranks[i])] = row
 
     @property
     def num_layers(self) -> int:
@@ -83,6 +94,7 @@ class LoraSlots:
                 raise ValueError(
                     f"adapter {weights.name!r} has weights for unknown module ({layer_idx}, {short!r})"
                 )
+        write = SlotWrite()
         for layer_idx, layer in enumerate(self.layers):
             for fused, shorts in self._slices.items():
                 module = layer[fused]
@@ -90,7 +102,15 @@ class LoraSlots:
                 shard = getattr(module.base_layer, "shard_lora", None)
                 if shard is not None:  # a tensor-parallel layer: keep this rank's part
                     pairs = [None if p is None else shard(i, *p) for i, p in enumerate(pairs)]
-                module.set_lora(slot, pairs)
+                write.extend(module.plan_lora(slot, pairs))
+        column = [0] * self._rank_table.shape[0]
+        for ranks, _, rank in write.ranks:
+            column[self._rank_row[id(ranks)]] = rank
+        write.ranks = []
+        write.apply()
+        on_cuda = self._rank_table.is_cuda
+        self._rank_table[:, slot].copy_(torch.tensor(column, dtype=torch.int32, pin_memory=on_cuda),
+                                        non_blocking=on_cuda)
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
