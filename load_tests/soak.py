@@ -8,9 +8,11 @@ Each round sends, at random moments within `--round-seconds`: valid requests at 
 streams the client drops (before the headers, or after a few chunks); plus, when the adapter
 admin API exists, adapter churn (register a copy of a served adapter, promote, demote, delete
 while a stream is running on it) and registration of deliberately broken adapters. `/health` is
-polled the whole time. After each round, once the server is idle, the state checks run. The
-invariants, and where each reads its data, are listed in load_tests/README.md; any violation
-makes the exit status 1.
+polled the whole time. With `--churn-adapters N`, a share of the valid requests goes to N adapters
+written into the adapter root after the references are taken (more than the GPU and host slots),
+so they are loaded on demand and evicted from both tiers all run long (load_tests/churn.py).
+After each round, once the server is idle, the state checks run. The invariants, and where each
+reads its data, are listed in load_tests/README.md; any violation makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from load_tests.chaos import write_broken_adapters  # noqa: E402
+from load_tests.churn import POPULARITIES, ChurnConfig, churn_summary  # noqa: E402
 from load_tests.client import check_loopback  # noqa: E402
 from load_tests.local_server import SubprocessServer, serve_option_supported  # noqa: E402
 from load_tests.report import write_json  # noqa: E402
@@ -74,15 +77,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", action="append", default=[], metavar="KEY=NAME")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="Output prefix: OUT.json and OUT.md.")
+    churn = p.add_argument_group(
+        "adapter churn", "N adapters of mixed ranks (4/8/16) and target sets, written into the adapter root "
+        "once the references are taken, more than the GPU and host slots: loaded on demand under load.")
+    churn.add_argument("--churn-adapters", type=int, default=0, metavar="N",
+                       help="On-demand adapters (0: none). With --base-url, --model and --adapter-root are needed.")
+    churn.add_argument("--churn-share", type=float, default=0.5,
+                       help="Share of each round's --valid requests sent to churn adapters.")
+    churn.add_argument("--churn-popularity", choices=POPULARITIES, default="uniform",
+                       help="uniform, or zipf (weight 1/k), topped up so a round touches more adapters than "
+                            "host slots.")
+    churn.add_argument("--churn-gpu-slots", type=int, default=8,
+                       help="The server's GPU LoRA slots; --serve starts it with --max-loras this.")
+    churn.add_argument("--churn-host-slots", type=int, default=16,
+                       help="The server's host adapter slots; --serve starts it with --max-cpu-adapters this.")
     return p
 
 
+_SLOT_FLAGS = ("--max-loras", "--max-gpu-adapters", "--max-cpu-adapters")
+
+
+def churn_config(args: argparse.Namespace, model_dir: Path) -> ChurnConfig | None:
+    """The churn run the arguments ask for (None without --churn-adapters); ValueError if impossible."""
+    if not args.churn_adapters:
+        return None
+    cfg = ChurnConfig(adapters=args.churn_adapters, model_dir=model_dir, gpu_slots=args.churn_gpu_slots,
+                      host_slots=args.churn_host_slots, share=args.churn_share, popularity=args.churn_popularity,
+                      seed=args.seed)
+    cfg.check_round(args.valid)
+    return cfg
+
+
+def churn_server_args(args: argparse.Namespace) -> list[str]:
+    """--serve: the slot counts that make the churn adapters exceed both tiers."""
+    if not args.churn_adapters:
+        return []
+    return ["--max-loras", str(args.churn_gpu_slots), "--max-cpu-adapters", str(args.churn_host_slots)]
+
+
+def check_churn_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.churn_adapters:
+        return
+    try:
+        churn_config(args, Path(args.model or "."))
+    except ValueError as exc:
+        parser.error(f"--churn-adapters: {exc}")
+    if args.serve and any(a.split("=", 1)[0] in _SLOT_FLAGS for a in args.server_arg):
+        parser.error("--churn-adapters sets the slots itself: use --churn-gpu-slots/--churn-host-slots, "
+                     "not --server-arg=--max-loras/--max-cpu-adapters")
+    if not args.serve and (args.model is None or args.adapter_root is None):
+        parser.error("--churn-adapters with --base-url needs --model (the shapes) and --adapter-root")
+
+
 @contextlib.contextmanager
-def target(args: argparse.Namespace) -> Iterator[tuple[str, int | None, Path | None, dict[str, Path]]]:
-    """(base URL, server pid, adapter root, served adapter dirs) for the run."""
+def target(args: argparse.Namespace) -> Iterator[tuple[str, int | None, Path | None, dict[str, Path], Path]]:
+    """(base URL, server pid, adapter root, served adapter dirs, model directory) for the run."""
     if not args.serve:
         sources = {k: Path(v) for k, v in (item.split("=", 1) for item in args.adapter_source)}
-        yield check_loopback(args.base_url), args.server_pid, args.adapter_root, sources
+        yield check_loopback(args.base_url), args.server_pid, args.adapter_root, sources, Path(args.model or ".")
         return
     from load_tests.synthetic_adapters import write_adapters
 
@@ -97,7 +149,7 @@ def target(args: argparse.Namespace) -> Iterator[tuple[str, int | None, Path | N
             model, sources = args.model, {}
         sources.update(write_adapters(Path(model), work / "synthetic", args.synthetic_adapters,
                                       rank=8, seed=args.seed, prefix="soak-"))
-        serve = ["--model", model, "--device", args.device, *args.server_arg]
+        serve = ["--model", model, "--device", args.device, *churn_server_args(args), *args.server_arg]
         serve += [f"--adapter={name}={path}" for name, path in sources.items()]
         root: Path | None = work / "root"
         root.mkdir()
@@ -106,7 +158,7 @@ def target(args: argparse.Namespace) -> Iterator[tuple[str, int | None, Path | N
         else:
             root = None
         with SubprocessServer(serve, log_path=args.server_log) as server:
-            yield server.base_url, server.pid, root, sources
+            yield server.base_url, server.pid, root, sources, Path(model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,8 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tie_tolerance < 0:
         parser.error("--tie-tolerance must be 0 or more")
+    check_churn_args(parser, args)
     started = time.time()
-    with target(args) as (base_url, pid, root, sources):
+    with target(args) as (base_url, pid, root, sources, model_dir):
         if root is not None and sources:
             write_broken_adapters(root, next(iter(sources.values())))
         config = SoakConfig(
@@ -127,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             gpu_tolerance_bytes=int(args.gpu_tolerance_mb * 2**20), seed=args.seed, pid=pid,
             request_timeout_s=args.request_timeout,
             exact_metrics=dict(m.split("=", 1) for m in args.metric), tie_tolerance=args.tie_tolerance,
+            churn=churn_config(args, model_dir),
         )
         result = asyncio.run(run_soak(config))
     result["command"] = "python load_tests/soak.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -148,6 +202,8 @@ def summary_markdown(result: dict[str, Any]) -> str:
                       f"{tie['tolerance_nats']} nats): {tie['accepted']}, largest gap {gap} nats. The rest "
                       "of such a text is not compared."]
         lines += [f"- round {t['round']}, {t['request']}: {t['detail']}" for t in tie["examples"][:10]]
+    if "adapter_churn" in result:
+        lines += churn_summary(result["adapter_churn"])
     lines += ["", "| traffic | statuses |", "|---|---|"]
     for kind, statuses in sorted(result["counts"].items()):
         lines.append(f"| {kind} | " + ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items())) + " |")

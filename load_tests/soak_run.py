@@ -16,6 +16,9 @@ Invariants, each a named check in the report:
   refcounts       once idle, every adapter's reference count is zero.
   memory_flat     server RSS (and GPU memory allocated) grows by at most a tolerance between the
                   first round after warm-up and the last.
+  adapter_churn   with churn adapters (churn.py): every request to one answers 200 with finish reason
+                  stop or length, GPU and host evictions happened during the rounds, no churn adapter
+                  ends failed; their outputs match references taken after the rounds.
 Checks without a data source are reported as skipped, with the reason.
 """
 
@@ -27,13 +30,14 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import numpy as np
 import openai
 
 from load_tests.chaos import BROKEN_KINDS, RawRequest, copy_adapter, fuzzed_bodies, invalid_requests
+from load_tests.churn import AdapterChurn, ChurnConfig
 from load_tests.client import check_loopback
 from load_tests.greedy_match import Match, Step, compare_greedy, logprob_args, steps_of
 from load_tests.metrics import ServerProbe, process_rss_bytes
@@ -67,6 +71,13 @@ class SoakConfig:
     engine: Any = None
     exact_metrics: dict[str, str] = field(default_factory=dict)
     tie_tolerance: float = 0.0  # nats; 0: every output must equal its reference exactly
+    churn: ChurnConfig | None = None  # adapters loaded on demand under load (churn.py)
+
+
+class Reply(NamedTuple):
+    text: str
+    steps: list[Step]
+    finish_reason: str | None
 
 
 class Ledger:
@@ -98,7 +109,7 @@ class Ledger:
 
 
 CHECKS = ("health", "no_5xx", "invalid_4xx", "outputs", "churn", "broken_adapter", "kv_free", "refcounts",
-          "memory_flat")
+          "memory_flat", "adapter_churn")
 
 
 def documented_5xx(status: int, headers: httpx.Headers) -> bool:
@@ -118,6 +129,7 @@ class Soak:
         self.probe = ServerProbe(cfg.base_url, api_key=cfg.api_key, engine=cfg.engine, exact=cfg.exact_metrics)
         self.refs: dict[tuple[str, int, str], str] = {}
         self.ref_steps: dict[tuple[str, int, str], list[Step]] = {}
+        self.adapter_churn: AdapterChurn | None = None
         self.models: list[str] = []
         self.admin = False
         self.health_max_s = 0.0
@@ -125,6 +137,11 @@ class Soak:
     # ----------------------------------------------------------------- requests
     async def generate(self, model: str, prompt: int, endpoint: str, stream: bool) -> tuple[str, list[Step]]:
         """The text, and with a tie tolerance the tokens with their logprobs (else [])."""
+        reply = await self.generate_full(model, prompt, endpoint, stream)
+        return reply.text, reply.steps
+
+    async def generate_full(self, model: str, prompt: int, endpoint: str, stream: bool) -> Reply:
+        """`generate`'s text and tokens, with the finish reason (a stream's last one)."""
         common: dict[str, Any] = dict(model=model, temperature=0, max_tokens=self.cfg.max_tokens, stream=stream)
         if self.cfg.tie_tolerance > 0:
             common.update(logprob_args(endpoint))
@@ -136,13 +153,14 @@ class Soak:
         if not stream:
             choice = result.choices[0]
             text = (choice.message.content or "") if endpoint == "chat" else choice.text
-            return text, steps_of(endpoint, choice.logprobs)
-        parts, steps = [], []
+            return Reply(text, steps_of(endpoint, choice.logprobs), choice.finish_reason)
+        parts, steps, finish = [], [], None
         async for chunk in result:
             for c in chunk.choices:
                 parts.append((c.delta.content if endpoint == "chat" else c.text) or "")
                 steps += steps_of(endpoint, c.logprobs)
-        return "".join(parts), steps
+                finish = c.finish_reason or finish
+        return Reply("".join(parts), steps, finish)
 
     def check_output(self, kind: str, what: str, text: str, steps: list[Step], key: tuple[str, int, str]) -> None:
         want = self.refs[key]
@@ -331,8 +349,11 @@ class Soak:
     def round_tasks(self, index: int) -> list[Any]:
         cfg, rng = self.cfg, self.rng
         pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+        churn = self.adapter_churn
+        on_demand = churn.round_requests(rng, cfg.valid_per_round, len(PROMPTS)) if churn else []
         work = [self.valid(pick(self.models), int(rng.integers(len(PROMPTS))), pick(("chat", "completions")),
-                           bool(rng.integers(2))) for _ in range(cfg.valid_per_round)]
+                           bool(rng.integers(2))) for _ in range(cfg.valid_per_round - len(on_demand))]
+        work += [churn.request(*request) for request in on_demand] if churn else []
         # In turn rather than at random, so that a run of enough rounds tries every case.
         invalid = invalid_requests(self.models[0])
         first = index * cfg.invalid_per_round
@@ -402,6 +423,13 @@ class Soak:
             reason = "no adapter root to put adapter copies in (server option --adapter-root missing or not given)"
             self.ledger.skipped["churn"] = self.ledger.skipped["broken_adapter"] = reason
             self.admin = False
+        if self.cfg.churn is None:
+            self.ledger.skipped["adapter_churn"] = "no churn adapters asked for (--churn-adapters 0)"
+        elif self.cfg.adapter_root is None:
+            self.ledger.skipped["adapter_churn"] = "no adapter root to write churn adapters into"
+        else:  # written only now, after the references: the traffic is the first to load them
+            self.adapter_churn = AdapterChurn(self.cfg.churn, self)
+            await self.adapter_churn.prepare(self.cfg.adapter_root)
 
     async def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -428,6 +456,7 @@ class Soak:
                 rounds.append({"round": index, "rss_bytes": rss, "health_max_ms": self.health_max_s * 1000,
                                **{k: state[k] for k in ("kv_blocks_free", "kv_blocks_total", "adapter_refcount",
                                                         "gpu_memory_allocated_bytes")}})
+            churn = await self.adapter_churn.finish() if self.adapter_churn else None
         finally:
             stop.set()
             await watcher
@@ -438,6 +467,13 @@ class Soak:
                   "counts": {k: dict(v) for k, v in self.ledger.counts.items()}, "rounds": rounds,
                   "elapsed_s": time.monotonic() - started, "models": self.models,
                   "state_sources": self.probe.sources, "state_notes": dict(self.probe.notes)}
+        if churn is not None:
+            result["adapter_churn"] = churn
+            if result["checks"]["adapter_churn"] == "passed":
+                evicted = churn["evictions"]
+                result["checks"]["adapter_churn"] = (
+                    f"passed ({sum(churn['requests'].values())} requests to {churn['adapters_used']} adapters; "
+                    f"evictions gpu {evicted['gpu']:.0f}, host {evicted['host']:.0f})")
         if cfg.tie_tolerance > 0:
             result["near_tie"] = self.near_tie_summary()
             if result["near_tie"]["accepted"] and result["checks"]["outputs"] == "passed":
