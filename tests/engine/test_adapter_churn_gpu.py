@@ -54,7 +54,7 @@ def churn_setup(tiny_model_factory, tmp_path_factory):
 
 def _engine(model_dir: Path, root: Path) -> AsyncEngine:
     config = EngineConfig(model=str(model_dir), device="cuda", dtype="bfloat16", max_model_len=256,
-                          max_num_seqs=192, max_loras=GPU_SLOTS, max_lora_rank=16, gpu_memory_utilization=0.3)
+                          max_num_seqs=192, max_loras=GPU_SLOTS, max_lora_rank=16, num_kv_blocks=4096)
     adapters = AdapterConfig(adapter_root=root, max_cpu_adapters=HOST_SLOTS, load_workers=4)
     return AsyncEngine(config, served_model_name="churn", adapter_config=adapters)
 
