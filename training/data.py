@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,8 @@ def parse_line(raw: bytes | str, line: int) -> Record | None:
         raise _Bad(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
     except RecursionError:
         raise _Bad("JSON nested too deeply to read") from None
+    except ValueError:  # the only other failure: an integer past Python's digit limit
+        raise _Bad(f"not valid JSON: an integer longer than {sys.get_int_max_str_digits()} digits") from None
     if not isinstance(obj, dict):
         raise _Bad(f"expected a JSON object, got {_kind(obj)}")
     has_messages, has_text = "messages" in obj, "text" in obj

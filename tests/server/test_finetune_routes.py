@@ -257,3 +257,15 @@ def test_a_jsonl_line_nested_100k_deep_is_400_naming_its_line(upload_app, path) 
     assert status == 400, error
     assert "line 2: JSON nested too deeply" in error["error"]["message"]
     assert error["error"]["param"] == "file"
+
+
+@pytest.mark.parametrize("path", list(_UPLOAD_PATHS))
+def test_a_jsonl_line_with_a_5000_digit_integer_is_400_naming_its_line(upload_app, path) -> None:
+    # json.loads refuses integers past 4300 digits with a plain ValueError, not a JSONDecodeError.
+    field = _UPLOAD_PATHS[path]
+    data = (GOOD_LINE + "\n" + '{"messages": ' + "1" * 5000 + "}\n").encode()
+    body = _form_head(field) + data + f"\r\n--{_BOUNDARY}--\r\n".encode()
+    status, error, _ = asyncio.run(_push(upload_app, path, [body], len(body)))
+    assert status == 400, error
+    assert "line 2: not valid JSON" in error["error"]["message"]
+    assert error["error"]["param"] == "file"
