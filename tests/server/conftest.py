@@ -118,6 +118,31 @@ def start_server(
 
 
 @pytest.fixture(scope="module")
+def fuzz_live(server_model_dir: Path, server_adapters: dict[str, Path],
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """Every route `quiver serve` mounts, on a short context (see `tests.server.fuzzing`)."""
+    from tests.server.fuzzing import start_fuzz_server
+
+    live = start_fuzz_server(server_model_dir, server_adapters, tmp_path_factory)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def known(fuzz_live: LiveServer) -> Any:
+    from tests.server.fuzzing import create_known
+
+    return create_known(fuzz_live)
+
+
+@pytest.fixture(scope="module")
+def operations(fuzz_live: LiveServer) -> dict[str, Any]:
+    from tests.server.fuzzing import load_operations
+
+    return load_operations(fuzz_live)
+
+
+@pytest.fixture(scope="module")
 def live(start_server: Callable[..., LiveServer]) -> LiveServer:
     return start_server()
 
