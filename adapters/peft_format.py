@@ -151,7 +151,7 @@ def _read_json(adapter_dir: Path, name: str, root: Path | str | None) -> dict[st
         if size > MAX_CONFIG_BYTES:
             raise AdapterConfigError(name, f"{CONFIG_NAME} is {size} bytes; at most {MAX_CONFIG_BYTES} are allowed")
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also ints past 4300 digits
         raise AdapterConfigError(name, f"{CONFIG_NAME} is not valid JSON ({_why(exc)})") from None
     if not isinstance(raw, dict):
         raise AdapterConfigError(name, f"{CONFIG_NAME} must hold a JSON object, got {type(raw).__name__}")
@@ -169,6 +169,8 @@ def _why(exc: Exception) -> str:
         return "not UTF-8"
     if isinstance(exc, OSError):
         return exc.strerror or type(exc).__name__
+    if isinstance(exc, ValueError):
+        return "a number too long to read"
     return "nested too deeply" if isinstance(exc, RecursionError) else type(exc).__name__
 
 

@@ -182,7 +182,7 @@ def test_missing_directory_and_config(tmp_path):
         read_adapter_spec(tmp_path / "empty", name="x")
 
 
-@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "{\"r\": " + "9" * 5000 + "}"])
 def test_malformed_json(tmp_path, text):
     (tmp_path / "adapter_config.json").write_text(text)
     with pytest.raises(AdapterConfigError):
