@@ -114,6 +114,10 @@ class AdapterEntry:
         }
 
 
+FINE_TUNED_PREFIX = "ft-"
+"""Fine-tuning publishes `ft-<job-id>` and `ft-<job-id>:ckpt-<step>`; no root directory takes one."""
+
+
 class AdapterRegistry:
     """Names → entries (live ones), ids → entries (also those draining after a delete)."""
 
@@ -125,6 +129,7 @@ class AdapterRegistry:
         self._by_name: dict[str, AdapterEntry] = {}
         self._by_id: dict[int, AdapterEntry] = {}
         self._deleted: set[str] = set()  # root names deleted by the operator: not rediscovered
+        self._reserved: frozenset[str] = frozenset()  # never discovered from the root (see `reserve`)
         self._next_id = 1
         self._counts: Counter[str] = Counter()  # monotonic, survives deletes
         self.load_seconds = 0.0  # total host-load time, for the load-latency summary
@@ -141,7 +146,7 @@ class AdapterRegistry:
     def has(self, name: str) -> bool:
         if name in self._by_name:
             return True
-        return name not in self._deleted and find_in_root(self.root, name) is not None
+        return self._discoverable(name) and find_in_root(self.root, name) is not None
 
     def get(self, name: str) -> AdapterEntry | None:
         return self._by_name.get(name)
@@ -167,10 +172,18 @@ class AdapterRegistry:
         self._deleted.discard(name)
         return entry
 
+    def reserve(self, names: set[str] | frozenset[str]) -> None:
+        """Names a root directory may not take: the base model's (a request for it reaches the base,
+        so such an adapter could only be pinned, never served) and fine-tuning's `ft-` names."""
+        self._reserved = frozenset(names)
+
+    def _discoverable(self, name: str) -> bool:
+        return name not in self._deleted and name not in self._reserved and not name.startswith(FINE_TUNED_PREFIX)
+
     def discover(self, name: str) -> AdapterEntry | None:
         """The entry for `name`, registering `adapter_root/name` on first use."""
         entry = self._by_name.get(name)
-        if entry is not None or name in self._deleted:
+        if entry is not None or not self._discoverable(name):
             return entry
         source = find_in_root(self.root, name)
         return None if source is None else self.register(name, source)
@@ -180,7 +193,7 @@ class AdapterRegistry:
         return [
             self.register(name, source)
             for name, source in found.items()
-            if name not in self._by_name and name not in self._deleted
+            if name not in self._by_name and self._discoverable(name)
         ]
 
     def unname(self, entry: AdapterEntry) -> None:

@@ -187,6 +187,9 @@ class LLMEngine:
         cfg = self.adapter_config
         num_slots = self.lora.num_slots
         registry = AdapterRegistry(cfg.max_cpu_adapters or max(64, num_slots), cfg.adapter_root)
+        model_path = Path(self.config.model)
+        registry.reserve({n for n in (self.config.served_model_name, self.config.model,
+                                      model_path.name if model_path.exists() else None) if n})
         policy = LoadPolicy(
             expected_shapes=self.lora.expected_shapes(),
             num_layers=self.lora.num_layers,

@@ -133,3 +133,19 @@ def test_servable_names_leave_out_failed_adapters() -> None:
     registry.fail(registry.register("broken", SRC), "corrupt safetensors")
     assert registry.names() == ["ok", "lazy", "broken"]
     assert registry.servable_names() == ["ok", "lazy"]
+
+
+def test_root_directories_named_like_the_base_model_or_a_fine_tuned_adapter_are_not_discovered(
+    tmp_path: Path,
+) -> None:
+    from adapters.sources import scan_root
+
+    for name in ("llama-base", "ft-job-1", "ft-job-1:ckpt-5", "fine"):
+        write_lora_dir(tmp_path / name, fake_dims())
+    registry = AdapterRegistry(4, root=tmp_path)
+    registry.reserve({"llama-base"})
+    assert not registry.has("llama-base") and not registry.has("ft-job-1") and registry.has("fine")
+    assert registry.discover("llama-base") is None, "the base model's name reaches the base, never an adapter"
+    assert registry.discover("ft-job-1") is None, "only a fine-tuning job publishes ft- names"
+    registry.add_discovered(scan_root(tmp_path))
+    assert registry.names() == ["fine"]
