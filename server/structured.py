@@ -4,6 +4,9 @@ The grammar (from the JSON schema) becomes an `LLMatcher`; before each token the
 processor masks every token the grammar forbids to -inf, and after it advances the
 matcher with the sampled token. The request ends ("stop") once the matcher has accepted
 a complete value, so the output parses and validates.
+
+Whitespace between tokens of the JSON is free but bounded (`WHITESPACE_PATTERN`); none is
+allowed before the value or after it.
 """
 
 from __future__ import annotations
@@ -19,8 +22,14 @@ from server.schemas import ResponseFormat
 
 logger = logging.getLogger(__name__)
 
-# Compact JSON: with free whitespace a weak model can spend its whole budget on blanks.
-_COMPILE_OPTIONS = {"whitespace_flexible": False}
+# The whitespace JSON serializers write is allowed: none, one space (`{"a": 1, "b": 2}`), or a
+# line break and indentation (pretty-printed). Forcing compact JSON on a model trained to write
+# `": "` pushes it off the text it knows and into garbage. Each run is bounded, so a weak model
+# cannot spend its whole budget on blanks.
+MAX_INDENT_SPACES = 24
+MAX_INDENT_TABS = 8
+WHITESPACE_PATTERN = rf"(?:\x20|\r?\n(?:\x20{{0,{MAX_INDENT_SPACES}}}|\t{{0,{MAX_INDENT_TABS}}}))"
+_COMPILE_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": WHITESPACE_PATTERN}
 _ANY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 
 
