@@ -14,6 +14,10 @@ stopped at step n has computed one token too many, which is dropped. Requests wh
 reads their own history on the host (penalties, logits processors) switch the engine to one
 step at a time while they run; so does tensor parallelism.
 
+A request that asks for prompt logprobs takes no cached prefix blocks (its prefill must compute
+every prompt position); the prefill scores the prompt (engine/prompt_logprobs.py) and the scores
+come back with the request's first delta. With `max_tokens` 0 that delta is also its last.
+
 With `tensor_parallel_size` N > 1 this process is rank 0 of N: everything above runs here, and
 the model calls (each forward, each adapter copy) are repeated by N-1 worker processes that
 hold the other shards (engine/tp_driver.py). `close()` stops them.
@@ -24,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +49,7 @@ from engine.model_runner import ModelRunner
 from engine.models.loader import load_model
 from engine.outputs import RequestDelta, TokenLogprob
 from engine.placeholders import placeholder
+from engine.prompt_logprobs import PendingPromptLogprobs
 from engine.sampler import PendingSample, Sampler, SamplerInput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import eos_token_ids, load_tokenizer
@@ -71,6 +76,7 @@ class _Request:
     eos_ids: list[int]
     arrived_at: float = 0.0
     queue_time: float | None = None  # seconds from arrival to its first scheduled step
+    scores_prompt: bool = False  # prompt logprobs asked for and not computed yet
 
     @property
     def reads_history(self) -> bool:
@@ -94,6 +100,7 @@ class _InFlight:
     sample: PendingSample
     # Per row: where the row's placeholder sits in its sequence's output, or -1 (not appended).
     token_index: list[int]
+    prompt: dict[int, PendingPromptLogprobs] = field(default_factory=dict)  # row -> its prompt's scores
 
 
 class LLMEngine:
@@ -265,6 +272,7 @@ class LLMEngine:
             prompt_token_ids=list(prompt_token_ids),
             max_tokens=params.max_tokens,
             adapter_id=adapter_id,
+            reuse_cached_prefix=params.prompt_logprobs is None,
         )
         self._next_seq_id += 1
         generator = None
@@ -280,6 +288,7 @@ class LLMEngine:
             logits_processor=logits_processor,
             eos_ids=eos + list(params.stop_token_ids),
             arrived_at=time.monotonic(),
+            scores_prompt=params.prompt_logprobs is not None,
         )
         self.scheduler.add(seq)
         self._requests[request_id] = request
@@ -388,8 +397,15 @@ class LLMEngine:
             [s.adapter_id for s in batch.seqs], self.scheduler.running_adapter_ids()
         )
         pending = prev.sample.token_ids if prev is not None else None
-        logits = self.runner.execute(batch.seqs, batch.num_new_tokens, batch.is_prefill, lora_slots, pending)
         requests = [self._by_seq[seq.seq_id] for seq in batch.seqs]
+        scored = _prompt_logprobs_wanted(batch, requests)
+        out = self.runner.execute_step(batch.seqs, batch.num_new_tokens, batch.is_prefill, lora_slots, pending,
+                                       scored)
+        logits = out.logits
+        prompt = {i: PendingPromptLogprobs(scores) for i, scores in out.prompt_scores.items()}
+        for i, _ in scored:
+            requests[i].scores_prompt = False
+            requests[i].seq.reuse_cached_prefix = True  # a recompute after preemption may hit the cache
         if batch.is_prefill:
             now = time.monotonic()
             for r in requests:
@@ -410,7 +426,7 @@ class LLMEngine:
             sample = self.sampler.launch(logits, rows)
         except Exception as exc:  # noqa: BLE001 - find the rows whose parameters cause it
             sample = self._sample_without_bad_rows(logits, rows, requests, exc)
-        return _InFlight(batch, requests, sample, [])
+        return _InFlight(batch, requests, sample, [], prompt)
 
     def _sample_without_bad_rows(
         self, logits: torch.Tensor, rows: list[SamplerInput], requests: list[_Request], exc: Exception
@@ -466,11 +482,20 @@ class LLMEngine:
             if index < 0 or self._by_seq.get(request.seq.seq_id) is not request:
                 continue  # aborted, or stopped at the step before: this token is dropped
             request.seq.output_token_ids[index] = token_id
-            deltas.append(self._postprocess(request, token_id, logprob))
+            delta = self._postprocess(request, token_id, logprob)
+            scores = step.prompt.get(i)
+            if scores is not None:
+                delta.prompt_logprobs = scores.result(request.seq.prompt_token_ids)
+            deltas.append(delta)
         return deltas
 
     def _postprocess(self, request: _Request, token_id: int, logprob: TokenLogprob | None) -> RequestDelta:
         seq, params = request.seq, request.params
+        if params.max_tokens == 0:  # the prompt only is scored: the token sampled after it is dropped
+            self.scheduler.finish(seq)
+            self._release(request)
+            return RequestDelta(request_id=request.request_id, finish_reason="length",
+                                num_prompt_tokens=seq.num_prompt_tokens, queue_time=request.queue_time)
         finish: str | None = None
         text = ""
         if token_id in request.eos_ids:
@@ -505,6 +530,22 @@ class LLMEngine:
         self._by_seq.pop(request.seq.seq_id, None)
         if request.seq.adapter_id != BASE_ADAPTER_ID:
             self.adapters.unref(request.seq.adapter_id)
+
+
+def _prompt_logprobs_wanted(batch: ScheduledBatch, requests: list[_Request]) -> list[tuple[int, int]]:
+    """(row, alternatives) for the rows whose prompt this prefill scores: each computes its whole
+    prompt (it took no cached blocks and has no output yet)."""
+    if not batch.is_prefill:
+        return []
+    wanted = []
+    for i, request in enumerate(requests):
+        if request.scores_prompt:
+            seq, k = request.seq, request.params.prompt_logprobs
+            if seq.num_computed_tokens or seq.num_output_tokens or batch.num_new_tokens[i] != seq.num_prompt_tokens:
+                raise RuntimeError(f"request {request.request_id}: scoring its prompt needs a prefill of all of it, "
+                                   f"got {batch.num_new_tokens[i]} of {seq.num_prompt_tokens} tokens")
+            wanted.append((i, k or 0))
+    return wanted
 
 
 def _lora_geometry(model: nn.Module) -> list[tuple[int, list[int]]]:

@@ -14,12 +14,15 @@ does the device work from it, the same on every rank.
 
 A sequence's last token may still be on the device (engine/placeholders.py): `run` reads
 those from the previous step's sampled ids (`pending_tokens`) without waiting for the host.
+
+A prefill may also score the tokens it computes (`prompt_logprobs`, engine/prompt_logprobs.py):
+for the sequences named, the logits at every computed position but the last, not only the last.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,6 +33,8 @@ from engine.context import ForwardContext, LoraContext, set_context
 from engine.cuda_graphs import CaptureFailedError, DecodeGraphs, DecodeInputs
 from engine.kv_cache import allocate_kv_cache, kv_budget_after_profile
 from engine.lora.layers import LoRALinear
+from engine.prompt_logprobs import PromptScores, score_positions
+from engine.sampling_params import MAX_PROMPT_LOGPROBS
 from scheduler.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,17 @@ class StepInputs:
     batch: _HostBatch | None = None
     decode: DecodeInputs | None = None
     order: list[int] | None = None  # graph path: batch position -> caller index
+    # (caller index, alternatives): sequences whose computed tokens are scored (prefill only)
+    prompt_logprobs: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    """What one forward produced, in the caller's order."""
+
+    logits: torch.Tensor  # [B, vocab]: each sequence's last new token
+    # caller index -> scores of that sequence's computed tokens after its first
+    prompt_scores: dict[int, PromptScores] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -102,8 +118,18 @@ class ModelRunner:
         """
         return self.run(self.prepare(seqs, num_new_tokens, is_prefill, lora_slots), pending_tokens)
 
+    def execute_step(
+        self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int],
+        pending_tokens: torch.Tensor | None = None, prompt_logprobs: list[tuple[int, int]] | None = None,
+    ) -> StepOutput:  # fmt: skip
+        """`execute`, and the scores of the computed tokens of the sequences in `prompt_logprobs`
+        ((caller index, alternatives) pairs; prefill only)."""
+        step = self.prepare(seqs, num_new_tokens, is_prefill, lora_slots, prompt_logprobs)
+        return self.run_step(step, pending_tokens)
+
     def prepare(
-        self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int]
+        self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int],
+        prompt_logprobs: list[tuple[int, int]] | None = None,
     ) -> StepInputs:
         """The step's host-side inputs (validated), ordered by LoRA slot."""
         if not seqs:
@@ -113,20 +139,27 @@ class ModelRunner:
                 f"seqs, num_new_tokens and lora_slots differ in length: "
                 f"{len(seqs)}, {len(num_new_tokens)}, {len(lora_slots)}"
             )
+        if prompt_logprobs:
+            _check_prompt_logprobs(prompt_logprobs, len(seqs), is_prefill)
         graphs = self.graphs
         if not is_prefill and graphs is not None and graphs.size_for(len(seqs)) is not None:
             inputs, order = self._build_decode(seqs, num_new_tokens, lora_slots)
             if graphs.fits(inputs):
                 return StepInputs(is_prefill=False, decode=inputs, order=order)
-        return StepInputs(is_prefill, batch=self._build(seqs, num_new_tokens, is_prefill, lora_slots))
+        batch = self._build(seqs, num_new_tokens, is_prefill, lora_slots)
+        return StepInputs(is_prefill, batch=batch, prompt_logprobs=list(prompt_logprobs or []))
 
     def run(self, step: StepInputs, pending_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run the forward `step` describes; logits [B, vocab] in the caller's order."""
+        return self.run_step(step, pending_tokens).logits
+
+    def run_step(self, step: StepInputs, pending_tokens: torch.Tensor | None = None) -> StepOutput:
+        """Run the forward `step` describes: its logits and the scores it asked for."""
         self._select_kernels()
         if step.decode is not None:
             if self.graphs is None or step.order is None:
                 raise RuntimeError("a graph decode step reached a runner without captured graphs")
-            return self._decode_from_graph(self.graphs, step.decode, step.order, pending_tokens)
+            return StepOutput(self._decode_from_graph(self.graphs, step.decode, step.order, pending_tokens))
         batch, is_prefill = step.batch, step.is_prefill
         if batch is None:
             raise ValueError("the step has neither a batch nor graph decode inputs")
@@ -145,7 +178,13 @@ class ModelRunner:
             with torch.inference_mode():
                 hidden = self.model(input_ids, positions)
                 logits = self.model.compute_logits(hidden.index_select(0, last_index))
-                return logits.index_select(0, unpermute)
+                scores = {}
+                for caller_index, k in step.prompt_logprobs:
+                    pos = inverse[caller_index]
+                    start, end = batch.query_start[pos], batch.query_start[pos + 1]
+                    scores[caller_index] = score_positions(self.model.compute_logits, hidden[start : end - 1],
+                                                           input_ids[start + 1 : end], k, logits.shape[1])
+                return StepOutput(logits.index_select(0, unpermute), scores)
         finally:
             set_context(None)
 
@@ -179,7 +218,8 @@ class ModelRunner:
             seq.block_table = list(range(-(-n // self.block_size)))
             seqs.append(seq)
         # run(prepare()), not execute(): under tensor parallelism every rank profiles itself.
-        self.run(self.prepare(seqs, lengths, True, [-1] * len(seqs)))
+        # The longest sequence is scored too: prompt logprobs add their chunks to the peak.
+        self.run(self.prepare(seqs, lengths, True, [-1] * len(seqs), [(0, MAX_PROMPT_LOGPROBS)]))
         hidden_size = self.model.config.hidden_size
         with torch.inference_mode():
             hidden = torch.zeros(num_seqs, hidden_size, device=self.device, dtype=self._dtype())
@@ -362,6 +402,15 @@ class ModelRunner:
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype, pin_memory=self._pin)
         return t.to(self.device, non_blocking=True)
+
+
+def _check_prompt_logprobs(wanted: list[tuple[int, int]], num_seqs: int, is_prefill: bool) -> None:
+    if not is_prefill:
+        raise ValueError("prompt logprobs are computed by a prefill step, not a decode step")
+    for index, k in wanted:
+        if not 0 <= index < num_seqs or not 0 <= k <= MAX_PROMPT_LOGPROBS:
+            raise ValueError(f"prompt logprobs for sequence {index} with {k} alternatives: "
+                             f"the batch has {num_seqs} sequences, alternatives are 0..{MAX_PROMPT_LOGPROBS}")
 
 
 def _eager_batch(d: DecodeInputs, order: list[int]) -> _HostBatch:

@@ -12,6 +12,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None  # prompt logprobs: 1 + the number of tokens the model found likelier
 
 
 @dataclass
@@ -33,6 +34,9 @@ class RequestDelta:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     queue_time: float | None = None  # on the first delta: seconds the request waited to be scheduled
+    # On the first delta of a request that asked for them: one entry per prompt token, the
+    # first None (nothing precedes it), the others that token's logprob given the ones before.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:

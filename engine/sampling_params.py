@@ -6,6 +6,7 @@ import numbers
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
+MAX_PROMPT_LOGPROBS = 20
 # top_k beyond the vocabulary keeps everything; the bound keeps it an int32 in the sampler's tensors.
 MAX_TOP_K = 2**31 - 1
 # What torch.Generator.manual_seed accepts (a negative seed is taken modulo 2**64).
@@ -18,7 +19,9 @@ class SamplingParams:
 
     temperature 0 means greedy. `top_logprobs` is None when no logprobs are wanted, else the
     number (0..20) of alternatives per position; logprobs come from the model's raw
-    log-softmax, before temperature, penalties or bias.
+    log-softmax, before temperature, penalties or bias. `prompt_logprobs` likewise asks for
+    the logprob of every prompt token (0..20 alternatives each); with it, `max_tokens` may be
+    0: the prompt is scored and nothing is generated.
     """
 
     max_tokens: int = 16
@@ -35,12 +38,13 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     top_logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "top_k", "min_tokens"):
             _check_int(name, getattr(self, name))
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens must be at least 1 (0 only with prompt_logprobs), got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -67,6 +71,10 @@ class SamplingParams:
         if self.top_logprobs is not None and (
                 isinstance(self.top_logprobs, bool) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.prompt_logprobs is not None and (
+                isinstance(self.prompt_logprobs, bool) or not isinstance(self.prompt_logprobs, numbers.Integral)
+                or not 0 <= self.prompt_logprobs <= MAX_PROMPT_LOGPROBS):
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_PROMPT_LOGPROBS}], got {self.prompt_logprobs!r}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.top_k == -1:

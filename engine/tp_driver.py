@@ -27,7 +27,7 @@ from torch import nn
 from engine import distributed
 from engine.config import EngineConfig
 from engine.lora.slots import LoraSlots
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepOutput
 from engine.tp_worker import SHUTDOWN, rank_device, worker_main
 
 log = logging.getLogger(__name__)
@@ -188,11 +188,18 @@ class TensorParallelRunner:
         self, seqs: list[Any], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int],
         pending_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
+        return self.execute_step(seqs, num_new_tokens, is_prefill, lora_slots, pending_tokens).logits
+
+    def execute_step(
+        self, seqs: list[Any], num_new_tokens: list[int], is_prefill: bool, lora_slots: list[int],
+        pending_tokens: torch.Tensor | None = None, prompt_logprobs: list[tuple[int, int]] | None = None,
+    ) -> StepOutput:  # fmt: skip
         if pending_tokens is not None:  # the workers hold no copy of rank 0's sampled ids
             raise ValueError("tensor-parallel steps run one at a time: no placeholder tokens")
-        step = self.local.prepare(seqs, num_new_tokens, is_prefill, lora_slots)
+        # Every rank scores the same positions: the vocabulary gather is a collective.
+        step = self.local.prepare(seqs, num_new_tokens, is_prefill, lora_slots, prompt_logprobs)
         self._driver.send("run", step)
-        return self.local.run(step)
+        return self.local.run_step(step)
 
     def kv_cache_budget(self, *args: Any) -> int:
         """The smallest budget of any rank: every rank allocates the same number of blocks."""

@@ -180,8 +180,9 @@ class BlockManager:
         """Cached blocks for the longest full-block prefix of `seq`.
 
         The last token is never covered: its forward pass yields the next token's logits.
+        None for a sequence that must compute every token (`reuse_cached_prefix` False).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not seq.reuse_cached_prefix:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hits: list[int] = []

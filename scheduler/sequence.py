@@ -25,6 +25,10 @@ class Sequence:
     `num_computed_tokens` counts tokens whose KV entries are in the cache. A prefill step
     computes `num_tokens - num_computed_tokens` tokens; a decode step computes one.
     Preemption by recompute resets it to 0 and frees the block table.
+
+    `reuse_cached_prefix` False keeps admission from taking cached prefix blocks, so the
+    prefill computes every token (a request scoring its whole prompt needs each position's
+    logits); the sequence's own blocks are still published for others.
     """
 
     seq_id: int
@@ -36,6 +40,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_preemptions: int = 0
+    reuse_cached_prefix: bool = True
     arrival: int = field(default_factory=lambda: next(_arrival_counter))
 
     @property

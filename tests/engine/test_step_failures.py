@@ -75,7 +75,7 @@ def test_a_row_whose_sampling_raises_fails_alone_and_its_neighbours_match_a_clea
 def test_a_failing_forward_fails_its_batch_and_the_next_requests_are_served(model_dir, monkeypatch):
     engine = _engine(model_dir)
     engine.add_request("a", [5, 9, 11], _greedy(4))
-    real = engine.runner.execute
+    real = engine.runner.execute_step
     calls = {"n": 0}
 
     def broken_once(*args, **kwargs):
@@ -84,7 +84,7 @@ def test_a_failing_forward_fails_its_batch_and_the_next_requests_are_served(mode
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.runner, "execute", broken_once)
+    monkeypatch.setattr(engine.runner, "execute_step", broken_once)
     got = _drain(engine)
     assert got["a"]["finish"] == "error" and "capture" in got["a"]["error"]
     assert engine.num_failed_steps == 1 and not engine.has_unfinished()

@@ -43,7 +43,30 @@ def test_preempted_seq_reuses_its_own_cached_blocks():
     assert new.num_computed_tokens == 8
 
 
-# -- randomized ---------------------------------------------------------------------------
+def test_a_sequence_that_must_compute_every_token_takes_no_cached_blocks_but_publishes_its_own():
+    sched = Scheduler(make_config(enable_prefix_caching=True))
+    first = make_seq(12)
+    sched.add(first)
+    step(sched)
+    scoring = Sequence(next(seq_ids), [5] * 12 + [6], max_tokens=8, reuse_cached_prefix=False)
+    sched.add(scoring)
+    batch = sched.schedule()
+    assert batch.seqs == [scoring] and batch.num_new_tokens == [13]  # 12 would be cached
+    assert scoring.num_computed_tokens == 0 and not set(scoring.block_table) & set(first.block_table)
+    sched.update(batch, [1])
+
+    fresh = Sequence(next(seq_ids), [9] * 8 + [6], max_tokens=8, reuse_cached_prefix=False)
+    sched.add(fresh)
+    batch = sched.schedule()
+    sched.update(batch, [1])
+    later = Sequence(next(seq_ids), [9] * 8 + [1, 2], max_tokens=8)
+    sched.add(later)
+    batch = sched.schedule()
+    assert batch.seqs == [later] and batch.num_new_tokens == [2]
+    assert later.block_table[:2] == fresh.block_table[:2]  # published by the sequence that took none
+
+
+# -- randomized ---# -- randomized ---------------------------------------------------------------------------
 
 
 def _check_and_fake_compute(batch, sched, kv):
