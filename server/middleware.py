@@ -26,10 +26,11 @@ from server.logging import RequestContext, current_request
 access_log = logging.getLogger("quiver.access")
 
 REQUEST_ID_HEADER = "x-request-id"
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/inference/chat/completions"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/inference/chat/completions",
+                              "/v1/responses"})
 # Where a max_tokens over the ceiling is refused. The `seekrai` route cuts a budget to fit instead
 # (its SDK always sends one), so there the engine hooks cap it to the ceiling.
-CEILING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+CEILING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 # Uploads of training data have their own, larger cap (training.files.FileStore).
 BODY_LIMIT_EXEMPT_PREFIXES = ("/v1/files", "/v1/flow/files")
 # Probes and scrapes would drown the access log at info level.
@@ -198,7 +199,7 @@ class MaxTokensCeiling:
             return None
         if not isinstance(data, dict):
             return None
-        for field in ("max_tokens", "max_completion_tokens"):
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):  # the last: /v1/responses
             value = data.get(field)
             if isinstance(value, int) and not isinstance(value, bool) and value > self.ceiling:
                 return APIError(400, f"`{field}` is {value}; this server generates at most {self.ceiling} tokens "

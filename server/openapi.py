@@ -88,6 +88,51 @@ _FLOW_FILE_UPLOAD: dict[str, Any] = {
                    "purpose": {"type": "string", "enum": ["fine-tune"]}},
 }
 
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"enum": ["input_text", "output_text"]}, "text": {"type": "string"}}}
+_RESPONSE_INPUT_ITEM: dict[str, Any] = {"oneOf": [
+    {"type": "object", "required": ["role", "content"], "properties": {
+        "type": {"enum": ["message"]}, "role": {"enum": ["user", "system", "developer", "assistant"]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}},
+    {"type": "object", "required": ["type", "call_id", "name", "arguments"], "properties": {
+        "type": {"enum": ["function_call"]}, "call_id": {"type": "string"}, "name": {"type": "string"},
+        "arguments": {"type": "string", "description": "The arguments as JSON text."}}},
+    {"type": "object", "required": ["type", "call_id", "output"], "properties": {
+        "type": {"enum": ["function_call_output"]}, "call_id": {"type": "string"}, "output": {"type": "string"}}},
+]}
+_RESPONSE_CREATE: dict[str, Any] = {
+    "type": "object",
+    "description": "A Responses API request, answered over the chat completions path. Reasoning, background "
+                   "responses, built-in tools, `include`, conversations, prompt templates and truncation are "
+                   "refused with 400.",
+    "properties": {
+        "model": {"type": "string"},
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 2048, "items": _RESPONSE_INPUT_ITEM}]},
+        "instructions": {"type": ["string", "null"]},
+        "tools": {"type": "array", "items": {"type": "object", "required": ["type", "name"], "properties": {
+            "type": {"enum": ["function"]}, "name": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$"},
+            "description": {"type": "string"}, "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}},
+        "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {
+            "type": "object", "required": ["type", "name"],
+            "properties": {"type": {"enum": ["function"]}, "name": {"type": "string"}}}]},
+        "parallel_tool_calls": {"type": "boolean"},
+        "text": {"type": "object", "properties": {"format": {"oneOf": [
+            {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+            {"type": "object", "required": ["type", "name", "schema"], "properties": {
+                "type": {"enum": ["json_schema"]}, "name": {"type": "string"}, "schema": {"type": "object"},
+                "strict": {"type": "boolean"}}}]}}},
+        "max_output_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+        "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+        "stream": {"type": "boolean"},
+        "store": {"type": "boolean", "default": True},
+        "previous_response_id": {"type": ["string", "null"], "maxLength": 256},
+        "metadata": {"type": "object", "maxProperties": 16, "additionalProperties": {"type": "string",
+                                                                                      "maxLength": 512}},
+        "user": {"type": "string"},
+    },
+}
+
 _REASONS = {400: "Invalid request", 401: "Missing or wrong API key", 409: "Conflict with the current state",
             413: "Too large", 429: "Overloaded (see Retry-After)", 503: "Model not loaded yet"}
 
@@ -153,12 +198,35 @@ def _generation(summary: str, model: str, object_name: str) -> dict[str, Any]:
     return operation
 
 
+def _responses_create() -> dict[str, Any]:
+    operation = _op("Create a response (the Responses API)", errors=(400, 404, 429, 503), missing="model or response",
+                    body=_json("ResponseCreate"))
+    operation["responses"]["200"] = {
+        "description": "A `response` object, or typed server-sent events (`response.created` ... "
+                       "`response.completed`) when `stream` is true.",
+        "content": {"application/json": {"schema": {"type": "object"}},
+                    "text/event-stream": {"schema": {"type": "string"}}},
+    }
+    return operation
+
+
 def _openai_paths() -> dict[str, dict[str, Any]]:
     return {
         "/v1/chat/completions": {"post": _generation("Create a chat completion", "ChatCompletionRequest",
                                                      "chat.completion")},
         "/v1/completions": {"post": _generation("Create a (legacy) text completion", "CompletionRequest",
                                                 "text_completion")},
+        "/v1/responses": {"post": _responses_create()},
+        "/v1/responses/{response_id}": {
+            "get": _op("Retrieve a stored response", ok="A `response` object", errors=(404,), missing="response",
+                       params=[_path("response_id")]),
+            "delete": _op("Delete a stored response", ok="`{id, object, deleted}`", errors=(404,), missing="response",
+                          params=[_path("response_id")])},
+        "/v1/responses/{response_id}/input_items": {"get": _op(
+            "List a stored response's input items", ok="A list of input items", errors=(400, 404),
+            missing="response", params=[_path("response_id"), _query("order", {"enum": ["asc", "desc"]}),
+                                        _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}),
+                                        _query("after", {"type": "string"})])},
         "/v1/models": {"get": _op("List the base model and its adapters", ok="A list of models", errors=(503,))},
         "/v1/models/{model}": {"get": _op("Describe one model (the base or an adapter)", ok="A model",
                                           errors=(404, 503), missing="model", params=[_path("model")])},
@@ -281,7 +349,7 @@ def _component_schemas() -> dict[str, Any]:
     schemas = {renames.get(name, name): {**rename(schema), "title": renames.get(name, name)}
                for name, schema in defs.get("$defs", {}).items()}
     schemas.update(AdapterCreate=_ADAPTER_CREATE, FileUpload=_FILE_UPLOAD, FlowFileUpload=_FLOW_FILE_UPLOAD,
-                   Error=_ERROR_SCHEMA)
+                   Error=_ERROR_SCHEMA, ResponseCreate=_RESPONSE_CREATE)
     return schemas
 
 

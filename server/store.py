@@ -1,6 +1,6 @@
 """What the server must remember across restarts, in one SQLite file.
 
-Projects, deployments, the link from each fine-tuning job to its project (with the settings
+Projects, deployments, stored Responses API responses, the link from each fine-tuning job to its project (with the settings
 the client sent), and the adapters registered at run time (with their pins, and tombstones for
 deleted ones) so the next start registers the same set again. The engine's registry and the job
 manager stay the sources of truth while the server runs; this is their durable journal.
@@ -58,6 +58,13 @@ CREATE TABLE IF NOT EXISTS adapters (
     deleted INTEGER NOT NULL DEFAULT 0,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    input_items TEXT NOT NULL,
+    conversation TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 """
 
 
@@ -106,6 +113,14 @@ class AdapterRecord:
     source: str | None  # None: not registered at run time, only its pin or deletion is remembered
     pinned: bool
     deleted: bool
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    id: str
+    body: dict[str, Any]  # the response object as the client got it
+    input_items: list[dict[str, Any]]  # what its request's `input` held
+    conversation: list[dict[str, Any]]  # every input item it answered (earlier turns included)
 
 
 class Store:
@@ -223,6 +238,25 @@ class Store:
     def adapters(self) -> list[AdapterRecord]:
         rows = self._read("SELECT name, source, pinned, deleted FROM adapters ORDER BY updated_at, name")
         return [AdapterRecord(row["name"], row["source"], bool(row["pinned"]), bool(row["deleted"])) for row in rows]
+
+    # ------------------------------------------------------------------ responses (the Responses API)
+    def save_response(self, response_id: str, body: dict[str, Any], input_items: list[dict[str, Any]],
+                      conversation: list[dict[str, Any]]) -> None:
+        """A response with the input items it was given and the whole conversation it answered."""
+        self._write("INSERT OR REPLACE INTO responses (id, body, input_items, conversation, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (response_id, json.dumps(body), json.dumps(input_items), json.dumps(conversation), time.time()))
+
+    def response(self, response_id: str) -> StoredResponse | None:
+        rows = self._read("SELECT * FROM responses WHERE id = ?", (response_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        return StoredResponse(row["id"], json.loads(row["body"]), json.loads(row["input_items"]),
+                              json.loads(row["conversation"]))
+
+    def delete_response(self, response_id: str) -> bool:
+        return self._write("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
 
 
 def _deployment(row: sqlite3.Row) -> Deployment:

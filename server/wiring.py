@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute
 from server.adapter_journal import journaled, restore_on_ready
 from server.deployments import Deployments
 from server.jobs_bridge import JobBridge
+from server.responses import responses_routes
 from server.routes_finetune import finetune_routes
 from server.routes_seekrai import seekrai_routes
 from server.state import ServerState
@@ -29,7 +30,8 @@ STATE_DB_NAME = "state.sqlite3"
 def stateful_routes(state: ServerState, admin_routes: Sequence[BaseRoute], *, jobs_dir: Path,
                     base_model: str, model_name: str, state_db: Path | None = None,
                     metrics: Any | None = None, **job_options: Any) -> list[BaseRoute]:
-    """The admin routes (journaled), the fine-tuning routes and the `seekrai` routes over one store.
+    """The admin routes (journaled), the fine-tuning routes, the `seekrai` routes and the Responses API
+    (stored responses) over one store.
 
     base_model:  what jobs fine-tune (the path or hub id the engine loads); model_name: its served name.
     state_db:    the SQLite file (default `jobs_dir/state.sqlite3`).
@@ -49,7 +51,7 @@ def stateful_routes(state: ServerState, admin_routes: Sequence[BaseRoute], *, jo
         metrics.job_manager = bridge.manager
     deployments = Deployments(state, store, bridge.manager)
     return [*journaled(list(admin_routes), store), *finetune_routes(bridge.manager),
-            *seekrai_routes(state, store, bridge.manager, deployments)]
+            *seekrai_routes(state, store, bridge.manager, deployments), *responses_routes(store)]
 
 
 def served_base(model: str | None, served_model_name: str | None) -> tuple[str, str]:

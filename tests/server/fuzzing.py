@@ -32,7 +32,8 @@ POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
 ROOT_ADAPTERS = ["root-a", "root-b"]  # sources the register route can find under the adapter root
 TRAINING_LINE = json.dumps({"messages": [{"role": "user", "content": "Hello"},
                                          {"role": "assistant", "content": "Hi there."}]})
-GENERATION = ["POST /v1/chat/completions", "POST /v1/completions", "POST /v1/inference/chat/completions"]
+GENERATION = ["POST /v1/chat/completions", "POST /v1/completions", "POST /v1/inference/chat/completions",
+              "POST /v1/responses"]
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 # Which cases each operation is fuzzed with. In order: deleting adapters comes after the routes
@@ -56,7 +57,9 @@ FLOW = {"POST /v1/flow/projects": BOTH, "GET /v1/flow/projects": BOTH, "GET /v1/
         "POST /v1/flow/deployments/{deployment_id}/promote": VALID,
         "PUT /v1/flow/deployments/{deployment_id}/demote": VALID,
         "POST /v1/flow/deployments/{deployment_id}/demote": VALID, "GET /v1/flow/models": VALID}
-MODES: dict[str, tuple[GenerationMode, ...]] = {**OPENAI, **ADMIN, **FINE_TUNING, **FLOW}
+RESPONSES = {"GET /v1/responses/{response_id}": VALID, "GET /v1/responses/{response_id}/input_items": BOTH,
+             "DELETE /v1/responses/{response_id}": VALID}
+MODES: dict[str, tuple[GenerationMode, ...]] = {**OPENAI, **ADMIN, **FINE_TUNING, **FLOW, **RESPONSES}
 
 
 @dataclass
@@ -102,9 +105,11 @@ def create_known(live: LiveServer) -> Known:
             "name": "fuzzed base", "description": "the base model", "model_type": "Base Model",
             "model_id": MODEL_NAME})
         deployment_id = deployment.raise_for_status().json()["id"]
+        response = http.post("/v1/responses", json={"model": MODEL_NAME, "input": "Hello", "max_output_tokens": 2})
+        response_id = response.raise_for_status().json()["id"]
     names = [*ADAPTER_NAMES[:3], ROOT_ADAPTERS[0]]
     return Known(path={"name": names, "model": [MODEL_NAME, *names], "file_id": [file_id], "job_id": [job_id],
-                       "project_id": [project_id], "deployment_id": [deployment_id]},
+                       "project_id": [project_id], "deployment_id": [deployment_id], "response_id": [response_id]},
                  file_id=file_id, project_id=project_id, job_id=job_id)
 
 
@@ -128,6 +133,10 @@ def _fill_bodies(label: str, body: dict[str, Any], known: Known, draw: Callable[
             body["training_config"].update(model=MODEL_NAME, training_files=[known.file_id])
     elif label == "POST /v1/flow/deployments":
         body["model_id"] = draw(st.sampled_from([MODEL_NAME, ADAPTER_NAMES[0], known.job_id]))
+    elif label == "POST /v1/responses":
+        body["model"] = draw(st.sampled_from([MODEL_NAME, ADAPTER_NAMES[0]]))
+        if draw(st.booleans()):
+            body["previous_response_id"] = known.path["response_id"][0]
 
 
 @st.composite
