@@ -13,6 +13,8 @@ from typing import Any
 
 from server.errors import bad_request
 from server.schemas import ChatMessage
+from server.tool_parsers import detect_parser
+from server.tools import ToolPlan, template_messages
 
 # Slack for normalizers that shrink text (composing accents) before it is split into tokens.
 _NORMALIZER_SLACK = 2
@@ -32,19 +34,35 @@ def render_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"role": message.role, "content": message.text()}
         if message.name is not None:
             item["name"] = message.name
+        if message.tool_calls:
+            item["tool_calls"] = [{"id": call.id, "type": "function",
+                                   "function": {"name": call.function.name, "arguments": call.function.arguments}}
+                                  for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            item["tool_call_id"] = message.tool_call_id
         rendered.append(item)
     return rendered
 
 
-def apply_chat_template(tokenizer: Any, messages: list[ChatMessage], context: int | None = None) -> list[int]:
+def chat_template_of(tokenizer: Any) -> str:
+    return getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+
+
+def apply_chat_template(tokenizer: Any, messages: list[ChatMessage], context: int | None = None,
+                        tools: ToolPlan | None = None) -> list[int]:
     """Prompt token ids for `messages`, ending with the assistant's generation prompt.
 
     context: the model's context length; a rendering too long to fit it is refused untokenized.
+    tools:   the request's tools (server/tools.py): offered through the template, earlier calls and
+             their results shaped as the template expects.
     """
-    template = getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+    template = chat_template_of(tokenizer)
+    rendered, template_tools = template_messages(render_messages(messages), template,
+                                                 tools or ToolPlan(detect_parser(template)))
+    extra = {"tools": template_tools} if template_tools else {}
     try:
         text = tokenizer.apply_chat_template(
-            render_messages(messages), chat_template=template, add_generation_prompt=True, tokenize=False
+            rendered, chat_template=template, add_generation_prompt=True, tokenize=False, **extra
         )
     except Exception as exc:  # a template may reject a conversation (e.g. roles out of order)
         raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from None

@@ -71,6 +71,9 @@ _SERVE_OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
                                           "with Retry-After (0: no limit; --max-waiting still applies)."),
     ("--shutdown-timeout", float, 30.0, "Seconds in-flight requests get to finish after SIGTERM before they "
                                         "are cut; then the server exits 0."),
+    ("--tool-call-parser", str, None, "Format tool calls are parsed from (and forced in): hermes (`<tool_call>` JSON, "
+                                      "Hermes/Qwen), llama3_json (Llama 3.1 JSON) or mistral (`[TOOL_CALLS]`). "
+                                      "Default: picked from the chat template (hermes when it says nothing)."),
     ("--metrics-max-adapters", int, 64, "Adapters that get their own label value in /metrics; later ones "
                                         "share `other`."),
 ]
@@ -241,10 +244,15 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics = Metrics(max_adapter_labels=args.metrics_max_adapters)
         if args.shutdown_timeout < 0:
             raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+        if args.tool_call_parser is not None:
+            from server.tool_parsers import parser_named
+
+            parser_named(args.tool_call_parser)  # ValueError naming the known parsers
     except ValueError as exc:
         print(f"quiver serve: {exc}", file=sys.stderr)
         return 2
     state = ServerState(engine_factory=factory)
+    state.tool_call_parser = args.tool_call_parser
     try:
         extra_routes = _stateful_routes(args, state, adapter_routes(state), metrics)
     except (ValueError, RuntimeError) as exc:  # a bad jobs directory or state database

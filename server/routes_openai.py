@@ -14,7 +14,7 @@ from starlette.routing import Route
 from engine.sampling_params import SamplingParams
 from server import off_loop, protocol
 from server.admission import check_choices, check_raw_prompt, prompt_count
-from server.chat import apply_chat_template, check_fits_untokenized
+from server.chat import apply_chat_template, chat_template_of, check_fits_untokenized
 from server.errors import APIError, bad_request, from_engine_error, parse_json_body
 from server.generation import (
     MAX_UNREAD_ENTRIES,
@@ -34,6 +34,7 @@ from server.schemas import ChatCompletionRequest, CompletionRequest, PromptInput
 from server.state import ServerState
 from server.streaming import chat_events, completion_events, failed_delta_error, sse_response
 from server.structured import StructuredOutputs
+from server.tools import ToolPlan, apply_to_completion, forced_call_processors, parser_for, plan_tools
 
 T = TypeVar("T")
 
@@ -115,6 +116,7 @@ class _ChatPlan:
     prompt_ids: list[int]
     top_logprobs: int | None
     params: list[SamplingParams]
+    tools: ToolPlan
 
 
 def _plan_chat(state: ServerState, body: dict[str, Any]) -> _ChatPlan:
@@ -123,13 +125,14 @@ def _plan_chat(state: ServerState, body: dict[str, Any]) -> _ChatPlan:
     engine = state.require_engine()
     adapter = state.resolve_model(req.model)
     check_choices(engine, 1, req.n)
-    prompt_ids = apply_chat_template(engine.tokenizer, req.messages, engine.max_model_len)
+    tools = plan_tools(req, parser_for(state.tool_call_parser, chat_template_of(engine.tokenizer)))
+    prompt_ids = apply_chat_template(engine.tokenizer, req.messages, engine.max_model_len, tools)
     max_tokens = resolve_max_tokens(req.wanted_max_tokens(), len(prompt_ids), engine.max_model_len, "messages")
     top_logprobs = req.wanted_top_logprobs()
     vocab_size = len(engine.tokenizer)
     params = [build_sampling_params(req, max_tokens=max_tokens, top_logprobs=top_logprobs,
                                     vocab_size=vocab_size, choice_index=i) for i in range(req.n)]
-    return _ChatPlan(req, adapter, req.model or engine.model_name, prompt_ids, top_logprobs, params)
+    return _ChatPlan(req, adapter, req.model or engine.model_name, prompt_ids, top_logprobs, params, tools)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -141,6 +144,9 @@ async def chat_completions(request: Request) -> Response:
     schema = StructuredOutputs.schema_of(req.response_format)
     if schema is not None:
         processors = await asyncio.to_thread(_structured(state, engine).processors, schema, req.n)
+    tool_grammar = plan.tools.grammar()
+    if tool_grammar is not None:
+        processors = await asyncio.to_thread(forced_call_processors, _structured(state, engine), tool_grammar, req.n)
 
     completion_id = protocol.new_id("chatcmpl")
     gen = MergedGeneration(engine, [
@@ -155,13 +161,13 @@ async def chat_completions(request: Request) -> Response:
     except ClientDisconnected:
         return Response(status_code=_CLIENT_CLOSED)
     if req.stream:
-        return sse_response(chat_events(gen, meta))
+        return sse_response(chat_events(gen, meta, plan.tools.stream_parsers(req.n)))
     states = await _finish_unstreamed(request, gen, req.n)
     if states is None:
         return Response(status_code=_CLIENT_CLOSED)
-    return JSONResponse(protocol.chat_completion(
+    return JSONResponse(apply_to_completion(protocol.chat_completion(
         meta.completion_id, meta.created, model, states, engine, top_logprobs is not None, len(prompt_ids),
-        meta.terminal_ids))
+        meta.terminal_ids), plan.tools))
 
 
 def _prompts(engine: Any, prompt: PromptInput) -> list[tuple[list[int], str]]:

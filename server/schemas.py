@@ -46,10 +46,30 @@ class TextPart(_Tolerant):
     text: str
 
 
+MAX_TOOLS = 128
+# What OpenAI accepts as a function name; the name reaches templates, prompts and grammars.
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+class FunctionCall(_Tolerant):
+    """A call an earlier assistant turn made: `arguments` is the JSON text of its arguments."""
+
+    name: str
+    arguments: str
+
+
+class MessageToolCall(_Tolerant):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Tolerant):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call this is the result of
 
     def text(self) -> str:
         """The content as one string; a list of text parts is joined without separators."""
@@ -80,6 +100,30 @@ class ResponseFormat(_Tolerant):
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("`json_schema` is required when type is `json_schema`")
         return self
+
+
+class FunctionDefinition(_Tolerant):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDefinition(_Tolerant):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Tolerant):
+    name: str
+
+
+class NamedToolChoice(_Tolerant):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
@@ -125,6 +169,9 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def wanted_top_logprobs(self) -> int | None:
         """None when no logprobs are wanted, else the number of alternatives."""
@@ -169,4 +216,5 @@ def _field_names(*models: type[BaseModel]) -> frozenset[str]:
 # What may appear in an error's `param`; pydantic also puts union member tags ("str",
 # "list[str]", ...) in error locations, which mean nothing to a client.
 FIELD_NAMES = _field_names(ChatCompletionRequest, CompletionRequest, ChatMessage, TextPart, StreamOptions,
-                           ResponseFormat, JSONSchemaFormat)
+                           ResponseFormat, JSONSchemaFormat, MessageToolCall, FunctionCall, ToolDefinition,
+                           FunctionDefinition, NamedToolChoice, NamedFunction)

@@ -33,6 +33,7 @@ class ServerState:
         self.load_error: str | None = None
         self.created = now()
         self.structured: Any = None  # server.structured.StructuredOutputs, built on first use
+        self.tool_call_parser: str | None = None  # --tool-call-parser; None: the chat template decides
         self._startup_hooks: list[StartupHook] = []
         self._ready_hooks: list[ReadyHook] = []
         self._shutdown_hooks: list[StartupHook] = []

@@ -21,6 +21,8 @@ from server import protocol
 from server.errors import APIError
 from server.generation import MergedGeneration
 from server.protocol import ChoiceState, ResponseMeta
+from server.tool_parsers import StreamingToolParser
+from server.tools import finish_reason
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,10 @@ def sse_response(events: AsyncIterator[dict[str, str]]) -> EventSourceResponse:
     return EventSourceResponse(events)
 
 
-async def chat_events(gen: MergedGeneration, meta: ResponseMeta) -> AsyncIterator[dict[str, str]]:
+async def chat_events(
+    gen: MergedGeneration, meta: ResponseMeta, tool_parsers: list[StreamingToolParser] | None = None,
+) -> AsyncIterator[dict[str, str]]:
+    """tool_parsers: per choice, when the request offered tools: calls leave `content` for `tool_calls`."""
     def chunk(choices: list[dict[str, Any]]) -> dict[str, str]:
         return _event(protocol.chat_chunk(meta.completion_id, meta.created, meta.model, choices,
                                           meta.include_usage))
@@ -66,14 +71,24 @@ async def chat_events(gen: MergedGeneration, meta: ResponseMeta) -> AsyncIterato
                 raise failed_delta_error(delta)
             state = states[index]
             state.token_ids.extend(delta.token_ids)
-            if delta.text or (want_logprobs and delta.logprobs):
+            text, calls = delta.text, []
+            if tool_parsers is not None:
+                text, calls = tool_parsers[index].feed(delta.text)
+                if delta.finished:
+                    rest, more = tool_parsers[index].finish()
+                    text, calls = text + rest, calls + more
+            if text or (want_logprobs and delta.logprobs):
                 logprobs = None
                 if want_logprobs:
                     hide = protocol.hides_last_token(delta.token_ids, delta.finish_reason, meta.terminal_ids[index])
                     logprobs = protocol.chat_logprobs(delta.logprobs, meta.decoder, hide)
-                yield chunk([protocol.chat_chunk_choice(index, {"content": delta.text}, logprobs)])
+                yield chunk([protocol.chat_chunk_choice(index, {"content": text}, logprobs)])
+            if calls:
+                yield chunk([protocol.chat_chunk_choice(index, {"tool_calls": [c.to_dict() for c in calls]})])
             if delta.finished:
-                yield chunk([protocol.chat_chunk_choice(index, {}, None, delta.finish_reason)])
+                made_calls = tool_parsers is not None and tool_parsers[index].saw_calls
+                yield chunk([protocol.chat_chunk_choice(index, {}, None, finish_reason(delta.finish_reason,
+                                                                                        made_calls))])
         if meta.include_usage:
             usage = protocol.usage(meta.prompt_tokens, sum(len(s.token_ids) for s in states))
             yield _event(protocol.chat_chunk(meta.completion_id, meta.created, meta.model, [], True, usage))

@@ -79,6 +79,10 @@ class StructuredOutputs:
                 self._ll_tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, eos_token=eos)
             return self._ll_tokenizer
 
+    def llguidance_tokenizer(self) -> Any:
+        """The tokenizer in llguidance's form, for grammars compiled elsewhere (tool calls)."""
+        return self._tokenizer()
+
     @staticmethod
     def schema_of(response_format: ResponseFormat | None) -> dict[str, Any] | None:
         """The JSON schema a response format asks for; None for plain text."""
