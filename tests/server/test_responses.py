@@ -5,15 +5,17 @@ not supported is a 400 naming it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema
 import openai
 import pytest
 from openai.types.responses import Response
+from pydantic import BaseModel
 
 from server.app import create_app
 from server.middleware import Limits
@@ -34,8 +36,9 @@ def start_responses_server(server_model_dir: Path, server_adapters: dict[str, Pa
 
     started: list[LiveServer] = []
 
-    def start(db: Path, limits: Limits | None = None) -> LiveServer:
-        engine = AsyncEngine(engine_config(server_model_dir), adapters=server_adapters, served_model_name=MODEL_NAME)
+    def start(db: Path, limits: Limits | None = None, model_dir: Path | None = None, **config: Any) -> LiveServer:
+        engine = AsyncEngine(engine_config(model_dir or server_model_dir, **config),
+                             adapters={} if model_dir else server_adapters, served_model_name=MODEL_NAME)
         state = ServerState(engine)
         store = Store(db)
 
@@ -71,9 +74,9 @@ def _create(client: openai.OpenAI, **kwargs: Any) -> Response:
 
 
 def _chat_text(client: openai.OpenAI, messages: list[dict[str, Any]], model: str = MODEL_NAME,
-               max_tokens: int = 8) -> tuple[str, Any]:
+               max_tokens: int = 8, **kwargs: Any) -> tuple[str, Any]:
     choice_response = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                     temperature=0)
+                                                     temperature=0, **kwargs)
     return choice_response.choices[0].message.content or "", choice_response
 
 
@@ -337,3 +340,106 @@ def test_an_error_after_the_start_fails_the_response() -> None:
     assert failed.status == "failed" and failed.error.code == "server_error"
     assert failed.output[0].content[0].text == "Hi" and failed.output[0].status == "incomplete"
     assert events[-2]["message"] == "The engine failed."
+
+
+# ---- function tools ------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                          "required": ["city"], "additionalProperties": False},
+           "strict": True}
+CHAT_WEATHER = {"type": "function", "function": {key: WEATHER[key] for key in ("name", "description", "parameters",
+                                                                                "strict")}}
+QUESTION = "What is the weather in Paris?"
+
+
+@pytest.fixture(scope="module")
+def tool_client(start_responses_server: Callable[..., LiveServer], tiny_model_factory: Callable[..., Path],
+                tmp_path_factory: pytest.TempPathFactory) -> openai.OpenAI:
+    """A context long enough for the tools' system prompt (the tiny tokenizer is wordy)."""
+    model_dir = tiny_model_factory("llama", max_position_embeddings=2048)
+    db = tmp_path_factory.mktemp("tool-responses") / "state.sqlite3"
+    return start_responses_server(db, model_dir=model_dir, max_model_len=2048).client()
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "name": "get_weather"}])
+def test_function_call_round_trip(tool_client: openai.OpenAI, tool_choice: Any) -> None:
+    client = tool_client
+    first = _create(client, input=QUESTION, tools=[WEATHER], tool_choice=tool_choice, max_output_tokens=400)
+    assert first.status == "completed", first
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.id.startswith("fc_") and call.call_id and call.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+    chat_choice = {"type": "function", "function": {"name": "get_weather"}} if isinstance(tool_choice, dict) \
+        else tool_choice
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": QUESTION}],
+                                          tools=[CHAT_WEATHER], tool_choice=chat_choice, max_tokens=400, temperature=0)
+    assert chat.choices[0].message.tool_calls[0].function.arguments == call.arguments
+
+    result = json.dumps({"city": "Paris", "sky": "clear"})
+    second = _create(client, previous_response_id=first.id, tools=[WEATHER], max_output_tokens=8,
+                     input=[{"type": "function_call_output", "call_id": call.call_id, "output": result}])
+    text, reference = _chat_text(client, [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "name": call.name, "content": result}], tools=[CHAT_WEATHER])
+    assert second.output_text == text
+    assert second.usage.input_tokens == reference.usage.prompt_tokens > first.usage.input_tokens
+    items = client.responses.input_items.list(second.id)
+    assert [(item.type, item.call_id) for item in items.data] == [("function_call_output", call.call_id)]
+
+
+def test_streamed_function_call_events(tool_client: openai.OpenAI) -> None:
+    client = tool_client
+    full = _create(client, input=QUESTION, tools=[WEATHER], tool_choice="required", max_output_tokens=400)
+    with client.responses.stream(model=MODEL_NAME, input=QUESTION, tools=[WEATHER], tool_choice="required",
+                                 max_output_tokens=400, temperature=0) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    types = [event.type for event in events]
+    deltas = [event for event in events if event.type == "response.function_call_arguments.delta"]
+    assert types == ["response.created", "response.in_progress", "response.output_item.added",
+                     *["response.function_call_arguments.delta"] * len(deltas),
+                     "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    assert events[2].item.type == "function_call" and events[2].item.name == "get_weather"
+    [call] = full.output
+    assert "".join(event.delta for event in deltas) == call.arguments == final.output[0].arguments
+    assert final.output[0].call_id == events[2].item.call_id
+
+
+def test_an_openai_agents_sdk_agent_runs_a_tool_end_to_end(tool_client: openai.OpenAI) -> None:
+    """The Agents SDK's default model speaks the Responses API. One agent makes a forced call and its tool runs;
+    a second one takes that run's items (the call and its output) and answers in its output type (a json_schema
+    format: the grammar ends it, where a random tiny model's free text would run into max_output_tokens)."""
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)
+    cities: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: Literal["Paris", "Rome"]) -> str:  # an enum: a random model's string could run on
+        """The weather in a city."""
+        cities.append(city)
+        return f"Clear skies in {city}."
+
+    class Forecast(BaseModel):
+        sunny: bool
+
+    async_client = openai.AsyncOpenAI(base_url=str(tool_client.base_url), api_key="x", max_retries=0)
+    model = agents.OpenAIResponsesModel(model=MODEL_NAME, openai_client=async_client)
+    caller = agents.Agent(name="caller", instructions="Look the weather up.", tools=[get_weather], model=model,
+                          tool_use_behavior="stop_on_first_tool",
+                          model_settings=agents.ModelSettings(tool_choice="required", max_tokens=400, temperature=0))
+    answerer = agents.Agent(name="answerer", instructions="Say whether it is sunny.", model=model,
+                            output_type=Forecast, model_settings=agents.ModelSettings(max_tokens=60, temperature=0))
+
+    async def run() -> tuple[Any, Any]:
+        called = await agents.Runner.run(caller, QUESTION, max_turns=2)
+        follow_up = called.to_input_list() + [{"role": "user", "content": "So, is it sunny?"}]
+        return called, await agents.Runner.run(answerer, follow_up, max_turns=1)
+
+    called, answered = asyncio.run(run())
+    assert len(cities) == 1 and called.final_output == f"Clear skies in {cities[0]}."
+    assert [item.type for item in called.new_items] == ["tool_call_item", "tool_call_output_item"]
+    assert called.raw_responses[0].response_id.startswith("resp_")
+    assert isinstance(answered.final_output, Forecast)
