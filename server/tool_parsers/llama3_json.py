@@ -83,7 +83,7 @@ class Llama3JSONParser(ToolParser):
 
     def grammar(self, call_schemas: list[dict[str, Any]], parallel: bool) -> str:
         alternatives = " | ".join(f"call_{i}" for i in range(len(call_schemas)))
-        start = f'call ("; " call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "call"
+        start = f'call (";" " "? call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "call"
         rules = ["%llguidance {}", f"start: {start}", f"call: {alternatives}"]
         rules += [f"call_{i}: {lark_json(schema)}" for i, schema in enumerate(call_schemas)]
         return "\n".join(rules) + "\n"

@@ -108,7 +108,7 @@ class MistralParser(ToolParser):
 
     def grammar(self, call_schemas: list[dict[str, Any]], parallel: bool) -> str:
         alternatives = " | ".join(f"call_{i}" for i in range(len(call_schemas)))
-        calls = f'call (", " call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "call"
+        calls = f'call ("," " "? call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "call"
         rules = ["%llguidance {}", f'start: "[" {calls} "]"', f"call: {alternatives}"]
         rules += [f"call_{i}: {lark_json(schema)}" for i, schema in enumerate(call_schemas)]
         return "\n".join(rules) + "\n"
