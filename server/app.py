@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -18,6 +19,7 @@ from server.errors import EXCEPTION_HANDLERS
 from server.hooks import EngineHooks
 from server.metrics import Metrics, RouteNames, metrics_route
 from server.middleware import (
+    REQUEST_ID_HEADER,
     BodySizeLimit,
     ConcurrencyLimit,
     Limits,
@@ -26,6 +28,7 @@ from server.middleware import (
 )
 from server.openapi import build_openapi
 from server.state import ServerState
+from server.tokenize_routes import tokenize_routes
 
 
 async def health(request: Request) -> Response:
@@ -46,7 +49,7 @@ async def ready(request: Request) -> Response:
 def create_app(
     state: ServerState, *, api_key: str | None = None, extra_routes: list[BaseRoute] | None = None,
     admin_key: str | None = None, protect_metrics: bool = False, limits: Limits | None = None,
-    metrics: Metrics | None = None,
+    metrics: Metrics | None = None, allowed_origins: list[str] | None = None,
 ) -> Starlette:
     """The app serving `state`'s engine.
 
@@ -56,6 +59,7 @@ def create_app(
     protect_metrics: /metrics needs a key too (it is open by default, like /health and /ready).
     limits:          request limits (server/middleware.py); default: only the body size.
     metrics:         what /metrics serves (default: a fresh registry for this app).
+    allowed_origins: browser origins allowed by CORS (["*"]: any); default none, no CORS headers at all.
     """
     limits = limits or Limits()
     metrics = metrics or Metrics()
@@ -86,12 +90,16 @@ def create_app(
         Route("/openapi.json", openapi, methods=["GET"]),
         metrics_route(state, metrics),
         *routes_openai.routes,
+        *tokenize_routes(),
         *(extra_routes or []),
     ]
     metrics.route_name = RouteNames(routes)
     document = build_openapi(routes=routes)  # describes what this app mounts, no more
     # Outermost first: every request gets its id; refusals cost the least work they can.
     middleware = [Middleware(RequestContextMiddleware, track=metrics.track_http)]
+    if allowed_origins:  # before auth: a browser's preflight carries no key
+        middleware.append(Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"],
+                                     allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER]))
     if api_key or admin_key:
         middleware.append(Middleware(BearerAuth, api_key=api_key, admin_key=admin_key,
                                      protect_metrics=protect_metrics))

@@ -2,7 +2,7 @@
 
 Route classes:
 - admin (adapters, files, fine-tuning jobs, `/v1/flow`): the admin key; without one, the API key;
-- inference (every other /v1 route): the API key or the admin key;
+- inference (every other /v1 route, and vLLM's /tokenize and /detokenize): the API key or the admin key;
 - /metrics: open, or, with `protect_metrics`, like an inference route;
 - liveness, readiness and the OpenAPI document: always open.
 Keys are compared in constant time. A refusal is a 401 in the OpenAI error envelope.
@@ -22,6 +22,8 @@ PROTECTED_PREFIX = "/v1/"
 # fine-tunes and deployments.
 ADMIN_PREFIXES = ("/v1/adapters", "/v1/files", "/v1/fine_tuning", "/v1/flow")
 METRICS_PATH = "/metrics"
+# Inference routes outside /v1 (vLLM's spelling): they run the model's tokenizer on client text.
+INFERENCE_PATHS = frozenset({"/tokenize", "/detokenize"})
 
 
 def is_admin_path(path: str) -> bool:
@@ -60,7 +62,7 @@ class BearerAuth:
         keys: tuple[bytes | None, ...] = ()
         if is_admin_path(path):
             keys = (self._admin or self._api,)
-        elif path.startswith(PROTECTED_PREFIX):
+        elif path.startswith(PROTECTED_PREFIX) or path in INFERENCE_PATHS:
             keys = (self._api, self._admin) if self._api else ()  # an admin key alone leaves inference open
         elif path == METRICS_PATH and self._protect_metrics:
             keys = (self._api, self._admin)

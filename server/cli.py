@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -76,6 +77,14 @@ _SERVE_OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
                                       "Default: picked from the chat template (hermes when it says nothing)."),
     ("--metrics-max-adapters", int, 64, "Adapters that get their own label value in /metrics; later ones "
                                         "share `other`."),
+    ("--chat-template", str, None, "A Jinja chat template (a file, or the template itself) used instead of the "
+                                   "tokenizer's, for every model served (default: the tokenizer's; ChatML "
+                                   "without one)."),
+    ("--max-logprobs", int, 20, "Most alternatives per token a request may ask for: `top_logprobs` on chat, "
+                                "`logprobs` on /v1/completions (which OpenAI caps at 5); 0 to 20."),
+    ("--allowed-origins", str, None, "Browser origins allowed to call the server (CORS): a comma-separated list "
+                                     "such as https://app.example.com, or * for any. Default: none (no CORS "
+                                     "headers; browsers refuse cross-origin calls)."),
 ]
 
 
@@ -90,6 +99,45 @@ def _parse_adapter(value: str) -> tuple[str, Path | str]:
     if path.strip().startswith("hf://"):  # a hub id, not a path
         return name.strip(), path.strip()
     return name.strip(), Path(path.strip()).expanduser()
+
+
+def _parse_lora_module(value: str) -> tuple[str, Path | str]:
+    """vLLM's `--lora-modules` item: NAME=PATH, or `{"name": ..., "path": ..., "base_model_name": ...}`."""
+    if not value.lstrip().startswith("{"):
+        return _parse_adapter(value)
+    try:
+        item = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {value!r}") from None
+    name, path = (item.get("name"), item.get("path")) if isinstance(item, dict) else (None, None)
+    if not isinstance(name, str) or not isinstance(path, str):
+        raise argparse.ArgumentTypeError(f'expected {{"name": NAME, "path": PATH}}, got {value!r}')
+    # base_model_name is accepted and not needed: every adapter is served on --model.
+    return _parse_adapter(f"{name}={path}")
+
+
+def read_chat_template(value: str) -> str:
+    """`--chat-template`: a file's text, or the template itself; ValueError when it is neither or bad Jinja."""
+    import jinja2
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        template = path.read_text(encoding="utf-8")
+    elif "{{" in value or "{%" in value:
+        template = value
+    else:
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"--chat-template {value!r} is not a valid Jinja template: {exc}") from None
+    return template
+
+
+def parse_allowed_origins(value: str | None) -> list[str]:
+    """`--allowed-origins`: a comma-separated list, `*` for any; empty: CORS off."""
+    origins = [origin.strip() for origin in (value or "").split(",") if origin.strip()]
+    return ["*"] if "*" in origins else origins
 
 
 def _env_default(flag: str, kind: Callable[[str], Any], default: Any, parser: argparse.ArgumentParser) -> Any:
@@ -142,6 +190,14 @@ def add_serve_parser(subparsers: Any) -> None:
         help="A LoRA adapter (PEFT directory, or hf://org/repo[@revision]) served under NAME; repeat for more. "
              "[env QUIVER_ADAPTERS, comma-separated; flags replace it]",
     )
+    parser.add_argument(
+        "--lora-modules", dest="adapters", metavar="NAME=PATH", nargs="+", type=_parse_lora_module, action="extend",
+        help="vLLM's spelling of --adapter: NAME=PATH items, or JSON items "
+             '\'{"name": "x", "path": "/p", "base_model_name": "..."}\' (base_model_name is accepted and not '
+             "needed). Adds to --adapter.",
+    )
+    parser.add_argument("--enable-lora", action="store_true",
+                        help="Accepted for vLLM command lines and does nothing: LoRA adapters are always enabled.")
     parser.set_defaults(func=run_serve, adapter_defaults=adapter_defaults)
 
 
@@ -156,7 +212,10 @@ def _add_train_parser(subparsers: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.version import VERSION
+
     parser = argparse.ArgumentParser(prog="quiver", description="Quiver: one base model, many LoRA adapters.")
+    parser.add_argument("--version", action="version", version=f"quiver {VERSION}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_serve_parser(subparsers)
     _add_train_parser(subparsers)
@@ -193,20 +252,25 @@ def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
     adapters = dict(args.adapters if args.adapters is not None else args.adapter_defaults)
     adapter_settings = adapter_config(args)  # fail before listening on a bad option
     config = engine_config(args, args.model or "demo")  # fail before listening on a bad option
+    chat_template = read_chat_template(args.chat_template) if args.chat_template else None
 
     def build() -> Any:
         from engine.async_engine import AsyncEngine
 
         if args.model is not None:
-            return AsyncEngine(config, adapters=adapters, served_model_name=args.served_model_name,
-                               adapter_config=adapter_settings)
-        from engine.demo import DEMO_MODEL_NAME, ensure_demo_bundle
+            engine = AsyncEngine(config, adapters=adapters, served_model_name=args.served_model_name,
+                                 adapter_config=adapter_settings)
+        else:
+            from engine.demo import DEMO_MODEL_NAME, ensure_demo_bundle
 
-        bundle = ensure_demo_bundle()
-        demo_adapters = {**bundle.adapters, **adapters}
-        return AsyncEngine(engine_config(args, str(bundle.model_dir)), adapters=demo_adapters,
-                           served_model_name=args.served_model_name or DEMO_MODEL_NAME,
-                           adapter_config=adapter_settings)
+            bundle = ensure_demo_bundle()
+            demo_adapters = {**bundle.adapters, **adapters}
+            engine = AsyncEngine(engine_config(args, str(bundle.model_dir)), adapters=demo_adapters,
+                                 served_model_name=args.served_model_name or DEMO_MODEL_NAME,
+                                 adapter_config=adapter_settings)
+        if chat_template is not None:
+            engine.tokenizer.chat_template = chat_template  # what every prompt is rendered with
+        return engine
 
     return build
 
@@ -233,6 +297,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.metrics import Metrics
     from server.middleware import Limits
     from server.routes_adapters import adapter_routes
+    from server.schemas import MAX_TOP_LOGPROBS
     from server.shutdown import serve
     from server.state import ServerState
 
@@ -244,6 +309,8 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics = Metrics(max_adapter_labels=args.metrics_max_adapters)
         if args.shutdown_timeout < 0:
             raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+        if not 0 <= args.max_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"--max-logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {args.max_logprobs}")
         if args.tool_call_parser is not None:
             from server.tool_parsers import parser_named
 
@@ -252,6 +319,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"quiver serve: {exc}", file=sys.stderr)
         return 2
     state = ServerState(engine_factory=factory)
+    state.max_logprobs = args.max_logprobs
     state.tool_call_parser = args.tool_call_parser
     try:
         extra_routes = _stateful_routes(args, state, adapter_routes(state), metrics)
@@ -259,7 +327,8 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"quiver serve: {exc}", file=sys.stderr)
         return 2
     app = create_app(state, api_key=args.api_key, admin_key=args.admin_key, protect_metrics=args.protect_metrics,
-                     limits=limits, metrics=metrics, extra_routes=extra_routes)
+                     limits=limits, metrics=metrics, extra_routes=extra_routes,
+                     allowed_origins=parse_allowed_origins(args.allowed_origins))
 
     def fatal() -> str | None:  # a model that cannot load never will: exit for the orchestrator to see
         return None if state.load_error is None else f"the model could not be loaded: {state.load_error}"

@@ -19,10 +19,12 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
 
 def check_completion_request(req: CompletionRequest) -> None:
     _check_stream_options(req)
-    if req.best_of is not None and req.best_of != req.n:
-        raise bad_request("`best_of` different from `n` is not supported.", param="best_of")
+    if req.best_of is not None and (req.best_of != req.n or req.best_of > 1):
+        raise bad_request("`best_of` is not supported: the server does not rank candidates; use `n` for several "
+                          "completions.", param="best_of", code="unsupported_parameter")
     if req.suffix:
-        raise bad_request("`suffix` is not supported.", param="suffix")
+        raise bad_request("`suffix` (text after the completion) is not supported.", param="suffix",
+                          code="unsupported_parameter")
     if req.echo and req.logprobs is not None:
         # Prompt logprobs would need a scoring pass the engine does not offer.
         raise bad_request("`echo` together with `logprobs` is not supported.", param="echo")

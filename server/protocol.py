@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engine.outputs import TokenLogprob
+from server.version import system_fingerprint
 
 LOGPROB_FLOOR = -9999.0
 
@@ -94,6 +95,7 @@ def chat_completion(
         "object": "chat.completion",
         "created": created,
         "model": model,
+        "system_fingerprint": system_fingerprint(model),
         "choices": [
             {
                 "index": choice.index,
@@ -119,6 +121,7 @@ def chat_chunk(
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
+        "system_fingerprint": system_fingerprint(model),
         "choices": choices,
     }
     if include_usage:
@@ -171,6 +174,7 @@ def completion_body(
         "object": "text_completion",
         "created": created,
         "model": model,
+        "system_fingerprint": system_fingerprint(model),
         "choices": choices,
     }
     if include_usage_key:

@@ -35,6 +35,7 @@ from server.state import ServerState
 from server.streaming import chat_events, completion_events, failed_delta_error, sse_response
 from server.structured import StructuredOutputs
 from server.tools import ToolPlan, apply_to_completion, forced_call_processors, parser_for, plan_tools
+from server.unsupported import check_logprobs_cap, refuse_unsupported_chat, refuse_unsupported_completion
 
 T = TypeVar("T")
 
@@ -120,8 +121,10 @@ class _ChatPlan:
 
 
 def _plan_chat(state: ServerState, body: dict[str, Any]) -> _ChatPlan:
+    refuse_unsupported_chat(body)
     req = ChatCompletionRequest.model_validate(body)
     check_chat_request(req)
+    check_logprobs_cap(req.top_logprobs, state.max_logprobs, "top_logprobs")
     engine = state.require_engine()
     adapter = state.resolve_model(req.model)
     check_choices(engine, 1, req.n)
@@ -207,8 +210,10 @@ class _CompletionPlan:
 def _plan_completion(state: ServerState, body: dict[str, Any]) -> _CompletionPlan:
     if state.ready and state.engine is not None:
         check_raw_prompt(body.get("prompt"), state.engine.max_model_len)
+    refuse_unsupported_completion(body)
     req = CompletionRequest.model_validate(body)
     check_completion_request(req)
+    check_logprobs_cap(req.logprobs, state.max_logprobs, "logprobs")
     engine = state.require_engine()
     adapter = state.resolve_model(req.model)
     check_choices(engine, prompt_count(req.prompt), req.n, queued=req.max_tokens != 0)

@@ -14,6 +14,7 @@ from typing import Any
 
 from server.errors import APIError, model_not_found, not_ready
 from server.protocol import now
+from server.schemas import MAX_TOP_LOGPROBS
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class ServerState:
         self.load_error: str | None = None
         self.created = now()
         self.structured: Any = None  # server.structured.StructuredOutputs, built on first use
+        self.max_logprobs = MAX_TOP_LOGPROBS  # --max-logprobs: most alternatives per token a request gets
         self.tool_call_parser: str | None = None  # --tool-call-parser; None: the chat template decides
         self._startup_hooks: list[StartupHook] = []
         self._ready_hooks: list[ReadyHook] = []
