@@ -15,6 +15,7 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
     _check_stream_options(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("`top_logprobs` requires `logprobs` to be true.", param="top_logprobs")
+    _check_prompt_logprobs_unstreamed(req)
 
 
 def check_completion_request(req: CompletionRequest) -> None:
@@ -25,9 +26,14 @@ def check_completion_request(req: CompletionRequest) -> None:
     if req.suffix:
         raise bad_request("`suffix` (text after the completion) is not supported.", param="suffix",
                           code="unsupported_parameter")
-    if req.echo and req.logprobs is not None:
-        # Prompt logprobs would need a scoring pass the engine does not offer.
-        raise bad_request("`echo` together with `logprobs` is not supported.", param="echo")
+    _check_prompt_logprobs_unstreamed(req)
+
+
+def _check_prompt_logprobs_unstreamed(req: ChatCompletionRequest | CompletionRequest) -> None:
+    # As vLLM: its shape has no place in a chunk (`echo` with `logprobs` streams the legacy shape).
+    if req.prompt_logprobs is not None and req.stream:
+        raise bad_request("`prompt_logprobs` is not supported with `stream`; use `echo` with `logprobs` on "
+                          "/v1/completions to stream the prompt's logprobs.", param="prompt_logprobs")
 
 
 def _check_stream_options(req: _SamplingFields) -> None:
@@ -56,9 +62,11 @@ def parse_logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int,
 
 
 def resolve_max_tokens(wanted: int | None, prompt_len: int, max_model_len: int, prompt_param: str) -> int:
-    """The requested budget, or the rest of the context; 400 when it cannot fit."""
+    """The requested budget, or the rest of the context; 400 when it cannot fit.
+
+    0 (scoring the prompt, nothing generated) only needs the prompt to fit."""
     room = max_model_len - prompt_len
-    if room < 1:
+    if room < 1 and not (wanted == 0 and room == 0):
         raise bad_request(
             f"The prompt is {prompt_len} tokens long; this model's context is {max_model_len} tokens "
             "and leaves no room to generate.",
@@ -82,6 +90,7 @@ def build_sampling_params(
     top_logprobs: int | None,
     vocab_size: int,
     choice_index: int,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """One choice's parameters; choice i of a seeded request uses seed + i."""
     stop_token_ids = list(req.stop_token_ids or [])
@@ -108,6 +117,7 @@ def build_sampling_params(
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
             top_logprobs=top_logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
     except APIError:
         raise

@@ -55,6 +55,7 @@ class ChoiceState:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked: one per prompt token, the first None
 
 
 # ---- chat ------------------------------------------------------------------------------
@@ -90,7 +91,8 @@ def chat_completion(
     completion_id: str, created: int, model: str, choices: list[ChoiceState],
     decoder: TokenDecoder, want_logprobs: bool, prompt_tokens: int, terminal_ids: list[set[int]],
 ) -> dict[str, Any]:
-    return {
+    """The body; with vLLM's `prompt_logprobs` asked for (the first choice scored the prompt), those too."""
+    body: dict[str, Any] = {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
@@ -110,6 +112,9 @@ def chat_completion(
         ],
         "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in choices)),
     }
+    if choices and choices[0].prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs(choices[0].prompt_logprobs, decoder)
+    return body
 
 
 def chat_chunk(
@@ -159,6 +164,47 @@ def completion_logprobs(
             "text_offset": offsets}
 
 
+def echo_logprobs(
+    prompt_ids: list[int], entries: list[TokenLogprob | None], decoder: TokenDecoder
+) -> dict[str, Any]:
+    """The prompt's part of the legacy shape (`echo` with `logprobs`): the first token has nothing
+    before it, so its logprob and top_logprobs are null; `text_offset` counts from 0."""
+    tokens = [decoder.token_str(token_id) for token_id in prompt_ids]
+    offsets, offset = [], 0
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None if e is None else clamp_logprob(e.logprob) for e in entries],
+        "top_logprobs": [None if e is None else {decoder.token_str(t): clamp_logprob(lp) for t, lp in e.top}
+                         for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def joined_logprobs(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """Two pieces of the legacy shape, one after the other (the prompt's, then the completion's)."""
+    return {key: first[key] + then[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def prompt_logprobs(entries: list[TokenLogprob | None], decoder: TokenDecoder) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (the first null) the token itself and its top
+    alternatives, keyed by token id, each `{logprob, rank, decoded_token}`."""
+    out: list[dict[str, Any] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        position = {str(entry.token_id): {"logprob": clamp_logprob(entry.logprob), "rank": entry.rank,
+                                          "decoded_token": decoder.token_str(entry.token_id)}}
+        for rank, (token_id, logprob) in enumerate(entry.top, start=1):
+            position.setdefault(str(token_id), {"logprob": clamp_logprob(logprob), "rank": rank,
+                                                "decoded_token": decoder.token_str(token_id)})
+        out.append(position)
+    return out
+
+
 def completion_choice(
     index: int, text: str, logprobs: dict[str, Any] | None, finish_reason: str | None
 ) -> dict[str, Any]:
@@ -204,3 +250,5 @@ class ResponseMeta:
     include_usage: bool = False
     echo_texts: list[str] = field(default_factory=list)  # legacy completions: per choice
     terminal_ids: list[set[int]] = field(default_factory=list)  # per choice: ids that end it unseen
+    # legacy completions with `echo` and `logprobs`: per choice, the prompt whose logprobs lead its logprobs
+    echo_prompt_ids: list[list[int]] = field(default_factory=list)

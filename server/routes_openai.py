@@ -75,6 +75,8 @@ async def _collect(gen: MergedGeneration, num_choices: int) -> list[ChoiceState]
         state.text += delta.text
         state.token_ids.extend(delta.token_ids)
         state.logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            state.prompt_logprobs = delta.prompt_logprobs
         if delta.finished:
             state.finish_reason = delta.finish_reason
     return states
@@ -125,6 +127,7 @@ def _plan_chat(state: ServerState, body: dict[str, Any]) -> _ChatPlan:
     req = ChatCompletionRequest.model_validate(body)
     check_chat_request(req)
     check_logprobs_cap(req.top_logprobs, state.max_logprobs, "top_logprobs")
+    check_logprobs_cap(req.prompt_logprobs, state.max_logprobs, "prompt_logprobs")
     engine = state.require_engine()
     adapter = state.resolve_model(req.model)
     check_choices(engine, 1, req.n)
@@ -133,8 +136,9 @@ def _plan_chat(state: ServerState, body: dict[str, Any]) -> _ChatPlan:
     max_tokens = resolve_max_tokens(req.wanted_max_tokens(), len(prompt_ids), engine.max_model_len, "messages")
     top_logprobs = req.wanted_top_logprobs()
     vocab_size = len(engine.tokenizer)
-    params = [build_sampling_params(req, max_tokens=max_tokens, top_logprobs=top_logprobs,
-                                    vocab_size=vocab_size, choice_index=i) for i in range(req.n)]
+    params = [build_sampling_params(req, max_tokens=max_tokens, top_logprobs=top_logprobs, vocab_size=vocab_size,
+                                    choice_index=i, prompt_logprobs=req.prompt_logprobs if i == 0 else None)
+              for i in range(req.n)]  # the choices share the prompt: the first scores it
     return _ChatPlan(req, adapter, req.model or engine.model_name, prompt_ids, top_logprobs, params, tools)
 
 
@@ -214,17 +218,20 @@ def _plan_completion(state: ServerState, body: dict[str, Any]) -> _CompletionPla
     req = CompletionRequest.model_validate(body)
     check_completion_request(req)
     check_logprobs_cap(req.logprobs, state.max_logprobs, "logprobs")
+    check_logprobs_cap(req.prompt_logprobs, state.max_logprobs, "prompt_logprobs")
     engine = state.require_engine()
     adapter = state.resolve_model(req.model)
-    check_choices(engine, prompt_count(req.prompt), req.n, queued=req.max_tokens != 0)
+    scored = req.wanted_prompt_logprobs()  # max_tokens 0 with it: score the prompt, generate nothing
+    check_choices(engine, prompt_count(req.prompt), req.n, queued=req.max_tokens != 0 or scored is not None)
     prompts = _prompts(engine, req.prompt)
     choices = []
-    if req.max_tokens != 0:  # 0: only meaningful with echo, the answer is the prompt itself
+    if req.max_tokens != 0 or scored is not None:  # else only meaningful with echo: the answer is the prompt
         vocab_size = len(engine.tokenizer)
         for ids, _ in prompts:
             max_tokens = resolve_max_tokens(req.max_tokens, len(ids), engine.max_model_len, "prompt")
             choices += [(ids, build_sampling_params(req, max_tokens=max_tokens, top_logprobs=req.logprobs,
-                                                    vocab_size=vocab_size, choice_index=i)) for i in range(req.n)]
+                                                    vocab_size=vocab_size, choice_index=i, prompt_logprobs=scored))
+                        for i in range(req.n)]
     return _CompletionPlan(req, adapter, req.model or engine.model_name, prompts, choices)
 
 
@@ -240,8 +247,8 @@ async def completions(request: Request) -> Response:
     echo_texts = [text if req.echo else "" for _, text in prompts for _ in range(req.n)]
     num_choices = len(prompts) * req.n
 
-    if req.max_tokens == 0:
-        # Only meaningful with echo: the answer is the prompt itself.
+    if not plan.choices:
+        # max_tokens 0 and no prompt logprobs: only meaningful with echo, the answer is the prompt itself.
         choices = [protocol.completion_choice(i, echo_texts[i], None, "length") for i in range(num_choices)]
         return JSONResponse(protocol.completion_body(completion_id, created, model, choices,
                                                      protocol.usage(prompt_tokens, 0)))
@@ -251,7 +258,9 @@ async def completions(request: Request) -> Response:
     gen = MergedGeneration(engine, choice_requests, max_unread=MAX_UNREAD_ENTRIES if req.stream else None)
     meta = ResponseMeta(completion_id, created, model, engine, num_choices, prompt_tokens,
                         top_logprobs=top_logprobs, include_usage=req.include_usage(), echo_texts=echo_texts,
-                        terminal_ids=[_terminal_ids(engine, c.params) for c in choice_requests])
+                        terminal_ids=[_terminal_ids(engine, c.params) for c in choice_requests],
+                        echo_prompt_ids=[c.prompt_token_ids for c in choice_requests]
+                        if req.echo and top_logprobs is not None else [])
     try:
         await _start(request, gen, model, req.stream)
     except ClientDisconnected:
@@ -268,7 +277,13 @@ async def completions(request: Request) -> Response:
         if top_logprobs is not None:
             hide = protocol.hides_last_token(state.token_ids, state.finish_reason, meta.terminal_ids[state.index])
             logprobs = protocol.completion_logprobs(state.logprobs, engine, len(echo), hide)
-        choices.append(protocol.completion_choice(state.index, echo + state.text, logprobs, state.finish_reason))
+            if meta.echo_prompt_ids and state.prompt_logprobs is not None:  # the prompt's tokens come first
+                prompt_part = protocol.echo_logprobs(meta.echo_prompt_ids[state.index], state.prompt_logprobs, engine)
+                logprobs = protocol.joined_logprobs(prompt_part, logprobs)
+        choice = protocol.completion_choice(state.index, echo + state.text, logprobs, state.finish_reason)
+        if req.prompt_logprobs is not None and state.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = protocol.prompt_logprobs(state.prompt_logprobs, engine)
+        choices.append(choice)
     usage = protocol.usage(prompt_tokens, sum(len(s.token_ids) for s in states))
     return JSONResponse(protocol.completion_body(completion_id, created, model, choices, usage))
 

@@ -17,6 +17,7 @@ MAX_STOP_STRINGS = 4
 MAX_CHOICES = 128
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+MAX_PROMPT_LOGPROBS = 20  # vLLM's `prompt_logprobs`: alternatives per prompt token
 MAX_MESSAGES = 2048  # as OpenAI; each is templated and tokenized before the engine sees the request
 # Characters per stop string: the stop check holds back (and rescans) up to this much text per step.
 MAX_STOP_LENGTH = 1024
@@ -167,6 +168,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_PROMPT_LOGPROBS)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = Field(default=None, max_length=MAX_TOOLS)
@@ -191,6 +193,7 @@ class CompletionRequest(_SamplingFields):
     prompt: PromptInput
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_PROMPT_LOGPROBS)
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
     max_tokens: int | None = Field(default=16, ge=0)
@@ -201,6 +204,12 @@ class CompletionRequest(_SamplingFields):
         if isinstance(value, list) and not value:
             raise ValueError("`prompt` must not be an empty list")
         return value
+
+    def wanted_prompt_logprobs(self) -> int | None:
+        """Alternatives per prompt token, or None: vLLM's `prompt_logprobs`, else `logprobs` under `echo`."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
 
 
 def _field_names(*models: type[BaseModel]) -> frozenset[str]:

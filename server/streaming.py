@@ -110,13 +110,16 @@ async def completion_events(gen: MergedGeneration, meta: ResponseMeta) -> AsyncI
     want_logprobs = meta.top_logprobs is not None
     try:
         for index, echo in enumerate(echo_texts):
-            if echo:
+            if echo and not meta.echo_prompt_ids:  # with logprobs, each echo waits for its prompt's logprobs
                 yield chunk([protocol.completion_choice(index, echo, None, None)])
         async for index, delta in gen:
             if delta.finish_reason in ("error", "abort"):
                 raise failed_delta_error(delta)
             state = states[index]
             state.token_ids.extend(delta.token_ids)
+            if meta.echo_prompt_ids and delta.prompt_logprobs is not None:
+                prompt_part = protocol.echo_logprobs(meta.echo_prompt_ids[index], delta.prompt_logprobs, meta.decoder)
+                yield chunk([protocol.completion_choice(index, echo_texts[index], prompt_part, None)])
             if delta.text or (want_logprobs and delta.logprobs):
                 logprobs = None
                 if want_logprobs:
