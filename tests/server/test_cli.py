@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -30,6 +31,7 @@ def test_help_explains_every_option():
     for flag, _, _, _ in cli._SERVE_OPTIONS:
         assert flag in result.stdout and cli.env_name(flag) in result.stdout
     assert "--adapter NAME=PATH" in result.stdout and "QUIVER_ADAPTERS" in result.stdout
+    assert "--lora-modules NAME=PATH" in result.stdout and "always enabled" in result.stdout  # --enable-lora
 
 
 def test_top_level_help_lists_serve(capsys):
@@ -170,3 +172,114 @@ def test_a_device_that_cannot_be_used_exits_non_zero_with_the_reason(server_mode
     assert done.returncode != 0, done.stderr
     reason = done.stderr.strip().splitlines()[-1]
     assert reason.startswith("quiver serve: ") and "nosuchdevice" in reason
+
+
+# ---- vLLM's spellings and the OpenAI surface's options ----------------------------------------------
+
+
+def test_version_flag(capsys):
+    from server.version import VERSION
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"quiver {VERSION}"
+
+
+def test_lora_modules_in_both_forms_add_to_adapter(monkeypatch):
+    monkeypatch.delenv("QUIVER_ADAPTERS", raising=False)
+    args = _parse("--adapter", "a=/x/a", "--lora-modules", "b=/x/b",
+                  '{"name": "c", "path": "/x/c", "base_model_name": "some/base"}', "--enable-lora")
+    assert args.adapters == [("a", Path("/x/a")), ("b", Path("/x/b")), ("c", Path("/x/c"))]
+    assert args.enable_lora
+    assert _parse("--lora-modules", "d=hf://org/d").adapters == [("d", "hf://org/d")]
+
+
+@pytest.mark.parametrize("item", ['{"name": "x"}', '{"name": "x", "path": 3}', "{not json", "no-equals", "[1]"])
+def test_bad_lora_modules_exit_with_usage(item, capsys):
+    with pytest.raises(SystemExit) as info:
+        _parse("--lora-modules", item)
+    assert info.value.code == 2
+    assert "--lora-modules" in capsys.readouterr().err
+
+
+def test_chat_template_from_a_file_or_inline(tmp_path):
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    path = tmp_path / "template.jinja"
+    path.write_text(template)
+    assert cli.read_chat_template(str(path)) == template
+    assert cli.read_chat_template(template) == template
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        cli.read_chat_template(str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="not a valid Jinja template"):
+        cli.read_chat_template("{% for m in messages %}")
+
+
+def test_allowed_origins_parsing():
+    assert cli.parse_allowed_origins(None) == []
+    assert cli.parse_allowed_origins(" https://a.example , https://b.example,") == ["https://a.example",
+                                                                                    "https://b.example"]
+    assert cli.parse_allowed_origins("https://a.example,*") == ["*"]
+
+
+def test_max_logprobs_out_of_range_exits_before_serving(server_model_dir, tmp_path):
+    done = _serve_until_exit(["--model", str(server_model_dir), "--device", "cpu", "--max-logprobs", "21"], tmp_path)
+    assert done.returncode == 2
+    assert "--max-logprobs must be between 0 and 20, got 21" in done.stderr
+
+
+def test_vllm_spellings_launch_a_working_server(server_model_dir, server_adapters, tmp_path):
+    first, second = list(server_adapters)[:2]
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUIVER_")}
+    env.update(QUIVER_MAX_MODEL_LEN="128", PYTHONPATH=str(REPO))
+    module = json.dumps({"name": first, "path": str(server_adapters[first]), "base_model_name": "cli-base"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--model", str(server_model_dir), "--port", str(port),
+         "--served-model-name", "cli-base", "--enable-lora", "--lora-modules", module,
+         f"{second}={server_adapters[second]}", "--chat-template", str(template), "--max-logprobs", "2",
+         "--allowed-origins", "https://app.example", "--device", "cpu", "--log-level", "warning",
+         "--jobs-dir", str(tmp_path / "jobs")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the server never became ready"
+            try:
+                if httpx.get(f"{base_url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["cli-base", first, second]
+        messages = [{"role": "user", "content": "hi"}]
+        tokens = httpx.post(f"{base_url}/tokenize", json={"model": second, "messages": messages}).json()["tokens"]
+        prompt = httpx.post(f"{base_url}/detokenize", json={"tokens": tokens}).json()["prompt"]
+        assert prompt == "<<user>>hi\n<<assistant>>"  # the template given, not the tokenizer's
+        answer = client.chat.completions.create(model=first, messages=messages, max_tokens=2, logprobs=True,
+                                                top_logprobs=2)
+        assert answer.usage.prompt_tokens == len(tokens)
+        with pytest.raises(openai.BadRequestError, match="--max-logprobs"):
+            client.chat.completions.create(model=first, messages=messages, max_tokens=2, logprobs=True,
+                                           top_logprobs=3)
+        preflight = httpx.options(f"{base_url}/v1/chat/completions", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        assert httpx.get(f"{base_url}/version").json()["version"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+        process.stdout.close()
+    assert process.returncode == 0
