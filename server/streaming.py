@@ -64,8 +64,10 @@ async def chat_events(
     states = [ChoiceState(index=i) for i in range(meta.num_choices)]
     want_logprobs = meta.top_logprobs is not None
     try:
+        # With tools offered, content starts as null (as OpenAI's): an answer of only calls has no content.
+        first_content = "" if tool_parsers is None else None
         for state in states:
-            yield chunk([protocol.chat_chunk_choice(state.index, {"role": "assistant", "content": ""})])
+            yield chunk([protocol.chat_chunk_choice(state.index, {"role": "assistant", "content": first_content})])
         async for index, delta in gen:
             if delta.finish_reason in ("error", "abort"):
                 raise failed_delta_error(delta)

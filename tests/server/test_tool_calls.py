@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from engine.async_engine import AsyncEngine
 from server.app import create_app
@@ -56,8 +56,8 @@ def live(tiny_model_factory, tiny_adapter_factory):
 class GetWeather(BaseModel):
     """The weather in a city."""
 
-    city: str
-    unit: str
+    city: str = Field(max_length=12)
+    unit: Literal["celsius", "fahrenheit"]
 
 
 def _check_calls(calls: Any, names: set[str]) -> None:
@@ -79,3 +79,129 @@ def test_required_gives_valid_calls_and_finish_reason_tool_calls(client, model):
         assert choice.message.content is None
         _check_calls(choice.message.tool_calls, set(SCHEMAS))
         assert response.model == model
+
+
+def test_named_choice_calls_that_function_once(client):
+    for seed in range(3):
+        response = client.chat.completions.create(
+            model=ADAPTER_NAMES[0], messages=MESSAGES, tools=TOOLS, max_tokens=300, temperature=1.0, seed=seed,
+            tool_choice={"type": "function", "function": {"name": "get_time"}})
+        choice = response.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert len(choice.message.tool_calls) == 1
+        _check_calls(choice.message.tool_calls, {"get_time"})
+
+
+def test_parallel_tool_calls_false_gives_exactly_one_call(client):
+    for seed in range(4):
+        response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS,
+                                                  tool_choice="required", parallel_tool_calls=False,
+                                                  max_tokens=300, temperature=1.0, seed=seed)
+        assert len(response.choices[0].message.tool_calls) == 1
+        _check_calls(response.choices[0].message.tool_calls, set(SCHEMAS))
+
+
+def test_streamed_calls_reassemble_with_the_clients_helper(client):
+    kwargs = dict(model=ADAPTER_NAMES[1], messages=MESSAGES, max_tokens=300, temperature=0.0,
+                  parallel_tool_calls=False)
+    with client.chat.completions.stream(tools=[openai.pydantic_function_tool(GetWeather)], tool_choice="required",
+                                        **kwargs) as stream:
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "GetWeather" and isinstance(call.function.parsed_arguments, GetWeather)
+    # The same request unstreamed (greedy) makes the same call.
+    unstreamed = client.chat.completions.create(tools=[openai.pydantic_function_tool(GetWeather)],
+                                                tool_choice="required", **kwargs).choices[0].message.tool_calls
+    assert json.loads(unstreamed[0].function.arguments) == json.loads(call.function.arguments)
+
+
+def test_stream_chunks_name_each_call_first_then_stream_its_arguments(client):
+    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, stream=True,
+                                                 tool_choice="required", max_tokens=1000, seed=3))
+    deltas = [d for c in chunks for ch in c.choices for d in (ch.delta.tool_calls or [])]
+    assert not any(ch.delta.content for c in chunks for ch in c.choices)
+    calls: dict[int, dict[str, str]] = {}
+    for delta in deltas:
+        if delta.index not in calls:
+            assert delta.id.startswith("call_") and delta.type == "function" and delta.function.name
+            calls[delta.index] = {"name": delta.function.name, "arguments": delta.function.arguments or ""}
+        else:
+            assert delta.id is None and delta.function.name is None
+            calls[delta.index]["arguments"] += delta.function.arguments
+    assert calls and len(deltas) > 2 * len(calls)  # arguments come in pieces
+    for call in calls.values():
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("parser", ["llama3_json", "mistral"])
+def test_forced_calls_follow_the_configured_parser(live, client, monkeypatch, parser):
+    monkeypatch.setattr(live.state, "tool_call_parser", parser)
+    response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, max_tokens=300,
+                                              tool_choice="required", parallel_tool_calls=False, seed=1)
+    assert response.choices[0].finish_reason == "tool_calls"
+    _check_calls(response.choices[0].message.tool_calls, set(SCHEMAS))
+
+
+def _bad_request(client, **kwargs):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL_NAME, max_tokens=5, **{"messages": MESSAGES, **kwargs})
+    return caught.value
+
+
+def test_bad_tool_requests_are_400s_naming_the_problem(client):
+    error = _bad_request(client, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_mood"}})
+    assert error.status_code == 400 and "get_mood" in error.message and error.body["param"] == "tool_choice"
+    error = _bad_request(client, tool_choice="required")
+    assert "tools" in error.message and error.body["param"] == "tool_choice"
+    broken = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": "x"}}}]
+    error = _bad_request(client, tools=broken)
+    assert "not a valid JSON schema" in error.message and error.body["param"] == "tools"
+    error = _bad_request(client, tools=TOOLS + TOOLS[:1])
+    assert "get_weather" in error.message
+    error = _bad_request(client, tools=TOOLS, tool_choice="sometimes")
+    assert error.body["param"] == "tool_choice"
+    history = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{city"}}]}]
+    error = _bad_request(client, messages=history)
+    assert "messages[1].tool_calls[0].function.arguments" in error.message
+
+
+def _recorded_prompts(live, monkeypatch):
+    prompts: list[str] = []
+    generate = live.engine.generate
+
+    def recording(request_id, prompt_token_ids, *args, **kwargs):
+        prompts.append(live.engine.tokenizer.decode(prompt_token_ids))
+        return generate(request_id, prompt_token_ids, *args, **kwargs)
+
+    monkeypatch.setattr(live.engine, "generate", recording)
+    return prompts
+
+
+def test_tool_calls_and_results_in_the_conversation_reach_the_template(live, client, monkeypatch):
+    prompts = _recorded_prompts(live, monkeypatch)
+    history = [*MESSAGES,
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_7", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+               {"role": "tool", "tool_call_id": "call_7", "content": '{"forecast": "sunny"}'}]
+    client.chat.completions.create(model=MODEL_NAME, messages=history, tools=TOOLS, max_tokens=3)
+    (prompt,) = prompts
+    # The tiny model's ChatML template takes no tools: they come in the fallback system prompt, the
+    # earlier call in the Hermes format and its result as a tool response.
+    assert prompt.startswith("<|im_start|>system\n# Tools") and '"name": "get_time"' in prompt
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+            '"unit": "celsius"}}\n</tool_call><|im_end|>') in prompt
+    assert '<|im_start|>user\n<tool_response>\n{"forecast": "sunny"}\n</tool_response><|im_end|>' in prompt
+
+
+def test_none_offers_no_tools_and_never_yields_calls(live, client, monkeypatch):
+    prompts = _recorded_prompts(live, monkeypatch)
+    response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice="none",
+                                              max_tokens=20, seed=0)
+    assert "get_weather" not in prompts[0] and "<tool_call>" not in prompts[0]
+    assert response.choices[0].message.tool_calls is None
+    assert response.choices[0].finish_reason in ("stop", "length")
