@@ -1,4 +1,5 @@
-"""The `openai` Node package against a live server: a chat completion, the same one streamed, a 404.
+"""The `openai` Node package against a live server: a chat completion, the same one streamed, a 404, a
+json_schema response format, and `system_fingerprint` on the body and every chunk.
 
 Needs `node` and `npm` (skipped without them). The package is installed with npm once into a
 cache directory (`$QUIVER_CACHE/test-envs/node-openai`, default `~/.cache/quiver/...`) and reused;
@@ -85,7 +86,7 @@ def test_node_client_chat_stream_and_not_found(node_openai: tuple[str, Path], li
                                                client: OpenAI, tmp_path: Path) -> None:
     node, modules = node_openai
     out = _run_script(node, modules, live.base_url, ADAPTER, tmp_path)
-    whole, streamed, unknown = out["whole"], out["streamed"], out["unknown"]
+    whole, streamed, unknown, structured = out["whole"], out["streamed"], out["unknown"], out["structured"]
 
     # The same request through the Python client: the adapter's answer, and not the base model's.
     reference = client.chat.completions.create(
@@ -106,6 +107,21 @@ def test_node_client_chat_stream_and_not_found(node_openai: tuple[str, Path], li
     usage_chunk = streamed["usageChunks"][0]
     assert usage_chunk["choices"] == 0  # OpenAI's shape: usage rides on a last chunk without choices
     assert usage_chunk["usage"] == whole["usage"]
+
+    # One fingerprint for one served model, on the body and on every chunk.
+    assert whole["fingerprint"].startswith("fp_quiver_")
+    assert set(streamed["fingerprints"]) == {whole["fingerprint"]} == {structured["fingerprint"]}
+
+    # The schema holds, and the output is what the Python client gets for the same request.
+    assert structured["finishReason"] == "stop"
+    assert structured["parsed"] in ({"answer": "yes"}, {"answer": "no"}), structured["text"]
+    reference_json = client.chat.completions.create(
+        model=ADAPTER, messages=[{"role": "user", "content": "Name three parts of an arrow."}], max_tokens=40,
+        temperature=0, response_format={"type": "json_schema", "json_schema": {
+            "name": "answer", "strict": True, "schema": {
+                "type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+                "additionalProperties": False}}})
+    assert structured["text"] == reference_json.choices[0].message.content
 
     assert unknown is not None, "a request for a model that does not exist succeeded"
     assert unknown["isNotFound"] and unknown["name"] == "NotFoundError", unknown

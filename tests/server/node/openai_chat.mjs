@@ -1,6 +1,7 @@
 // The `openai` Node package against a live Quiver server, one JSON line on stdout.
 // Usage: node openai_chat.mjs BASE_URL MODEL
-// A plain chat completion, the same one streamed with usage, and one for a model that does not exist.
+// A plain chat completion, the same one streamed with usage, one for a model that does not exist, and one
+// constrained by a JSON schema (`response_format` json_schema).
 import OpenAI, { NotFoundError } from "openai";
 
 const [baseURL, model] = process.argv.slice(2);
@@ -19,9 +20,10 @@ const stream = await client.chat.completions.create({
   stream: true,
   stream_options: { include_usage: true },
 });
-const streamed = { models: [], deltas: [], finishReasons: [], usageChunks: [] };
+const streamed = { models: [], deltas: [], finishReasons: [], usageChunks: [], fingerprints: [] };
 for await (const chunk of stream) {
   streamed.models.push(chunk.model);
+  streamed.fingerprints.push(chunk.system_fingerprint);
   for (const choice of chunk.choices) {
     if (choice.delta?.content) streamed.deltas.push(choice.delta.content);
     if (choice.finish_reason) streamed.finishReasons.push(choice.finish_reason);
@@ -43,12 +45,37 @@ try {
   };
 }
 
+const answerSchema = {
+  type: "object",
+  properties: { answer: { enum: ["yes", "no"] } },
+  required: ["answer"],
+  additionalProperties: false,
+};
+const structured = await client.chat.completions.create({
+  ...request,
+  max_tokens: 40,
+  response_format: { type: "json_schema", json_schema: { name: "answer", schema: answerSchema, strict: true } },
+});
+let parsed = null;
+try {
+  parsed = JSON.parse(structured.choices[0].message.content);
+} catch {
+  parsed = null;
+}
+
 console.log(JSON.stringify({
   whole: {
     model: whole.model,
     text: whole.choices[0].message.content,
     finishReason: whole.choices[0].finish_reason,
     usage: whole.usage,
+    fingerprint: whole.system_fingerprint,
+  },
+  structured: {
+    text: structured.choices[0].message.content,
+    parsed,
+    finishReason: structured.choices[0].finish_reason,
+    fingerprint: structured.system_fingerprint,
   },
   streamed,
   unknown,
