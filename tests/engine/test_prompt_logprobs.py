@@ -225,3 +225,24 @@ def test_tensor_parallel_ranks_score_the_prompt_together(setup):
         engine.close()
     for i, (prompt, _) in enumerate(jobs):
         _assert_scores(got[f"r{i}"][0].prompt_logprobs, prompt, refs[i])
+
+
+@pytest.mark.gpu
+def test_the_cuda_path_scores_like_the_reference(setup, monkeypatch):
+    """Triton prefill, decode graphs and the host copies of the scores on CUDA, in bfloat16
+    (so within bf16 rounding of the float32 reference); the chunks are forced small."""
+    model_dir, adapters, jobs, refs = setup
+    engine = _engine(model_dir, adapters, device="cuda", dtype="bfloat16", block_size=16)
+    assert engine.runner.graphs is not None
+    monkeypatch.setattr(prompt_logprobs_module, "_CHUNK_ELEMENTS", 5 * engine.hf_config.vocab_size)
+    for round_ in range(2):  # the second round's prompts have cached blocks, which scoring does not take
+        for i, (prompt, adapter) in enumerate(jobs):
+            engine.add_request(f"r{round_}-{i}", prompt, _scoring(max_tokens=3), adapter)
+        got = _drain(engine)
+        for i, (prompt, _) in enumerate(jobs):
+            deltas = got[f"r{round_}-{i}"]
+            entries = deltas[0].prompt_logprobs
+            assert entries is not None and len(entries) == len(prompt) and entries[0] is None
+            assert [e.logprob for e in entries[1:]] == pytest.approx(refs[i].logprobs, rel=0.02, abs=0.05)
+            assert all(e.token_id == t and e.rank >= 1 and len(e.top) == K for e, t in zip(entries[1:], prompt[1:], strict=True))
+            assert sum(len(d.token_ids) for d in deltas) == 3
