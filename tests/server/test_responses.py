@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -155,13 +156,13 @@ def test_json_schema_format_validates(client: openai.OpenAI, stream: bool) -> No
     assert response.text.format.type == "json_schema" and response.text.format.name == "flag"
 
 
-def test_json_object_format_parses(client: openai.OpenAI) -> None:
-    response = _create(client, input=PROMPT, text={"format": {"type": "json_object"}}, max_output_tokens=60,
-                       temperature=0)
-    if response.status == "completed":
-        assert isinstance(json.loads(response.output_text), dict)
-    else:  # cut short: still the start of one object
-        assert response.output_text.startswith("{")
+def test_json_object_format_is_chats_json_object(client: openai.OpenAI) -> None:
+    response = _create(client, input=PROMPT, text={"format": {"type": "json_object"}}, max_output_tokens=24)
+    text, _ = _chat_text(client, [{"role": "user", "content": PROMPT}], max_tokens=24,
+                         response_format={"type": "json_object"})
+    assert response.output_text == text and text.startswith("{")
+    assert response.text.format.type == "json_object"
+    assert _create(client, input=PROMPT, max_output_tokens=24).output_text != text
 
 
 def test_bad_schema_names_text_format(client: openai.OpenAI) -> None:
@@ -204,6 +205,33 @@ def test_create_stream_true_iterates_typed_events(client: openai.OpenAI) -> None
     assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
     item = next(event.item for event in events if event.type == "response.output_item.done")
     assert item.status == "incomplete" and item.content[0].text == events[-1].response.output_text
+
+
+def _idle_stats(live: LiveServer, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = live.engine.stats()
+        if stats["num_requests"] == 0 and stats["num_streams"] == 0:
+            return stats
+        assert time.monotonic() < deadline, f"requests still held after {timeout}s: {stats}"
+        time.sleep(0.01)
+
+
+def test_closing_a_stream_aborts_its_request_and_leaks_nothing(live: LiveServer) -> None:
+    # 230 tokens take about a second on this model; an abort ends the request at once
+    body = {"model": ADAPTER_NAMES[2], "input": "Hi", "stream": True, "max_output_tokens": 230, "temperature": 0}
+    with live.http() as http, http.stream("POST", "/v1/responses", json=body) as answer:
+        assert answer.status_code == 200
+        deltas = 0
+        for line in answer.iter_lines():
+            deltas += line.startswith("data:") and "response.output_text.delta" in line
+            if deltas == 2:
+                break
+        assert live.engine.stats()["num_requests"] == 1
+        closed_at = time.monotonic()
+    stats = _idle_stats(live, timeout=0.5)
+    assert time.monotonic() - closed_at < 0.5
+    assert stats["num_free_blocks"] == stats["num_total_blocks"] and stats["adapter_refcount_total"] == 0
 
 
 # ---- stored responses ----------------------------------------------------------------------
