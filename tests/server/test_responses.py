@@ -355,11 +355,46 @@ def test_max_output_tokens_over_the_ceiling_is_refused(start_responses_server: C
 # ---- the builder's failure events ----------------------------------------------------------
 
 
+def _builder() -> ResponseBuilder:
+    return ResponseBuilder(ResponseDraft(
+        id="resp_x", created_at=1, model="m", instructions=None, tools=[], tool_choice=None,
+        parallel_tool_calls=True, text={"format": {"type": "text"}}, temperature=1.0, top_p=1.0,
+        max_output_tokens=None, previous_response_id=None, metadata={}, store=True, user=None))
+
+
+def test_text_then_parallel_calls_become_items_in_order() -> None:
+    """Chat chunks with text, then two calls whose arguments interleave: the message closes before the first
+    call opens, each call's arguments go to its own item, and the calls close at the end."""
+    builder = _builder()
+    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+              {"choices": [{"index": 0, "delta": {"content": "Let me check."}}]},
+              {"choices": [{"index": 0, "delta": {"tool_calls": [
+                  {"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}]}}]},
+              {"choices": [{"index": 0, "delta": {"tool_calls": [
+                  {"index": 1, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}}]},
+              {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"x\":"}},
+                                                                 {"index": 0, "function": {"arguments": " 1}"}}]}}]},
+              {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+              {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}}]
+    events = builder.started() + [event for chunk in chunks for event in builder.take_chunk(chunk)]
+    events += builder.finished()
+    assert [(e["type"], e.get("output_index")) for e in events[2:]] == [
+        ("response.output_item.added", 0), ("response.content_part.added", 0), ("response.output_text.delta", 0),
+        ("response.output_text.done", 0), ("response.content_part.done", 0), ("response.output_item.done", 0),
+        ("response.output_item.added", 1), ("response.output_item.added", 2),
+        ("response.function_call_arguments.delta", 2), ("response.function_call_arguments.delta", 1),
+        ("response.function_call_arguments.delta", 1), ("response.function_call_arguments.done", 1),
+        ("response.output_item.done", 1), ("response.function_call_arguments.done", 2),
+        ("response.output_item.done", 2), ("response.completed", None)]
+    final = Response.model_validate(events[-1]["response"])
+    assert final.output_text == "Let me check." and final.usage.total_tokens == 14
+    assert [(item.call_id, item.name, item.arguments) for item in final.output[1:]] == [
+        ("call_a", "f", '{"x": 1}'), ("call_b", "g", "{}")]
+    assert events[8]["item"]["arguments"] == "" and events[8]["item"]["status"] == "in_progress"
+
+
 def test_an_error_after_the_start_fails_the_response() -> None:
-    draft = ResponseDraft(id="resp_x", created_at=1, model="m", instructions=None, tools=[], tool_choice=None,
-                          parallel_tool_calls=True, text={"format": {"type": "text"}}, temperature=1.0, top_p=1.0,
-                          max_output_tokens=None, previous_response_id=None, metadata={}, store=True, user=None)
-    builder = ResponseBuilder(draft)
+    builder = _builder()
     events = builder.started() + builder.take_chunk({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})
     events += builder.failed({"message": "The engine failed.", "type": "server_error", "code": "engine_error"})
     assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
