@@ -149,6 +149,12 @@ def test_max_logprobs_caps_top_logprobs_and_logprobs(live, client):
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=2, logprobs=4)
         assert info.value.body["param"] == "logprobs"
+        for create in (client.completions.create, client.chat.completions.create):
+            kwargs = {"prompt": "Hello"} if create == client.completions.create else {"messages": MESSAGES}
+            with pytest.raises(openai.BadRequestError) as info:
+                create(model=MODEL_NAME, max_tokens=2, extra_body={"prompt_logprobs": 4}, **kwargs)
+            assert info.value.body["param"] == "prompt_logprobs"
+            assert create(model=MODEL_NAME, max_tokens=2, extra_body={"prompt_logprobs": 3}, **kwargs)
     finally:
         live.state.max_logprobs = 20
     assert client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=2, logprobs=4).choices[0].logprobs
