@@ -12,13 +12,14 @@ built-in tools, `include`, conversations, prompt templates, truncation) is a 400
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from server.errors import APIError, bad_request
-from server.schemas import MAX_MESSAGES
+from server.schemas import FUNCTION_NAME_PATTERN, MAX_MESSAGES
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
@@ -249,6 +250,9 @@ def normalize_tools(raw: Any) -> list[dict[str, Any]]:
             raise bad_request(f"`{where}`: tools of type {tool_type!r} are not supported; this server runs only "
                               "`function` tools (no built-in tools).", param=f"{where}.type", code="unsupported_tool")
         name = _string(tool, "name", where)
+        if not re.fullmatch(FUNCTION_NAME_PATTERN, name):
+            raise bad_request(f"`{where}.name` {name[:80]!r} is not a function name (1 to 64 letters, digits, "
+                              "and _ . : -).", param=f"{where}.name")
         parameters = tool.get("parameters")
         description = tool.get("description")
         strict = tool.get("strict", True)
