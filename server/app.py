@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Route
 
 from server import routes_openai
 from server.auth import BearerAuth
+from server.console_routes import console_routes
 from server.errors import EXCEPTION_HANDLERS
 from server.hooks import EngineHooks
 from server.metrics import Metrics, RouteNames, metrics_route
@@ -89,6 +90,7 @@ def create_app(
         Route("/ready", ready, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         metrics_route(state, metrics),
+        *console_routes(),  # the web console, open: it asks for a key and sends it with its API calls
         *routes_openai.routes,
         *tokenize_routes(),
         *(extra_routes or []),
