@@ -263,3 +263,35 @@ def test_cors_any_origin():
     with _cors_client(allowed_origins=["*"]) as http:
         preflight = http.options("/v1/completions", headers={"Origin": "https://anywhere.example", **PREFLIGHT})
         assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "*"
+
+
+# ---- docs/OPENAI.md -------------------------------------------------------------------------------------
+
+
+def _documented(section: str) -> set[str]:
+    """The parameter names in the first column of a section's tables."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "OPENAI.md").read_text()
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    names = set()
+    for line in body.splitlines():
+        if line.startswith("| `"):
+            first_cell = line.split("|")[1]
+            names |= {re.split(r"[.\[ :]", name)[0] for name in re.findall(r"`([^`]+)`", first_cell)}
+    return names
+
+
+@pytest.mark.parametrize(("section", "params"), [
+    ("Chat completions", "openai.types.chat.completion_create_params"),
+    ("Completions", "openai.types.completion_create_params"),
+    ("Responses", "openai.types.responses.response_create_params"),
+])
+def test_docs_list_every_request_parameter_of_the_sdk(section, params):
+    import importlib
+
+    sdk = set(importlib.import_module(params).CompletionCreateParamsBase.__annotations__
+              if section != "Responses" else importlib.import_module(params).ResponseCreateParamsBase.__annotations__)
+    missing = sdk - _documented(section)
+    assert not missing, f"docs/OPENAI.md does not say what {section} does with {sorted(missing)}"
