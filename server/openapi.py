@@ -25,6 +25,7 @@ from server.routes_seekrai import (
     _TrainingConfig,
 )
 from server.schemas import ChatCompletionRequest, CompletionRequest
+from server.tokenize_routes import Detokenize, TokenizeChat, TokenizeCompletion
 
 _REF_TEMPLATE = "#/components/schemas/{model}"
 _SQL_MAX = 2**63 - 1  # the largest id, offset or count the `/v1/flow` routes take (SQLite's INTEGER)
@@ -33,6 +34,9 @@ _SQL_MAX = 2**63 - 1  # the largest id, offset or count the `/v1/flow` routes ta
 _MODELS: dict[type[BaseModel], str] = {
     ChatCompletionRequest: "ChatCompletionRequest",
     CompletionRequest: "CompletionRequest",
+    TokenizeCompletion: "TokenizeCompletionRequest",
+    TokenizeChat: "TokenizeChatRequest",
+    Detokenize: "DetokenizeRequest",
     _JobCreate: "FineTuningJobCreate",
     _ProjectCreate: "FlowProjectCreate",
     _DeploymentCreate: "FlowDeploymentCreate",
@@ -230,6 +234,15 @@ def _openai_paths() -> dict[str, dict[str, Any]]:
         "/v1/models": {"get": _op("List the base model and its adapters", ok="A list of models", errors=(503,))},
         "/v1/models/{model}": {"get": _op("Describe one model (the base or an adapter)", ok="A model",
                                           errors=(404, 503), missing="model", params=[_path("model")])},
+        "/tokenize": {"post": _op(
+            "Tokenize a prompt, or a conversation as chat completions render it (vLLM's shape)",
+            ok="`{count, max_model_len, tokens}`", errors=(400, 404, 503), missing="model", body={
+                "required": True, "content": {"application/json": {"schema": {"anyOf": [
+                    {"$ref": _REF_TEMPLATE.format(model="TokenizeCompletionRequest")},
+                    {"$ref": _REF_TEMPLATE.format(model="TokenizeChatRequest")}]}}}})},
+        "/detokenize": {"post": _op("Turn token ids back into text (vLLM's shape)", ok="`{prompt}`",
+                                    errors=(400, 404, 503), missing="model", body=_json("DetokenizeRequest"))},
+        "/version": {"get": _op("Quiver's version", ok="`{version}`")},
         "/health": {"get": _op("Liveness", ok="The process is up", errors=(503,))},
         "/ready": {"get": _op("Readiness", ok="The model is loaded", errors=(503,))},
     }

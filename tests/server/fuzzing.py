@@ -59,7 +59,8 @@ FLOW = {"POST /v1/flow/projects": BOTH, "GET /v1/flow/projects": BOTH, "GET /v1/
         "POST /v1/flow/deployments/{deployment_id}/demote": VALID, "GET /v1/flow/models": VALID}
 RESPONSES = {"GET /v1/responses/{response_id}": VALID, "GET /v1/responses/{response_id}/input_items": BOTH,
              "DELETE /v1/responses/{response_id}": VALID}
-MODES: dict[str, tuple[GenerationMode, ...]] = {**OPENAI, **ADMIN, **FINE_TUNING, **FLOW, **RESPONSES}
+TOKENIZER = {"POST /tokenize": BOTH, "POST /detokenize": BOTH, "GET /version": VALID}
+MODES: dict[str, tuple[GenerationMode, ...]] = {**OPENAI, **ADMIN, **FINE_TUNING, **FLOW, **RESPONSES, **TOKENIZER}
 
 
 @dataclass
