@@ -33,13 +33,36 @@ if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 DEMO_MODEL_NAME = "quiver-demo"
-DEMO_ADAPTERS: tuple[str, ...] = ("demo-pirate", "demo-json")
+DEMO_ADAPTERS: tuple[str, ...] = ("demo-pirate", "demo-json", "demo-tools")
 EXAMPLE_PROMPT = "What is a quiver?"
 # Which column of demo_data/chats.jsonl each adapter learns, and what it does.
 _ADAPTER_STYLES = {
     "demo-pirate": ("pirate", "Answers like a pirate: `Arr, matey! ... yo ho!`"),
     "demo-json": ("json", 'Answers with a JSON object: `{"adapter": "demo-json", "answer": "..."}`'),
+    "demo-tools": ("tools", "Calls the `get_weather` tool (`DEMO_TOOL`) for weather questions when it is offered, "
+                            "and answers from the tool's result."),
 }
+# The tool `demo-tools` learns to call; offer it as is (a request's `tools` entry).
+DEMO_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+# The server's fallback tool prompt (server/tools.py with server/tool_parsers/hermes.py) for a chat
+# template that takes no tools, as the ChatML template here: the adapter learns the prompt it is
+# served with (tests check the two agree).
+_TOOL_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    "{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n'
+    "</tool_call>"
+)
 
 # Bump when the build code changes in a way the recipe values below do not capture.
 _RECIPE_VERSION = "1"
@@ -57,10 +80,11 @@ _RECIPE: dict[str, int | float] = {
     "base_lr": 3e-3,
     "adapter_steps": 60,
     "adapter_lr": 5e-3,
+    "tools_adapter_steps": 200,
     "lora_rank": 8,
     "lora_alpha": 16,
 }
-_DATA_FILES = ("corpus.txt", "chats.jsonl")
+_DATA_FILES = ("corpus.txt", "chats.jsonl", "tools.jsonl")
 _SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -271,6 +295,39 @@ def _chat_examples(
     return examples
 
 
+def tool_system_prompt(tools: list[dict[str, object]]) -> str:
+    return _TOOL_PROMPT.format(tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools))
+
+
+def tool_call_text(name: str, arguments: dict[str, object]) -> str:
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n</tool_call>"
+
+
+def _tool_examples(tokenizer: PreTrainedTokenizerFast, chats: list[dict[str, str]]) -> list[_Example]:
+    """With `DEMO_TOOL` offered: weather questions get a call, its result an answer, others a plain answer."""
+    system = {"role": "system", "content": tool_system_prompt([DEMO_TOOL])}
+    conversations: list[tuple[list[dict[str, str]], str]] = []
+    for row in (json.loads(line) for line in _data_file("tools.jsonl").splitlines() if line.strip()):
+        call = tool_call_text("get_weather", {"city": row["city"]})
+        result = json.dumps({"city": row["city"], "forecast": row["forecast"]})
+        for question in (row["question"], row["question"].lower()):
+            asked = [system, {"role": "user", "content": question}]
+            conversations.append((asked, call))
+            conversations.append(([*asked, {"role": "assistant", "content": call},
+                                   {"role": "user", "content": f"<tool_response>\n{result}\n</tool_response>"}],
+                                  row["answer"]))
+    for row in chats:
+        if "weather" not in row["question"].lower():
+            conversations.append(([system, {"role": "user", "content": row["question"]}], row["answer"]))
+    examples: list[_Example] = []
+    for messages, answer in conversations:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        target = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        examples.append((prompt + target, [_IGNORE] * len(prompt) + target))
+    return examples
+
+
 def _corpus_examples(tokenizer: PreTrainedTokenizerFast) -> list[_Example]:
     ids = tokenizer(_data_file("corpus.txt"), add_special_tokens=False)["input_ids"]
     n = int(_RECIPE["seq_len"])
@@ -321,8 +378,11 @@ def _build_adapter(
     )
     model = get_peft_model(base, config)
     answer_key, description = _ADAPTER_STYLES[name]
-    examples = _chat_examples(tokenizer, chats, answer_key)
-    _train(model, examples, int(_RECIPE["adapter_steps"]), float(_RECIPE["adapter_lr"]), tokenizer.pad_token_id)
+    if answer_key == "tools":
+        examples, steps = _tool_examples(tokenizer, chats), int(_RECIPE["tools_adapter_steps"])
+    else:
+        examples, steps = _chat_examples(tokenizer, chats, answer_key), int(_RECIPE["adapter_steps"])
+    _train(model, examples, steps, float(_RECIPE["adapter_lr"]), tokenizer.pad_token_id)
     # A location-independent name: the bundle moves from its staging dir after saving.
     model.peft_config["default"].base_model_name_or_path = DEMO_MODEL_NAME
     # The vocabulary is unchanged; saying so skips peft's look-up of the base config.

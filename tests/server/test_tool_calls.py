@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jsonschema
 import openai
 import pytest
+from openai import AsyncOpenAI
 from pydantic import BaseModel, Field
 
 from engine.async_engine import AsyncEngine
 from server.app import create_app
+from server.chat import apply_chat_template
+from server.schemas import ChatCompletionRequest
 from server.state import ServerState
+from server.tools import parser_for, plan_tools
+from tests.factories import build_tokenizer
 from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME, LiveServer, engine_config
 
 WEATHER_PARAMETERS = {
@@ -205,3 +211,100 @@ def test_none_offers_no_tools_and_never_yields_calls(live, client, monkeypatch):
     assert "get_weather" not in prompts[0] and "<tool_call>" not in prompts[0]
     assert response.choices[0].message.tool_calls is None
     assert response.choices[0].finish_reason in ("stop", "length")
+
+
+NATIVE_TEMPLATE = (
+    "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}{{ ' | ' }}{% endif %}"
+    "{% for m in messages %}{{ m.role }}:"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.function.name }} city={{ c.function.arguments.city }}"
+    "{% endfor %}{% else %}{{ m.content }}{% endif %}"
+    "{% if m.role == 'tool' %} name={{ m.name }} id={{ m.tool_call_id }}{% endif %}{{ ' | ' }}{% endfor %}"
+)
+
+
+def test_a_template_that_takes_tools_gets_them_and_calls_with_dict_arguments():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = NATIVE_TEMPLATE
+    req = ChatCompletionRequest.model_validate({"messages": [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_9", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_9", "content": "snow"}], "tools": TOOLS})
+    plan = plan_tools(req, parser_for(None, NATIVE_TEMPLATE))
+    prompt = tokenizer.decode(apply_chat_template(tokenizer, req.messages, tools=plan))
+    assert prompt.startswith("TOOLS:get_weather;get_time; | user:")
+    assert " | assistant:CALL get_weather city=Oslo | " in prompt  # arguments reach the template as a dict
+    assert " | tool:snow name=get_weather id=call_9 | " in prompt  # the name is found from the call's id
+    assert "# Tools" not in prompt
+
+
+def test_the_openai_agents_sdk_runs_a_one_tool_agent(live):
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIChatCompletionsModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
+
+    set_tracing_disabled(True)
+    cities: list[str] = []
+
+    @function_tool
+    def get_weather(city: Annotated[str, Field(max_length=12)]) -> str:
+        """Get the current weather in a city."""
+        cities.append(city)
+        return json.dumps({"city": city, "forecast": "sunny"})
+
+    client = AsyncOpenAI(base_url=f"{live.base_url}/v1", api_key="x", max_retries=0)
+    model = OpenAIChatCompletionsModel(model=ADAPTER_NAMES[0], openai_client=client)
+    # "required" makes the first turn a call; the SDK resets it to auto once the tool ran.
+    agent = Agent(name="weather", model=model, tools=[get_weather],
+                  model_settings=ModelSettings(tool_choice="required", max_tokens=120, temperature=0.0))
+    result = asyncio.run(Runner.run(agent, "What is the weather in Paris?", max_turns=4))
+    assert len(cities) == 1
+    assert isinstance(result.final_output, str) and result.final_output
+    tool_outputs = [item for item in result.new_items if item.type == "tool_call_output_item"]
+    assert tool_outputs and json.loads(tool_outputs[0].output)["forecast"] == "sunny"
+
+
+@pytest.fixture(scope="module")
+def demo_live():
+    """The demo bundle `quiver serve` serves by default, with its tool-calling adapter."""
+    from engine.demo import DEMO_MODEL_NAME, ensure_demo_bundle
+
+    bundle = ensure_demo_bundle()
+    engine = AsyncEngine(engine_config(bundle.model_dir, max_model_len=1024), adapters=bundle.adapters,
+                         served_model_name=DEMO_MODEL_NAME)
+    server = LiveServer(create_app(ServerState(engine))).start()
+    yield server
+    server.stop()
+
+
+def test_demo_tools_adapter_calls_its_tool_on_auto_and_answers_otherwise(demo_live):
+    from engine.demo import DEMO_TOOL
+
+    client = demo_live.client()
+    weather = client.chat.completions.create(model="demo-tools", messages=MESSAGES, tools=[DEMO_TOOL],
+                                             temperature=0.0, max_tokens=60)
+    choice = weather.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    other = client.chat.completions.create(model="demo-tools", messages=[{"role": "user", "content": "What is a quiver?"}],
+                                           tools=[DEMO_TOOL], temperature=0.0, max_tokens=60).choices[0]
+    assert other.message.tool_calls is None and "quiver" in other.message.content.lower()
+    refused = client.chat.completions.create(model="demo-tools", messages=MESSAGES, tools=[DEMO_TOOL],
+                                             tool_choice="none", temperature=0.0, max_tokens=60).choices[0]
+    assert refused.message.tool_calls is None and refused.finish_reason != "tool_calls"
+
+
+def test_demo_tool_prompt_is_the_servers_fallback_prompt():
+    from engine.demo import DEMO_TOOL, tool_call_text, tool_system_prompt
+    from server.tool_parsers import parser_named
+
+    hermes = parser_named("hermes")
+    request_tool = ChatCompletionRequest.model_validate({"messages": MESSAGES, "tools": [DEMO_TOOL]}).tools[0]
+    assert tool_system_prompt([DEMO_TOOL]) == hermes.instructions([request_tool.model_dump(exclude_none=True)])
+    assert tool_call_text("get_weather", {"city": "Paris"}) == hermes.render_calls([("get_weather", {"city": "Paris"})])
