@@ -20,7 +20,8 @@ export function niceCeiling(value) {
 
 /**
  * Draws `series` ([{name, label, points: [[x, y], ...]}]) into `container` (a div.chart).
- * options: title, xMin, xMax, yMax (default: fitted), xFormat, yFormat, empty (the text without data).
+ * options: title, xMin, xMax, yMax (default: fitted), xFormat, yFormat, empty (the text without data),
+ * dots (mark each point).
  */
 export function drawChart(container, series, options) {
   const { title, xFormat = String, yFormat = String, empty = "No data yet." } = options;
@@ -47,7 +48,7 @@ export function drawChart(container, series, options) {
     const gy = PAD.top + plotH - fraction * plotH;
     root.append(svg("line", { x1: PAD.left, x2: width - PAD.right, y1: gy, y2: gy, class: "grid" }));
     root.append(svg("text", { x: PAD.left - 6, y: gy + 4, class: "tick", "text-anchor": "end" },
-      yFormat(fraction * yMax)));
+      fraction === 0 ? "0" : yFormat(fraction * yMax)));
   }
   for (const [value, anchor] of [[xMin, "start"], [(xMin + xMax) / 2, "middle"], [xMax, "end"]]) {
     root.append(svg("text", { x: x(value), y: height - 6, class: "tick", "text-anchor": anchor }, xFormat(value)));
@@ -65,7 +66,7 @@ export function drawChart(container, series, options) {
     const path = svg("path", { d: d.trim() || "M0 0", class: `line s${index}`, "data-series": s.name,
                                "data-count": count });
     root.append(path);
-    if (count && count <= 40) {
+    if (options.dots && count <= 80) {
       for (const [px, py] of s.points) {
         if (py !== null && Number.isFinite(py)) root.append(svg("circle", { cx: x(px), cy: y(py), r: 2.5, class: `dot s${index}` }));
       }

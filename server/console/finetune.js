@@ -7,6 +7,8 @@ import { $, announce, fmt, h, setText, showError } from "./dom.js";
 const POLL_MS = 2000;
 const ACTIVE = new Set(["validating_files", "queued", "running"]);
 const LINE_ISSUE = /^(?:(.*?): )?line (\d+): (.*)$/;
+const WHERE = { pinned: "is pinned on the GPU", gpu: "is on the GPU", host: "is in host memory",
+                loading: "is loading", registered: "is registered (on disk)", failed: "failed to load" };
 const SNIPPET_MAX_BYTES = 8 * 1024 * 1024;  // the file's own lines are shown next to problems up to this size
 
 export function finetunePanel() {
@@ -208,7 +210,7 @@ export function finetunePanel() {
     const totalSteps = metricsEvents.at(-1)?.data.total_steps;
     drawChart($("#loss-chart"), series, {
       title: job ? `Loss of ${job.id}` : "Loss", xMin: 0, xMax: totalSteps || undefined,
-      xFormat: (v) => `step ${Math.round(v)}`, yFormat: (v) => v.toFixed(v >= 10 ? 0 : 2),
+      xFormat: (v) => `step ${Math.round(v)}`, yFormat: (v) => String(Number(v.toPrecision(3))), dots: true,
       empty: job && ACTIVE.has(job.status) ? "Waiting for the first training step…" : "No loss reported.",
     });
   }
@@ -236,8 +238,7 @@ export function finetunePanel() {
       serve.disabled = Boolean(pinned);
       setText(serve, pinned ? `${job.fine_tuned_model} is served (pinned)` : `Serve ${job.fine_tuned_model}`);
     }
-    const adapterState = $("#job-adapter");
-    setText(adapterState, adapter ? `Adapter ${adapter.id}: ${adapter.state} (${adapter.tier})` : "");
+    setText($("#job-adapter"), adapter ? `Adapter ${adapter.id} ${WHERE[adapter.state] ?? adapter.state}.` : "");
     $("#try-job").hidden = !job.fine_tuned_model;
     $("#try-job").href = job.fine_tuned_model ? `#playground?model=${encodeURIComponent(job.fine_tuned_model)}` : "#playground";
     $("#cancel-job").hidden = !ACTIVE.has(job.status);

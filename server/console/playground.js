@@ -23,10 +23,12 @@ const tip = {
     this.el ??= $("#tok-tip");
     this.owner = span;
     const p = Math.exp(entry.logprob);
-    const rows = (entry.top_logprobs || []).map((alt) => {
+    const alternatives = entry.top_logprobs || [];
+    const most = Math.max(...alternatives.map((alt) => Math.exp(alt.logprob)), 1e-9);
+    const rows = alternatives.map((alt) => {
       const share = Math.exp(alt.logprob);
       const bar = h("span", { class: "bar", "aria-hidden": "true" });
-      bar.style.setProperty("--share", String(share));
+      bar.style.setProperty("--share", String(share / most));  // relative to the likeliest alternative
       return h("tr", { class: alt.token === entry.token ? "chosen" : "" },
         h("td", {}, h("code", { text: visible(alt.token) })), h("td", { class: "bar-cell" }, bar),
         h("td", { class: "num", text: fmt.pct(share) }), h("td", { class: "num", text: alt.logprob.toFixed(2) }));

@@ -16,8 +16,8 @@ const CHARTS = [
 ];
 
 function pick(point, path) {
-  const [key, q] = path.split(/\.(?=\d)/);
-  const value = q === undefined ? point[key] : point[key][q];
+  const dot = path.indexOf(".");  // "ttft.0.99": the 0.99 quantile of point.ttft
+  const value = dot < 0 ? point[path] : point[path.slice(0, dot)][path.slice(dot + 1)];
   return value === undefined ? null : value;
 }
 
@@ -67,7 +67,7 @@ export function serverPanel() {
       }));
       drawChart($(`#${chart.id}`), series, {
         title: chart.title, xMin: -span, xMax: 0, yMax: chart.yMax, yFormat: chart.yFormat,
-        xFormat: (v) => (Math.round(v) === 0 ? "now" : `${Math.round(v / 60 * 10) / 10} min`),
+        xFormat: (v) => (Math.round(v) === 0 ? "now" : span <= 120 ? `${Math.round(v)} s` : `${Math.round(v / 6) / 10} min`),
         empty: "No requests in this window.",
       });
     }
