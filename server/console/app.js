@@ -55,8 +55,11 @@ function enter(found) {
   $("#nav").hidden = false;
   $("#who").hidden = false;
   for (const link of document.querySelectorAll("#nav a")) link.hidden = !allowed(link.dataset.panel);
-  $("#who-role").textContent = role === "admin" ? "Admin" : session.key ? "API key · playground only" : "No key · playground only";
-  $("#sign-out").textContent = session.key ? "Sign out" : "Sign in";
+  const open = !session.key;
+  $("#who-role").textContent = role === "admin" ? (open ? "Open server (no key needed)" : "Admin")
+    : open ? "No key · playground only" : "API key · playground only";
+  $("#sign-out").textContent = open ? "Sign in" : "Sign out";
+  $("#sign-out").hidden = open && role === "admin";  // nothing to sign in to
   document.body.dataset.role = role;
   if (role === "admin") metrics.start();
   route();
