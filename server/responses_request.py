@@ -103,7 +103,7 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     if include is not None and include != []:
         shown = include[0] if isinstance(include, list) and include else include
         raise _unsupported("include", f"({shown!r}; nothing can be included)")
-    for name in ("conversation", "prompt", "context_management"):
+    for name in ("conversation", "prompt", "context_management", "moderation"):
         if body.get(name) is not None:
             raise _unsupported(name, "")
     if body.get("truncation") not in (None, "disabled"):

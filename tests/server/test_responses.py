@@ -313,6 +313,7 @@ def test_stored_responses_survive_a_restart(start_responses_server: Callable[...
     ({"include": ["file_search_call.results"]}, "include"),
     ({"truncation": "auto"}, "truncation"),
     ({"conversation": "conv_1"}, "conversation"),
+    ({"moderation": {"mode": "block"}}, "moderation"),
     ({"top_logprobs": 3}, "top_logprobs"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"tools": [{"type": "function", "name": "f", "parameters": {}}, {"type": "file_search"}]}, "tools[1].type"),
