@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from server import cli
@@ -51,3 +52,16 @@ def test_the_dashboard_is_grafana_json_over_quiver_metrics() -> None:
     assert all(re.search(r"\bquiver_\w+", e) for e in exprs)
     for needed in ("quiver_requests_total", "quiver_time_to_first_token_seconds_bucket", "quiver_adapters"):
         assert any(needed in e for e in exprs), needed
+
+
+def test_every_python_package_is_listed_for_the_wheel() -> None:
+    """The image installs a wheel (`pip install .`), which holds only the packages pyproject lists:
+    a package missing there imports in a checkout and fails in the image."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for top in ("server", "engine", "scheduler", "adapters", "training")
+        for init in (REPO / top).rglob("__init__.py")
+    }
+    assert found <= listed, sorted(found - listed)
