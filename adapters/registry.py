@@ -67,6 +67,9 @@ class AdapterEntry:
     gpu_evictions: int = 0
     host_evictions: int = 0
     last_used: float | None = None
+    # Seconds its latest load took, by the tier it came from: disk (into host memory) and host
+    # (into a GPU slot: the time to issue the copies).
+    load_seconds: dict[str, float] = field(default_factory=dict)
     lru: int = 0  # larger = used more recently
 
     @property
@@ -109,6 +112,7 @@ class AdapterEntry:
             "gpu_loads": self.gpu_loads,
             "gpu_evictions": self.gpu_evictions,
             "host_evictions": self.host_evictions,
+            "load_ms": {tier: round(seconds * 1e3, 3) for tier, seconds in self.load_seconds.items()},
             "error": self.error,
             "warnings": list(self.warnings),
         }
@@ -223,6 +227,7 @@ class AdapterRegistry:
         entry.error = None
         self.count(entry, "loads")
         self.load_seconds += seconds
+        entry.load_seconds["disk"] = seconds
         entry.rank = int(weights.max_rank)
         entry.targets = sorted(weights.spec.target_modules)
         entry.size_bytes = int(weights.size_bytes)

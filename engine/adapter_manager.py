@@ -350,7 +350,9 @@ class AdapterManager:
         started = time.perf_counter()
         try:
             self.lora.load(load.slot, entry.weights)
-            self.load_times.observe("host", time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.load_times.observe("host", seconds)
+            entry.load_seconds["host"] = seconds
         except BaseException:
             # The slot holds part of a copy: forget it, so the next step copies the adapter again.
             self.slots.remove(load.adapter_id)

@@ -95,8 +95,15 @@ export function adaptersPanel() {
     setText(cells.requests, fmt.int(info.requests));
     setText(cells.tokens, tokens === undefined ? "—" : fmt.int(tokens));
     setText(cells.last_used, fmt.ago(info.last_used));
+    // The server's own timings of the latest loads (disk -> host memory, host -> GPU slot); a
+    // register or promote done from this page also shows how long the whole call took.
+    const served = info.load_ms || {};
+    const parts = [];
+    if (served.disk !== undefined) parts.push(`disk ${fmt.seconds(served.disk / 1000)}`);
+    if (served.host !== undefined) parts.push(`GPU ${fmt.seconds(served.host / 1000)}`);
     const load = loadTimes.get(info.id);
-    setText(cells.load, load ? `${fmt.seconds(load.seconds)} (${load.what})` : "—");
+    if (load) parts.push(`${load.what} ${fmt.seconds(load.seconds)}`);
+    setText(cells.load, parts.length ? parts.join(" · ") : "—");
     buttons.promote.hidden = info.pinned || info.state === "failed";
     buttons.demote.hidden = !info.pinned;
   }

@@ -272,3 +272,14 @@ def test_a_failed_slot_copy_leaves_no_stale_slot(tmp_path: Path) -> None:
     h.lora.load = real_load  # type: ignore[method-assign]
     (slot,) = h.manager.make_resident([adapter_id], set())
     assert h.lora.copies == [(slot, "a")], "copied again on the next step"
+
+
+def test_each_adapter_reports_how_long_its_latest_loads_took_per_tier(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    lease = h.lease("a")
+    h.run_loads()
+    assert set(h.manager.info("a")["load_ms"]) == {"disk"}
+    h.manager.make_resident([h.manager.consume(lease)], set())
+    load_ms = h.manager.info("a")["load_ms"]
+    assert set(load_ms) == {"disk", "host"} and all(ms >= 0 for ms in load_ms.values())
+    assert h.manager.load_times.snapshot()["host"].count == 1
