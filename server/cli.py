@@ -1,4 +1,4 @@
-"""The `quiver` command line: `quiver serve ...` (and `quiver train ...` from training/).
+"""The `quiver` command line: `quiver serve ...` (and `quiver train ...`, `quiver eval ...` from training/).
 
 Every serve option can also come from an environment variable (QUIVER_MODEL, QUIVER_PORT,
 ...); a flag on the command line wins over the environment.
@@ -211,6 +211,15 @@ def _add_train_parser(subparsers: Any) -> None:
     training_cli.add_train_parser(subparsers)
 
 
+def _add_eval_parser(subparsers: Any) -> None:
+    # `quiver eval` belongs to training/ too (`training.eval_cli.add_eval_parser`).
+    if importlib.util.find_spec("training.eval_cli") is None:
+        return
+    from training import eval_cli
+
+    eval_cli.add_eval_parser(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from server.version import VERSION
 
@@ -219,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_serve_parser(subparsers)
     _add_train_parser(subparsers)
+    _add_eval_parser(subparsers)
     return parser
 
 
