@@ -32,23 +32,64 @@ class Batches:
         micro = math.ceil(len(self.examples) / batch_size)
         self.steps_per_epoch = math.ceil(micro / accumulation)
 
-    def steps(self, total: int) -> Iterator[list[Batch]]:
-        """`total` optimizer steps, each a list of up to `accumulation` micro-batches."""
-        produced, epoch = 0, 0
+    def steps(self, total: int, start: int = 0) -> Iterator[list[Batch]]:
+        """Optimizer steps `start + 1` to `total`, each a list of up to `accumulation` micro-batches.
+
+        A run resumed at step `start` sees the same batches an uninterrupted one would.
+        """
+        epoch = start // self.steps_per_epoch
+        produced = epoch * self.steps_per_epoch
         while produced < total:
             order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
             micro = [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
-            for start in range(0, len(micro), self.accumulation):
+            for first in range(0, len(micro), self.accumulation):
                 if produced == total:
                     return
+                if produced < start:
+                    produced += 1
+                    continue
                 yield [collate([self.examples[i] for i in idx], self.pad_id)
-                       for idx in micro[start : start + self.accumulation]]
+                       for idx in micro[first : first + self.accumulation]]
                 produced += 1
             epoch += 1
 
 
+def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]:
+    """Lay examples end to end into sequences of at most `max_length` tokens (first fit, in order).
+
+    Each packed sequence records its examples' lengths: `collate` restarts position ids at
+    every example and gives attention a block-diagonal causal mask, so no token sees another
+    example. Labels are kept as they were, except that the first token of each example is
+    not predicted from the one before it (the end of a different example).
+    """
+    packed: list[Example] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    lengths: list[int] = []
+    for example in examples:
+        n = len(example.input_ids)
+        if lengths and len(ids) + n > max_length:
+            packed.append(Example(packed_line(packed), ids, labels, tuple(lengths)))
+            ids, labels, lengths = [], [], []
+        ids += example.input_ids
+        labels += ([IGNORE_INDEX] if lengths else example.labels[:1]) + example.labels[1:]
+        lengths.append(n)
+    if lengths:
+        packed.append(Example(packed_line(packed), ids, labels, tuple(lengths)))
+    return packed
+
+
+def packed_line(packed: Sequence[Example]) -> int:
+    return len(packed) + 1  # a packed sequence has no source line: its 1-based index stands in
+
+
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
-    """Right-padded ids, attention mask and labels (padding is never learned)."""
+    """Right-padded ids, attention mask and labels (padding is never learned).
+
+    Packed examples also get `position_ids` restarting at each packed example and a
+    `segment_ids` map (padding is its own segment) from which `token_loss` builds the
+    block-diagonal attention mask.
+    """
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -58,7 +99,19 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention[row, :n] = 1
+    packed: Batch = {}
+    if any(e.segments for e in examples):
+        positions = torch.zeros((len(examples), width), dtype=torch.long)
+        segments = torch.full((len(examples), width), -1, dtype=torch.long)
+        for row, example in enumerate(examples):
+            start = 0
+            for index, length in enumerate(example.segments or (len(example.input_ids),)):
+                positions[row, start : start + length] = torch.arange(length)
+                segments[row, start : start + length] = index
+                start += length
+        packed = {"position_ids": positions, "segment_ids": segments}
     return {
+        **packed,
         "input_ids": input_ids,
         "attention_mask": attention,
         "labels": labels,
@@ -70,7 +123,11 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
 
 def token_loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
     """(summed next-token loss over assigned tokens, number predicted right)."""
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    if "segment_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"].to(device)
+        inputs["attention_mask"] = _block_causal_mask(batch["segment_ids"].to(device), _float_dtype(model))
+    logits = model(**inputs).logits
     logits = logits[:, :-1].float()
     targets = batch["labels"][:, 1:].to(device)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -98,3 +155,21 @@ def evaluate(model: torch.nn.Module, examples: Sequence[Example], batch_size: in
     finally:
         model.train(was_training)
     return loss_sum / max(count, 1), correct / max(count, 1)
+
+
+def _block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[batch, 1, q, k] additive mask: a token attends to earlier tokens of its own segment only."""
+    width = segments.shape[1]
+    causal = torch.ones((width, width), dtype=torch.bool, device=segments.device).tril()
+    allowed = (segments[:, :, None] == segments[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    # The mask is added to attention scores in the compute dtype (quantized bases keep bf16/fp16 there).
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None and weight.is_floating_point():
+        return weight.dtype
+    return torch.float32

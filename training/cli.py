@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from training.checkpoints import CHECKPOINTS_DIR, has_adapter
-from training.config import DEFAULT_TARGETS, DEVICES, DTYPES, LR_SCHEDULERS, TrainConfig
+from training.config import (
+    ALL_LINEAR,
+    DEFAULT_TARGETS,
+    DEVICES,
+    DTYPES,
+    LR_SCHEDULERS,
+    QUANTIZE,
+    REPORT_TO,
+    TrainConfig,
+)
 from training.data import DataError
 from training.events import EVENTS_NAME, PLOT_NAME, EventLog
 from training.run_guard import OutputBusy, die_with_parent_from_env, hold_output
@@ -67,7 +76,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps,
                      help="Micro-batches per optimizer step.")
     opt.add_argument("--max-length", type=int, default=d.max_length,
-                     help="Longest example in tokens; longer ones are reported as errors, not cut.")
+                     help="Longest example in tokens; longer ones are errors unless --truncate.")
+    opt.add_argument("--truncate", action="store_true",
+                     help="Cut examples longer than --max-length to their first --max-length tokens.")
+    opt.add_argument("--packing", action="store_true",
+                     help="Pack examples into sequences of --max-length (positions restart and attention "
+                          "stays within each example).")
+    opt.add_argument("--neftune-alpha", type=float, default=d.neftune_alpha,
+                     help="NEFTune: uniform noise of scale alpha/sqrt(L*d) on input embeddings while "
+                          "training (5 is common); 0: off.")
+    opt.add_argument("--quantize", choices=QUANTIZE, default=None,
+                     help="QLoRA: load the frozen base in 4 or 8 bits with bitsandbytes (CUDA only).")
     opt.add_argument("--seed", type=int, default=d.seed, help="Seed for LoRA init, shuffling and dropout.")
     opt.add_argument("--gradient-checkpointing", action="store_true", help="Trade compute for activation memory.")
     opt.add_argument("--device", default=d.device, help=f"One of {list(DEVICES)} or cuda:N.")
@@ -79,7 +98,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="Alpha (scaling alpha/r).")
     lora.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="Dropout on the LoRA input.")
     lora.add_argument("--target-modules", default=",".join(DEFAULT_TARGETS),
-                      help="Comma-separated module names to adapt.")
+                      help="Comma-separated module names to adapt, or all-linear (every linear layer "
+                           "but the output head).")
     lora.add_argument("--use-rslora", action="store_true", help="Rank-stabilised scaling alpha/sqrt(r).")
     lora.add_argument("--use-dora", action="store_true",
                       help="Train DoRA (weight-decomposed LoRA); the Quiver server cannot serve it yet.")
@@ -92,6 +112,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     ckpt.add_argument("--eval-steps", type=int, default=d.eval_steps,
                       help="Validation loss every N steps; 0: at each checkpoint.")
     ckpt.add_argument("--logging-steps", type=int, default=d.logging_steps, help="Metrics event every N steps.")
+    ckpt.add_argument("--val-split", type=float, default=d.val_split,
+                      help="Hold out this fraction of the training examples for validation; 0: none.")
+    ckpt.add_argument("--early-stopping-patience", type=int, default=d.early_stopping_patience,
+                      help="Stop after N evaluations without a lower validation loss; 0: off.")
+    ckpt.add_argument("--resume-from", type=Path, default=None,
+                      help="Continue from a checkpoint directory (OUTPUT/checkpoints/ckpt-<step>) of a run "
+                           "with the same settings: weights, optimizer, scheduler and step.")
+    ckpt.add_argument("--report-to", choices=REPORT_TO, default=d.report_to,
+                      help="Also log scalars to TensorBoard (OUTPUT/runs).")
+    ckpt.add_argument("--merge-to", type=Path, default=None,
+                      help="After training, save the base with the adapter merged in (a full model) here.")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -106,14 +137,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         target_modules=targets, use_rslora=args.use_rslora, use_dora=args.use_dora,
         gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, eval_steps=args.eval_steps, logging_steps=args.logging_steps,
-        device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype, quantize=args.quantize, neftune_alpha=args.neftune_alpha,
+        packing=args.packing, truncate=args.truncate, val_split=args.val_split,
+        early_stopping_patience=args.early_stopping_patience, resume_from=args.resume_from,
+        report_to=args.report_to, merge_to=args.merge_to,
     )
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from training.preflight import check_before_loading
+
     try:
         config = config_from_args(args)
-    except ValueError as exc:
+        check_before_loading(config)  # quantization, tensorboard, checkpoint, target names: nothing loaded yet
+    except (ValueError, OSError) as exc:
         return _fail(f"error: {exc}", 2)
     _warn_unservable(config)
     die_with_parent_from_env()
@@ -130,7 +167,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _run_holding_output(config: TrainConfig, args: argparse.Namespace) -> int:
     try:
-        _prepare_output(config.output, args.overwrite)
+        _prepare_output(config.output, args.overwrite, continuing=_resumes_in(config))
     except ValueError as exc:
         return _fail(f"error: {exc}", 2)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -191,15 +228,27 @@ def _warn_unservable(config: TrainConfig) -> None:
 
     if config.use_dora:
         print(DORA_WARNING, file=sys.stderr)
-    others = sorted(set(config.target_modules) - set(SUPPORTED_TARGETS))
+    targets = config.target_modules
+    if targets == (ALL_LINEAR,):
+        from training.preflight import linear_module_names
+
+        targets = tuple(linear_module_names(config.model))
+    others = sorted(set(targets) - set(SUPPORTED_TARGETS))
     if others:
         print(f"warning: the Quiver server serves LoRA on {list(SUPPORTED_TARGETS)} only; "
               f"an adapter on {others} will be refused", file=sys.stderr)
 
 
-def _prepare_output(output: Path, overwrite: bool) -> None:
+def _resumes_in(config: TrainConfig) -> bool:
+    """True when --resume-from is a checkpoint of the run in --output, which then carries on there."""
+    return config.resume_from is not None and config.output.resolve() in config.resume_from.resolve().parents
+
+
+def _prepare_output(output: Path, overwrite: bool, continuing: bool = False) -> None:
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {str(output)!r} exists and is not a directory")
+    if continuing:
+        return  # its events, checkpoints and adapter are carried on, not replaced
     leftovers = [p for p in (output / EVENTS_NAME, output / CHECKPOINTS_DIR, output / PLOT_NAME) if p.exists()]
     if has_adapter(output) or leftovers:
         if not overwrite:

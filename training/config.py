@@ -13,6 +13,9 @@ DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gat
 LR_SCHEDULERS: tuple[str, ...] = ("cosine", "linear", "constant", "constant_with_warmup")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+ALL_LINEAR = "all-linear"  # PEFT's keyword: every linear layer but the output head
+QUANTIZE: tuple[str, ...] = ("4bit", "8bit")
+REPORT_TO: tuple[str, ...] = ("none", "tensorboard")
 
 
 @dataclass
@@ -24,6 +27,14 @@ class TrainConfig:
     save_total_limit: checkpoints kept on disk (the newest); 0 keeps none, the final adapter always stays.
     eval_steps:       validation loss every N steps; 0 evaluates when a checkpoint is saved.
     dtype:            auto is float32 on CPU and bfloat16 on CUDA (LoRA weights stay float32).
+    quantize:         QLoRA: the frozen base loaded in 4 or 8 bits by bitsandbytes (CUDA only).
+    neftune_alpha:    NEFTune noise scale on the input embeddings while training; 0 is off.
+    packing:          several examples per sequence of max_length, attention kept within each.
+    truncate:         cut long examples to max_length instead of refusing them.
+    val_split:        fraction of the training examples held out for validation; 0 is none.
+    early_stopping_patience: stop after N evaluations without a better validation loss; 0 is off.
+    resume_from:      a checkpoint directory of an earlier run to continue from.
+    merge_to:         after training, a full model (base with the adapter merged) is saved here.
     """
 
     model: str
@@ -55,12 +66,25 @@ class TrainConfig:
     logging_steps: int = 1
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str | None = None
+    neftune_alpha: float = 0.0
+    packing: bool = False
+    truncate: bool = False
+    val_split: float = 0.0
+    early_stopping_patience: int = 0
+    resume_from: Path | None = None
+    report_to: str = "none"
+    merge_to: Path | None = None
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
         self.output = Path(self.output)
         if self.validation_data is not None:
             self.validation_data = Path(self.validation_data)
+        if self.resume_from is not None:
+            self.resume_from = Path(self.resume_from)
+        if self.merge_to is not None:
+            self.merge_to = Path(self.merge_to)
         if not str(self.model).strip():
             raise ValueError("model must name a local directory or a hub id")
         self.target_modules = tuple(self.target_modules)
@@ -84,6 +108,27 @@ class TrainConfig:
         _choice(self, "lr_scheduler", LR_SCHEDULERS)
         _choice(self, "device", DEVICES, prefix_ok="cuda:")
         _choice(self, "dtype", DTYPES)
+        self._check_extras()
+
+    def _check_extras(self) -> None:
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError(f"target_modules: {ALL_LINEAR!r} stands alone, got {list(self.target_modules)}")
+        if self.quantize is not None:
+            _choice(self, "quantize", QUANTIZE)
+        _choice(self, "report_to", REPORT_TO)
+        if isinstance(self.neftune_alpha, bool) or not (math.isfinite(self.neftune_alpha)
+                                                        and self.neftune_alpha >= 0):
+            raise ValueError(f"neftune_alpha must be a number >= 0 (0 is off), got {self.neftune_alpha!r}")
+        if isinstance(self.val_split, bool) or not 0.0 <= self.val_split < 1.0:
+            raise ValueError(f"val_split must be a fraction in [0, 1), got {self.val_split!r}")
+        if self.val_split and self.validation_data is not None:
+            raise ValueError("val_split and validation_data both name a validation set; pick one")
+        _non_negative(self, "early_stopping_patience")
+        if self.early_stopping_patience and not (self.val_split or self.validation_data is not None):
+            raise ValueError("early_stopping_patience needs a validation set (val_split or validation_data)")
+        for name in ("packing", "truncate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def name(self) -> str:

@@ -28,6 +28,7 @@ class Example:
     line: int
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is taken
+    segments: tuple[int, ...] = ()  # packed: the lengths of the examples laid end to end
 
     @property
     def num_trained(self) -> int:
@@ -39,20 +40,27 @@ class _Bad(ValueError):
 
 
 def encode_records(
-    records: Sequence[Record], tokenizer: Any, max_length: int, label: str, param: str | None = None
+    records: Sequence[Record], tokenizer: Any, max_length: int, label: str, param: str | None = None,
+    truncate: bool = False,
 ) -> list[Example]:
-    """Encode every record, or raise a DataError naming each line that cannot be trained on."""
+    """Encode every record, or raise a DataError naming each line that cannot be trained on.
+
+    truncate: an example longer than `max_length` keeps its first `max_length` tokens (and
+    their labels) instead of being an error.
+    """
     examples: list[Example] = []
     issues: list[DataIssue] = []
     total = 0
     for record in records:
         try:
             example = encode_record(record, tokenizer)
+            if truncate and len(example.input_ids) > max_length:
+                example = Example(example.line, example.input_ids[:max_length], example.labels[:max_length])
             if len(example.input_ids) > max_length:
                 raise _Bad(f"too long: {len(example.input_ids)} tokens, more than max_length {max_length} "
                            "(shorten the example or raise --max-length)")
             if example.num_trained == 0:
-                raise _Bad("no token to learn from after tokenization")
+                raise _Bad("no token to learn from after " + ("truncation" if truncate else "tokenization"))
         except _Bad as bad:
             total += 1
             if len(issues) < MAX_REPORTED_ISSUES:

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
-from training.batching import Batches, evaluate, token_loss
+from training.batching import Batches, evaluate, pack_examples, token_loss
 from training.checkpoints import prune_checkpoints, save_adapter, save_checkpoint
-from training.config import TrainConfig
+from training.config import ALL_LINEAR, TrainConfig
 from training.data import file_sha256, read_records
 from training.encoding import Example, encode_records
 from training.events import PLOT_NAME, EventLog, plot_losses
+from training.preflight import TRAINER_STATE_NAME
 
 METADATA_FORMAT = "quiver-training/1"
 
@@ -53,11 +54,21 @@ def train(config: TrainConfig, events: EventLog, progress: bool = False) -> Trai
     started = time.monotonic()
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    data = load_data(config, tokenizer, effective_max_length(config), events)
+    max_length = effective_max_length(config)
+    data = load_data(config, tokenizer, max_length, events)
     device, dtype = _device_and_dtype(config)
     model = _build_model(config, device, dtype)
+    if config.neftune_alpha:
+        from training.neftune import add_neftune_hook
+
+        add_neftune_hook(model, config.neftune_alpha)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = Batches(data.train, config.batch_size, config.gradient_accumulation_steps, config.seed, pad_id or 0)
+    train_set = data.train
+    if config.packing:
+        train_set = pack_examples(data.train, max_length)
+        events.message(f"packed {len(data.train)} examples into {len(train_set)} sequences of up to "
+                       f"{max_length} tokens")
+    batches = Batches(train_set, config.batch_size, config.gradient_accumulation_steps, config.seed, pad_id or 0)
     total = config.max_steps or batches.steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
@@ -67,13 +78,23 @@ def train(config: TrainConfig, events: EventLog, progress: bool = False) -> Trai
     events.message(f"Training {config.name}: {total} steps, {_count_trainable(model):,} trainable parameters, "
                    f"on {device.type} ({str(dtype).removeprefix('torch.')})")
     loop = _Loop(config, model, optimizer, scheduler, batches, data, total, device, events, pad_id or 0)
-    metrics = loop.run(progress, started)
-    final_meta = loop.metadata(total, metrics)
+    if config.resume_from is not None:
+        loop.resume(config.resume_from)
+    try:
+        metrics = loop.run(progress, started)
+    finally:
+        loop.close()
+    final_meta = loop.metadata(loop.step, metrics)
     save_adapter(model, config.output, final_meta, servable=not config.use_dora)
     plot = _plot(events, config)
-    events.emit("done", step=total, path=str(config.output), metrics=metrics, trained_tokens=loop.tokens,
+    if config.merge_to is not None:
+        from training.merge import merge_adapter
+
+        merged = merge_adapter(config.model, config.output, config.merge_to, dtype)
+        events.message(f"merged model (base with the adapter folded in): {merged}")
+    events.emit("done", step=loop.step, path=str(config.output), metrics=metrics, trained_tokens=loop.tokens,
                 elapsed_s=round(time.monotonic() - started, 2))
-    return TrainResult(config.output, total, loop.tokens, metrics, loop.kept, plot)
+    return TrainResult(config.output, loop.step, loop.tokens, metrics, loop.kept, plot)
 
 
 def _plot(events: EventLog, config: TrainConfig) -> Path | None:
@@ -101,7 +122,7 @@ def load_data(config: TrainConfig, tokenizer: Any, max_length: int, events: Even
             sets[key], info[key] = [], None
             continue
         records = read_records(path, param=param)
-        examples = encode_records(records, tokenizer, max_length, path.name, param=param)
+        examples = encode_records(records, tokenizer, max_length, path.name, param=param, truncate=config.truncate)
         tokens = sum(len(e.input_ids) for e in examples)
         trained = sum(e.num_trained for e in examples)
         info[key] = {"path": str(path), "sha256": file_sha256(path), "examples": len(examples),
@@ -109,7 +130,24 @@ def load_data(config: TrainConfig, tokenizer: Any, max_length: int, events: Even
         sets[key] = examples
         events.message(f"{key} data {path.name}: {len(examples)} examples, {tokens} tokens "
                        f"({trained} learned)")
+    if config.val_split:
+        sets["train"], sets["validation"] = split_validation(sets["train"], config.val_split, config.seed)
+        info["validation"] = {"split_from": "train", "fraction": config.val_split,
+                              "examples": len(sets["validation"])}
+        info["train"]["examples"] = len(sets["train"])
+        events.message(f"held out {len(sets['validation'])} of the training examples for validation "
+                       f"(--val-split {config.val_split})")
     return _Data(sets["train"], sets["validation"], info)
+
+
+def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, validation): a seeded random `fraction` (at least one) held out; both non-empty."""
+    if len(examples) < 2:
+        raise ValueError(f"--val-split needs at least 2 training examples, the data has {len(examples)}")
+    held = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    valid = set(order[:held])
+    return ([e for i, e in enumerate(examples) if i not in valid], [e for i, e in enumerate(examples) if i in valid])
 
 
 def _device_and_dtype(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -129,14 +167,18 @@ def _build_model(config: TrainConfig, device: torch.device, dtype: torch.dtype) 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype).to(device)
-    if config.gradient_checkpointing:
+    if config.quantize is not None:
+        model = _load_quantized(config, device, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype).to(device)
+    if config.gradient_checkpointing and config.quantize is None:
         # Non-reentrant checkpointing needs no input grads, so frozen embeddings stay frozen.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     lora = LoraConfig(
         r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules), use_rslora=config.use_rslora, use_dora=config.use_dora,
+        target_modules=ALL_LINEAR if config.target_modules == (ALL_LINEAR,) else list(config.target_modules),
+        use_rslora=config.use_rslora, use_dora=config.use_dora,
         bias="none", task_type="CAUSAL_LM",
     )
     # autocast_adapter_dtype (the default) keeps LoRA weights float32 under a bf16 base.
@@ -146,6 +188,24 @@ def _build_model(config: TrainConfig, device: torch.device, dtype: torch.dtype) 
         peft_model = get_peft_model(model, lora)
     peft_model.peft_config["default"].base_model_name_or_path = config.model
     return peft_model
+
+
+def _load_quantized(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> Any:
+    """QLoRA: the frozen base in 4-bit NF4 (double-quantized) or 8-bit, computing in `dtype`."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if config.quantize == "4bit":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype, quantization_config=quantization,
+                                                 device_map={"": device.index or 0})
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
 
 
 def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total: int) -> Any:
@@ -167,8 +227,42 @@ class _Loop:
         self.batches, self.data, self.total, self.device, self.events = batches, data, total, device, events
         self.pad_id = pad_id
         self.tokens = 0
+        self.step = 0  # optimizer steps taken, counting those of a run resumed from
+        self.best_valid: float | None = None
+        self.evals_without_gain = 0
         self.kept: list[tuple[int, Path]] = []
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.scalars = _tensorboard(config, events)
+
+    def resume(self, checkpoint: Path) -> None:
+        """Continue from `checkpoint`: its adapter weights, optimizer and scheduler state, step and RNG."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(Path(checkpoint) / "adapter_model.safetensors"), device=str(self.device))
+        set_peft_model_state_dict(self.model, weights)
+        state = torch.load(Path(checkpoint) / TRAINER_STATE_NAME, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.best_valid, self.evals_without_gain = state.get("best_valid"), int(state.get("evals_without_gain", 0))
+        if self.step >= self.total:
+            raise ValueError(f"--resume-from {str(checkpoint)!r} is at step {self.step}, and this run has "
+                             f"{self.total} steps: nothing left to train")
+        self.events.message(f"resumed from {checkpoint} at step {self.step}/{self.total}")
+
+    def _save_state(self, directory: Path) -> None:
+        state = {"step": self.step, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
+                 "best_valid": self.best_valid, "evals_without_gain": self.evals_without_gain}
+        staging = directory / f".{TRAINER_STATE_NAME}.tmp"
+        torch.save(state, staging)
+        staging.replace(directory / TRAINER_STATE_NAME)
+
+    def close(self) -> None:
+        if self.scalars is not None:
+            self.scalars.close()
 
     def run(self, progress: bool, started: float) -> dict[str, float | None]:
         from tqdm.auto import tqdm
@@ -177,9 +271,11 @@ class _Loop:
         bar = tqdm(total=self.total, disable=not progress, unit="step", dynamic_ncols=True,
                    desc=self.config.name)
         self.model.train()
-        steps = self.batches.steps(self.total)
+        bar.update(self.step)
+        steps = self.batches.steps(self.total, start=self.step)
         try:
-            for step, group in enumerate(steps, start=1):
+            for step, group in enumerate(steps, start=self.step + 1):
+                self.step = step
                 loss, accuracy = self._optimizer_step(group)
                 lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
@@ -196,10 +292,17 @@ class _Loop:
                         elapsed_s=round(time.monotonic() - started, 3), tokens=self.tokens,
                         **(evaluated or {}),
                     )
-                if self._is_checkpoint_step(step):
+                    self._scalars(step, loss, lr, evaluated)
+                stop = evaluated is not None and self._no_gain(step, evaluated["valid_loss"])
+                if self._is_checkpoint_step(step) or stop:
                     self._checkpoint(step, metrics)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)
+                if stop:
+                    self.events.message(
+                        f"early stopping at step {step}/{self.total}: validation loss has not improved on "
+                        f"{self.best_valid:.4f} for {self.evals_without_gain} evaluations")
+                    break
         finally:
             bar.close()
         return metrics
@@ -219,6 +322,26 @@ class _Loop:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / max(assigned, 1), correct / max(assigned, 1)
 
+    def _no_gain(self, step: int, valid_loss: float) -> bool:
+        """Record an evaluation (a `val_loss` event); True when early stopping's patience has run out."""
+        self.events.emit("val_loss", step=step, epoch=round(step / self.batches.steps_per_epoch, 4),
+                         val_loss=valid_loss)
+        if self.best_valid is None or valid_loss < self.best_valid:
+            self.best_valid, self.evals_without_gain = valid_loss, 0
+        else:
+            self.evals_without_gain += 1
+        patience = self.config.early_stopping_patience
+        return bool(patience) and self.evals_without_gain >= patience and step < self.total
+
+    def _scalars(self, step: int, loss: float, lr: float, evaluated: dict[str, float] | None) -> None:
+        if self.scalars is None:
+            return
+        self.scalars.add_scalar("train/loss", loss, step)
+        self.scalars.add_scalar("train/learning_rate", lr, step)
+        for key, value in (evaluated or {}).items():
+            self.scalars.add_scalar(f"eval/{key.removeprefix('valid_')}", value, step)
+        self.scalars.flush()
+
     def _is_checkpoint_step(self, step: int) -> bool:
         if step == self.total:
             return True
@@ -229,7 +352,9 @@ class _Loop:
     def _evaluate(self, step: int) -> dict[str, float] | None:
         if not self.data.valid:
             return None
-        due = step % self.config.eval_steps == 0 if self.config.eval_steps else self._is_checkpoint_step(step)
+        end_of_epoch = step % self.batches.steps_per_epoch == 0
+        due = (step % self.config.eval_steps == 0 if self.config.eval_steps
+               else self._is_checkpoint_step(step) or end_of_epoch)
         if not due and step != self.total:
             return None
         loss, accuracy = evaluate(self.model, self.data.valid, self.config.batch_size, self.pad_id, self.device)
@@ -240,6 +365,7 @@ class _Loop:
             return
         path = save_checkpoint(self.model, self.config.output, step, self.metadata(step, metrics),
                                servable=not self.config.use_dora)
+        self._save_state(path)
         self.events.emit("checkpoint", step=step, path=str(path), metrics={"step": step, **metrics})
         for old_step, old_path in prune_checkpoints(self.config.output, self.config.save_total_limit):
             self.events.emit("checkpoint_removed", step=old_step, path=str(old_path))
@@ -264,3 +390,13 @@ class _Loop:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "peft": peft.__version__},
         }
+
+
+def _tensorboard(config: TrainConfig, events: EventLog) -> Any:
+    if config.report_to != "tensorboard":
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # checked by preflight: tensorboard is installed
+
+    logdir = config.output / "runs"
+    events.message(f"TensorBoard scalars in {logdir} (tensorboard --logdir {logdir})")
+    return SummaryWriter(log_dir=str(logdir))
