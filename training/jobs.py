@@ -16,8 +16,14 @@ replaces the old step N). The callbacks run on the monitor thread: one that must
 event loop or engine thread posts to it and waits. A failure there, in the child, or a cancel
 leaves the manager as it was, with the reason in the job's `error` and events.
 
+A job with a validation file is evaluated once it has succeeded, when the manager has an
+`evaluate` callback: the validation chats become prompts whose expected answer is their last
+assistant message (`training.evaluate.cases_from_chats`), `evaluate([base, "ft-<job-id>"], cases)`
+scores them, and the scores are appended as an event of type `eval`. It runs on its own thread,
+so the monitor goes on meanwhile; its events follow the job's `succeeded` event.
+
 Layout under `root`: `files/` (uploads) and `jobs/<job-id>/` with `job.json` (the record),
-`events.jsonl` (the API's events), `train.log` (the child's output), `checkpoints/ckpt-<step>/`
+`events.jsonl` (the API's events), `validation.jsonl` (its copy of the validation file), `train.log` (the child's output), `checkpoints/ckpt-<step>/`
 (published checkpoints), `trainer.pid` (while a child runs) and `output/` (the `quiver train`
 output directory: adapter, checkpoints not yet published, its own events, loss.png).
 """
@@ -25,6 +31,7 @@ output directory: adapter, checkpoints not yet published, its own events, loss.p
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -41,6 +48,7 @@ from typing import Any
 from training.checkpoints import CHECKPOINTS_DIR, checkpoint_name
 from training.data import DataError, read_records
 from training.errors import ConflictError, InvalidRequestError, NotFoundError
+from training.evaluate import EvalCase, cases_from_chats
 from training.events import EVENTS_NAME, read_events
 from training.files import DEFAULT_MAX_BYTES, FileStore
 from training.job_params import cli_arguments, merge_hyperparameters, resolve_hyperparameters, train_config
@@ -50,6 +58,9 @@ from training.run_guard import PARENT_PID_ENV, end_orphan, write_process_record
 logger = logging.getLogger(__name__)
 
 AdapterCallback = Callable[[str, Path], None]
+# (models to compare, the prompts) -> per model, per metric {"passed", "total", "rate"} (training.evaluate.summarize)
+Evaluator = Callable[[Sequence[str], list[EvalCase]], dict[str, Any]]
+MAX_EVAL_PROMPTS = 100  # of the validation file, the first ones
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _KILL_GRACE_S = 5.0
 PROCESS_RECORD = "trainer.pid"  # in the job directory while its trainer runs
@@ -66,6 +77,7 @@ class JobManager:
     train_args: extra `quiver train` flags for every job (e.g. `--device cpu`, `--max-length 4096`).
     env:        extra environment for the child processes (e.g. `CUDA_VISIBLE_DEVICES`, `OMP_NUM_THREADS`).
     max_upload_bytes: the largest training file accepted.
+    evaluate:   scores the base and a finished job's adapter on its validation file (see above).
     """
 
     def __init__(self, root: Path, *, base_model: str, model_name: str,
@@ -73,7 +85,7 @@ class JobManager:
                  on_adapter_removed: Callable[[str], None] | None = None,
                  max_concurrent: int = 1, train_args: Sequence[str] = (), python: str = sys.executable,
                  env: dict[str, str] | None = None, poll_interval: float = 0.2,
-                 max_upload_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 max_upload_bytes: int = DEFAULT_MAX_BYTES, evaluate: Evaluator | None = None) -> None:
         self.root = Path(root)
         self.files = FileStore(self.root / "files", max_bytes=max_upload_bytes)
         self.jobs_dir = self.root / "jobs"
@@ -83,6 +95,7 @@ class JobManager:
         self.max_concurrent, self.train_args, self.python = max_concurrent, list(train_args), python
         self.env = dict(env or {})
         self.poll_interval = poll_interval
+        self.evaluate = evaluate
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -377,9 +390,51 @@ class JobManager:
                 return  # cancelled while the adapter was being registered
             if registered:
                 job.succeed(name)
+                evaluated = self.evaluate is not None and job.validation_file is not None
             else:
                 job.fail("adapter_registration_failed",
                          f"Training finished, but the server could not load the adapter {name}; see the events.")
+                evaluated = False
+        if evaluated:
+            threading.Thread(target=self._evaluate, args=(job,), name=f"evaluate-{job.id}", daemon=True).start()
+
+    # ------------------------------------------------------------------ evaluation (its own thread)
+    def _evaluate(self, job: JobRecord) -> None:
+        assert self.evaluate is not None
+        models = [self.model_name, job.fine_tuned_name]
+        try:
+            cases = cases_from_chats(_read_jsonl(job.directory / "validation.jsonl"))[:MAX_EVAL_PROMPTS]
+            if not cases:
+                self._eval_event(job, "No evaluation: the validation file has no chat with an assistant answer.")
+                return
+            self._eval_event(job, f"Evaluating {models[1]} against {models[0]} on {len(cases)} prompt(s) of the "
+                                  f"validation file {job.validation_file}.")
+            scores = self.evaluate(models, cases)
+        except Exception as exc:  # the job has succeeded; a failed evaluation only says so
+            logger.exception("evaluating fine-tuning job %s failed", job.id)
+            self._eval_event(job, f"The evaluation failed: {type(exc).__name__}: {exc}", level="warn")
+            return
+        data = {"file": job.validation_file, "prompts": len(cases), "models": models, "scores": scores}
+        self._eval_event(job, _eval_message(models, scores), type="eval", data=data)
+
+    def _eval_event(self, job: JobRecord, message: str, **fields: Any) -> None:
+        with self._lock:
+            if not self._stop.is_set():  # a closed manager's directory may belong to a new one
+                job.add_event(message, **fields)
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _eval_message(models: Sequence[str], scores: dict[str, Any]) -> str:
+    """`Evaluation: exact_match 0.00 -> 0.80 (5 prompts), ...`, base first, adapter second."""
+    base, tuned = (scores.get(m, {}) for m in models)
+    parts = [f"{metric} {base[metric]['rate']:.2f} -> {tuned[metric]['rate']:.2f} ({tuned[metric]['total']} prompts)"
+             for metric in tuned if metric != "errors" and metric in base]
+    errors = sum(scores.get(m, {}).get("errors", {}).get("count", 0) for m in models)
+    tail = f"; {errors} request(s) failed" if errors else ""
+    return f"Evaluation of {models[1]} against {models[0]}: " + (", ".join(parts) or "nothing scored") + tail
 
 
 def _checkpoint_limit(job: JobRecord) -> int:
