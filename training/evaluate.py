@@ -256,11 +256,13 @@ def plot_scores(summary: dict[str, dict[str, dict[str, Any]]], models: Sequence[
     for index, model in enumerate(models):
         rates = [summary[model].get(metric, {}).get("rate", 0.0) for metric in metrics]
         positions = [i + (index - (len(models) - 1) / 2) * width for i in range(len(metrics))]
-        axes.bar(positions, rates, width, label=model)
+        bars = axes.bar(positions, rates, width, label=model)
+        axes.bar_label(bars, fmt="%.2f", fontsize="x-small")
     axes.set_xticks(range(len(metrics)), metrics)
-    axes.set_ylim(0, 1.05)
+    axes.set_ylim(0, 1.3)  # room for the legend above the bars
+    axes.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     axes.set_ylabel("rate")
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", loc="upper center", ncol=min(len(models), 4), frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -111,3 +111,12 @@ def test_a_server_key_is_sent_and_a_wrong_one_exits_1(start_server, tmp_path: Pa
     assert cli.main(["eval", str(data), "--base-url", keyed.base_url, "--model", MODEL_NAME,
                      "--api-key", "secret", "--max-tokens", "4"]) == 0
     assert "regex_match" in capsys.readouterr().out
+
+
+def test_the_readme_example_file_is_valid_input() -> None:
+    from training.evaluate import parse_cases
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("cat > eval.jsonl <<'JSONL'\n", 1)[1].split("\nJSONL\n", 1)[0]
+    cases = parse_cases(block.splitlines())
+    assert [c.metrics() for c in cases] == [["exact_match"], ["json_valid", "schema_valid"], ["regex_match"]]
