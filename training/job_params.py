@@ -36,7 +36,17 @@ EXTRA_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
     "save_steps": ("save_steps", (int,)),
     "save_total_limit": ("save_total_limit", (int,)),
     "eval_steps": ("eval_steps", (int,)),
+    "quantize": ("quantize", (str,)),
+    "neftune_alpha": ("neftune_alpha", (int, float)),
+    "packing": ("packing", (bool,)),
+    "truncate": ("truncate", (bool,)),
+    "val_split": ("val_split", (int, float)),
+    "early_stopping_patience": ("early_stopping_patience", (int,)),
+    "report_to": ("report_to", (str,)),
+    "merge": ("merge_to", (bool,)),
 }
+# A job's merged model (hyperparameter `merge`) is written here, inside its output directory.
+MERGED_DIR = "merged"
 
 
 def merge_hyperparameters(hyperparameters: dict[str, Any] | None, method: dict[str, Any] | None) -> dict[str, Any]:
@@ -82,8 +92,20 @@ def resolve_hyperparameters(raw: dict[str, Any]) -> dict[str, Any]:
         if key in raw and raw[key] is not None:
             _check_type(key, raw[key], types)
             resolved[key] = raw[key]
-    train_config(resolved, model="-", data=Path("-"), output=Path("-"))  # raises on a bad value
+    config = train_config(resolved, model="-", data=Path("-"), output=Path("-"))  # raises on a bad value
+    _check_machine(config)
     return resolved
+
+
+def _check_machine(config: TrainConfig) -> None:
+    # What this server's machine cannot run is refused now, not when the child starts.
+    from training.preflight import check_quantize, check_report_to
+
+    for check, key in ((check_quantize, "quantize"), (check_report_to, "report_to")):
+        try:
+            check(config)
+        except ValueError as exc:
+            raise InvalidRequestError(f"hyperparameters.{key}: {exc}", param=f"hyperparameters.{key}") from None
 
 
 def train_config(hp: dict[str, Any], *, model: str, data: Path, output: Path,
@@ -94,8 +116,10 @@ def train_config(hp: dict[str, Any], *, model: str, data: Path, output: Path,
         "learning_rate": hp.get("learning_rate", BASE_LEARNING_RATE * float(hp["learning_rate_multiplier"])),
     }
     for key, (field, _) in EXTRA_KEYS.items():
-        if key in hp and key != "learning_rate":
+        if key in hp and key not in ("learning_rate", "merge"):
             kwargs[field] = tuple(hp[key]) if key == "target_modules" else hp[key]
+    if hp.get("merge"):
+        kwargs["merge_to"] = output / MERGED_DIR
     try:
         return TrainConfig(model=model, data=data, output=output, validation_data=validation_data,
                            seed=seed, experiment_name=name, **kwargs)
@@ -123,6 +147,19 @@ def cli_arguments(config: TrainConfig) -> list[str]:
         args.append("--use-rslora")
     if config.gradient_checkpointing:
         args.append("--gradient-checkpointing")
+    if config.quantize is not None:
+        args += ["--quantize", config.quantize]
+    if config.neftune_alpha:
+        args += ["--neftune-alpha", repr(config.neftune_alpha)]
+    if config.val_split:
+        args += ["--val-split", repr(config.val_split)]
+    if config.early_stopping_patience:
+        args += ["--early-stopping-patience", str(config.early_stopping_patience)]
+    if config.report_to != "none":
+        args += ["--report-to", config.report_to]
+    if config.merge_to is not None:
+        args += ["--merge-to", str(config.merge_to)]
+    args += [flag for flag, on in (("--packing", config.packing), ("--truncate", config.truncate)) if on]
     return args
 
 
