@@ -120,3 +120,18 @@ def test_the_readme_example_file_is_valid_input() -> None:
     block = readme.split("cat > eval.jsonl <<'JSONL'\n", 1)[1].split("\nJSONL\n", 1)[0]
     cases = parse_cases(block.splitlines())
     assert [c.metrics() for c in cases] == [["exact_match"], ["json_valid", "schema_valid"], ["regex_match"]]
+
+
+def test_a_refused_request_is_recorded_and_scores_as_failed(live: LiveServer, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    data = _write(tmp_path / "eval.jsonl", [{"prompt": "arrow " * 400, "regex": ""},  # beyond the 256-token context
+                                            {"prompt": "short", "regex": ""}])
+    out = tmp_path / "report"
+    assert cli.main(["eval", str(data), "--base-url", live.base_url, "--model", MODEL_NAME, "--max-tokens", "4",
+                     "--out", str(out)]) == 0
+    assert "line 1 (tiny-base): request failed: 400" in capsys.readouterr().err
+    scores = json.loads((out / "scores.json").read_text())["scores"][MODEL_NAME]
+    assert scores["regex_match"] == {"passed": 1, "total": 2, "rate": 0.5}
+    assert scores["errors"] == {"count": 1, "total": 2}
+    first = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert first["output"] is None and first["error"].startswith("400")
