@@ -366,3 +366,42 @@ def test_a_quantized_job_is_refused_where_it_cannot_run() -> None:
     with pytest.raises(InvalidRequestError, match="needs a CUDA GPU") as info:
         resolve_hyperparameters({"quantize": "4bit"})
     assert info.value.param == "hyperparameters.quantize"
+
+
+def test_job_route_takes_the_new_hyperparameters_and_400s_bad_ones(tmp_path, model_dir, train_file) -> None:
+    from starlette.testclient import TestClient
+
+    from server.app import create_app
+    from server.routes_finetune import finetune_routes
+    from server.state import ServerState
+    from training.jobs import JobManager
+
+    class _NoEngine:
+        model_name = "tiny-base"
+
+        async def start(self) -> None:
+            pass
+
+        async def shutdown(self) -> None:
+            pass
+
+    manager = JobManager(tmp_path / "ft", base_model=str(model_dir), model_name="tiny-base")  # never started
+    try:
+        app = create_app(ServerState(_NoEngine()), extra_routes=finetune_routes(manager))
+        client = TestClient(app)
+        upload = client.post("/v1/files", data={"purpose": "fine-tune"},
+                             files={"file": ("train.jsonl", train_file.read_bytes())})
+        file_id = upload.json()["id"]
+        good = {"target_modules": ["all-linear"], "neftune_alpha": 5, "packing": True, "truncate": True,
+                "val_split": 0.2, "early_stopping_patience": 1, "merge": True}
+        job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-base", "training_file": file_id,
+                                                         "hyperparameters": good})
+        assert job.status_code == 200, job.text
+        assert job.json()["hyperparameters"]["neftune_alpha"] == 5
+        for bad, param in (({"neftune_alpha": -1}, "hyperparameters"), ({"packing": "yes"}, "hyperparameters.packing"),
+                           ({"quantize": "3bit"}, "hyperparameters")):
+            response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-base", "training_file": file_id,
+                                                                  "hyperparameters": bad})
+            assert response.status_code == 400 and response.json()["error"]["param"] == param, bad
+    finally:
+        manager.close()
