@@ -405,3 +405,15 @@ def test_job_route_takes_the_new_hyperparameters_and_400s_bad_ones(tmp_path, mod
             assert response.status_code == 400 and response.json()["error"]["param"] == param, bad
     finally:
         manager.close()
+
+
+def test_seekrflow_training_config_carries_the_new_flags_as_extra_fields() -> None:
+    # SeekrFlow's TrainingConfig has no fields for these; the SDK sends extra fields through.
+    from server.routes_seekrai import _TrainingConfig
+
+    config = _TrainingConfig(training_files=["file-1"], model="m", n_epochs=2, packing=True, neftune_alpha=5,
+                             val_split=0.2, early_stopping_patience=1, merge=True, colour="red")
+    hp = config.hyperparameters()
+    assert hp == {"n_epochs": 2, "packing": True, "neftune_alpha": 5, "val_split": 0.2,
+                  "early_stopping_patience": 1, "merge": True}
+    assert resolve_hyperparameters(hp)["packing"] is True
