@@ -126,7 +126,9 @@ def token_loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> tu
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
     if "segment_ids" in batch:
         inputs["position_ids"] = batch["position_ids"].to(device)
-        inputs["attention_mask"] = _block_causal_mask(batch["segment_ids"].to(device), _float_dtype(model))
+        inputs["attention_mask"] = _block_causal_mask(batch["segment_ids"].to(device), _attention(model))
+        if inputs["attention_mask"] is None:
+            del inputs["attention_mask"]
     logits = model(**inputs).logits
     logits = logits[:, :-1].float()
     targets = batch["labels"][:, 1:].to(device)
@@ -157,19 +159,24 @@ def evaluate(model: torch.nn.Module, examples: Sequence[Example], batch_size: in
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
-def _block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[batch, 1, q, k] additive mask: a token attends to earlier tokens of its own segment only."""
+def _block_causal_mask(segments: torch.Tensor, attention: str) -> torch.Tensor | None:
+    """[batch, 1, q, k] mask: a token attends to earlier tokens of its own segment only.
+
+    SDPA takes it as booleans (whatever the compute dtype, e.g. bf16 under QLoRA), eager
+    attention as an additive float mask; flash attention takes no 4-D mask and finds the
+    examples from the restarting position ids itself (None).
+    """
+    if attention.startswith("flash"):
+        return None
     width = segments.shape[1]
     causal = torch.ones((width, width), dtype=torch.bool, device=segments.device).tril()
-    allowed = (segments[:, :, None] == segments[:, None, :]) & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    allowed = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+    if attention != "eager":
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=segments.device)
+    return mask.masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def _float_dtype(model: torch.nn.Module) -> torch.dtype:
-    # The mask is added to attention scores in the compute dtype (quantized bases keep bf16/fp16 there).
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
-    if weight is not None and weight.is_floating_point():
-        return weight.dtype
-    return torch.float32
+def _attention(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "sdpa")

@@ -195,10 +195,11 @@ def test_packing_lays_examples_end_to_end_with_positions_restarting() -> None:
     assert int(batch["num_trained"]) == sum(e.num_trained for e in examples)
 
 
-def test_packed_attention_does_not_cross_examples(model_dir) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_attention_does_not_cross_examples(model_dir, attention) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention).eval()
     examples = [_example(1, 7, 20), _example(2, 5, 50), _example(3, 6, 70)]
     packed = collate(pack_examples(examples, max_length=64), pad_id=0)
     assert packed["input_ids"].shape[0] == 1
