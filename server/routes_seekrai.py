@@ -235,7 +235,7 @@ def seekrai_routes(state: ServerState, store: Store, jobs: JobManager, deploymen
 
     async def fine_tune_events(request: Request) -> Response:
         events, _ = await call_jobs(jobs.list_events, request.path_params["job_id"], None, _ALL)
-        return JSONResponse({"object": "list", "data": [shapes.fine_tune_event(e) for e in reversed(events)]})
+        return JSONResponse({"object": "list", "data": shapes.fine_tune_events(list(reversed(events)))})
 
     # ---------------------------------------------------------------- deployments
     async def create_deployment(request: Request) -> Response:

@@ -23,7 +23,6 @@ DEFAULT_ACCEL_TYPE = "H100"
 USER_ID = 0
 JOB_STATUS = {"validating_files": "pending", "queued": "queued", "running": "running", "succeeded": "completed",
               "failed": "failed", "cancelled": "cancelled"}
-_LEVELS = {"warn": "warning"}
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -82,15 +81,27 @@ def fine_tune(job: dict[str, Any], link: FineTuneLink | None, inference_availabl
     }
 
 
-def fine_tune_event(event: dict[str, Any]) -> dict[str, Any]:
+def fine_tune_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A job's loss points, oldest first, as SeekrFlow lists them.
+
+    SeekrFlow's event is a metric point (`loss`, `epoch`, `reward`; no message), and its
+    documented loss plot sorts the list by `epoch`; so only training-metric events are listed,
+    each with both. Status messages and checkpoints stay on the OpenAI events route.
+    """
+    return [_fine_tune_event(e) for e in events if _is_loss_point(e)]
+
+
+def _is_loss_point(event: dict[str, Any]) -> bool:
     data = event.get("data") or {}
-    metrics = event.get("type") == "metrics"
+    return event.get("type") == "metrics" and data.get("train_loss") is not None and data.get("epoch") is not None
+
+
+def _fine_tune_event(event: dict[str, Any]) -> dict[str, Any]:
+    data = event["data"]
     return {
-        "object": "fine-tune-event", "created_at": iso(event.get("created_at")),
-        "loss": data.get("train_loss") if metrics else None, "epoch": data.get("epoch") if metrics else None,
-        "step": data.get("step"), "total_steps": data.get("total_steps"), "valid_loss": data.get("valid_loss"),
-        "learning_rate": data.get("learning_rate"), "message": event.get("message"),
-        "level": _LEVELS.get(event.get("level", "info"), event.get("level", "info")), "type": event.get("type"),
+        "object": "fine-tune-event", "created_at": iso(event.get("created_at")), "loss": data["train_loss"],
+        "epoch": data["epoch"], "step": data.get("step"), "total_steps": data.get("total_steps"),
+        "valid_loss": data.get("valid_loss"), "learning_rate": data.get("learning_rate"),
     }
 
 

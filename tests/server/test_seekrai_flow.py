@@ -12,6 +12,7 @@ a last restart keeps the demotion and the token counts.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -61,6 +62,10 @@ if phase == "train":
         ft = client.fine_tuning.retrieve(ft.id)
         seen.append(ft.status.value)
     out.update(statuses=seen, fine_tune=ft.model_dump(mode="json"), events=events(ft.id))
+    # SeekrFlow's loss-plot snippet, as its documentation writes it (less the plotting library).
+    events = client.fine_tuning.list_events(ft.id).data
+    sorted_events = sorted(events, key=lambda x: x.epoch)
+    out["plotted"] = {"epochs": [e.epoch for e in sorted_events], "losses": [e.loss for e in sorted_events]}
     deployment = client.deployments.create(name="json answers v1", description="The JSON fine-tune.",
                                            model_type="Fine-tuned Run", model_id=ft.id, n_instances=1)
     out["created_deployment"] = deployment.model_dump(mode="json")
@@ -210,8 +215,11 @@ def test_the_seekrai_sdk_flow_survives_restarts(seekrai_python: str, server: _Se
     assert ft["fine_tuned_model"] == f"ft-{ft['id']}" and ft["n_epochs"] == 6 and ft["batch_size"] == 4
     assert ft["accel_type"] == "H100" and ft["learning_rate"] == 5e-3 and ft["experiment_name"] == "json"
     assert (ft["lora_config"]["r"], ft["lora_config"]["alpha"], ft["lora_config"]["dropout"]) == (16, 32, 0.0)
-    losses = [e["loss"] for e in trained["events"] if e["loss"] is not None]
-    assert len(losses) == 60 and [e["step"] for e in trained["events"] if e["loss"] is not None] == list(range(1, 61))
+    # Only loss points are listed (SeekrFlow's events carry no messages), each with its epoch.
+    losses = [e["loss"] for e in trained["events"]]
+    assert len(losses) == 60 and [e["step"] for e in trained["events"]] == list(range(1, 61))
+    assert trained["plotted"] == {"epochs": [e["epoch"] for e in trained["events"]], "losses": losses}
+    assert trained["plotted"]["epochs"][-1] == 6.0 and None not in losses
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
     assert all(e["object"] == "fine-tune-event" and e["created_at"] for e in trained["events"])
     assert trained["created_deployment"]["status"] == "Inactive"
@@ -265,3 +273,49 @@ def test_the_seekrai_sdk_flow_survives_restarts(seekrai_python: str, server: _Se
     assert checked["deployment"]["total_output_tokens"] == len(with_tokens) + used
     assert checked["deployment"]["total_input_tokens"] == chunks[-1]["usage"]["prompt_tokens"] * 2
     assert checked["fine_tune"] == ft
+
+
+PLOT_SNIPPET = r'''
+import json, sys
+from seekrai.types import FinetuneListEvents
+
+events = FinetuneListEvents(**json.load(sys.stdin)).data
+# SeekrFlow's loss-plot snippet, as its documentation writes it (less the plotting library).
+sorted_events = sorted(events, key=lambda x: x.epoch)
+epochs = [e.epoch for e in sorted_events]
+losses = [e.loss for e in sorted_events]
+print(json.dumps({"epochs": epochs, "losses": losses}))
+'''
+
+
+def test_the_seekrflow_loss_plot_snippet_reads_a_finished_jobs_events(
+        seekrai_python: str, tiny_model_factory: Any, tmp_path: Path) -> None:
+    from server import seekrai_shapes as shapes
+    from training.jobs import JobManager
+
+    manager = JobManager(tmp_path, base_model=str(tiny_model_factory("llama")), model_name="tiny",
+                         poll_interval=0.05, train_args=["--device", "cpu"], env={"OMP_NUM_THREADS": "1"})
+    manager.start()
+    try:
+        row = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]})
+        upload = manager.files.add("train.jsonl", io.BytesIO(f"{row}\n".encode() * 8), "fine-tune")
+        job = manager.create_job(model="tiny", training_file=upload.id,
+                                 hyperparameters={"n_epochs": 2, "batch_size": 4, "save_total_limit": 0})
+        deadline = time.monotonic() + 90
+        while manager.get_job(job["id"])["status"] not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, manager.get_job(job["id"])
+            time.sleep(0.05)
+        assert manager.get_job(job["id"])["status"] == "succeeded", manager.get_job(job["id"])["error"]
+        newest_first, _ = manager.list_events(job["id"], None, 1000)
+    finally:
+        manager.close()
+    oldest_first = list(reversed(newest_first))
+    assert {e["type"] for e in oldest_first} == {"message", "metrics"}  # status messages among the losses
+
+    body = {"object": "list", "data": shapes.fine_tune_events(oldest_first)}  # what the events route answers
+    done = subprocess.run([seekrai_python, "-c", PLOT_SNIPPET], input=json.dumps(body), capture_output=True,
+                          text=True, timeout=60, env={"PATH": os.environ.get("PATH", "")})
+    assert done.returncode == 0, done.stderr[-4000:]
+    plotted = json.loads(done.stdout)
+    metrics = [e["data"] for e in oldest_first if e["type"] == "metrics"]
+    assert plotted == {"epochs": [0.5, 1.0, 1.5, 2.0], "losses": [m["train_loss"] for m in metrics]}
