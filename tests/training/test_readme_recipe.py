@@ -1,10 +1,10 @@
 """The README's fine-tuning recipe, as written there, teaches the demo model JSON for any seed.
 
 The `quiver train` and `quiver serve` commands and the before/after table are read out of
-README.md, so the documentation cannot drift from what this test holds; only the output
-directory and the seed are swapped. Each adapter is served by the engine (what `quiver serve`
-runs) and asked every question of the example file, greedily. Three seeds take about
-20 seconds on one idle core (a minute or more on a busy machine).
+README.md, so the documentation cannot drift from what this test holds; only the model path,
+the output directory and the seed are swapped (and no checkpoints are kept). Each adapter is
+served by the engine (what `quiver serve` runs) and asked every question of the example file,
+greedily. Three seeds take about 25 seconds on one idle core (a minute or more on a busy machine).
 """
 
 from __future__ import annotations
