@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -131,8 +132,13 @@ def test_streams_past_the_shutdown_timeout_are_cut_and_the_exit_is_still_zero(st
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         received: list[str] = []
-        with pytest.raises(httpx.HTTPError):  # the connection closes mid-stream
+        # Cut mid-stream: the connection closes (an HTTPError here) or, when the cut lands between
+        # two writes, the body ends early; either way the answer never completes.
+        with contextlib.suppress(httpx.HTTPError):
             received.extend(payloads)
     assert "[DONE]" not in received
+    finishes = [c.get("finish_reason") for p in received if p.startswith("{")
+                for c in json.loads(p).get("choices", [])]
+    assert not any(f in ("stop", "length") for f in finishes), finishes
     assert server.process.wait(30) == 0
     assert time.monotonic() - signalled < 15
