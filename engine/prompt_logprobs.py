@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.outputs import TokenLogprob
+from engine.sampler import to_host
 
 # float32 logits per chunk (64 MiB); the chunk's log-softmax and comparisons take a few times that.
 _CHUNK_ELEMENTS = 1 << 24
@@ -69,8 +70,8 @@ class PendingPromptLogprobs:
         on_cuda = scores.chosen.is_cuda
         ints = torch.cat([scores.ranks.unsqueeze(1), scores.top_ids], dim=1)
         floats = torch.cat([scores.chosen.unsqueeze(1), scores.top_values], dim=1)
-        self._ints = _to_host(ints, on_cuda)
-        self._floats = _to_host(floats, on_cuda)
+        self._ints = to_host(ints, on_cuda)
+        self._floats = to_host(floats, on_cuda)
         self._ready: torch.cuda.Event | None = None
         if on_cuda:
             self._ready = torch.cuda.Event()
@@ -88,11 +89,3 @@ class PendingPromptLogprobs:
             top = list(zip(int_row[1:], float_row[1:], strict=True))
             out.append(TokenLogprob(token_id=token_id, logprob=float_row[0], top=top, rank=int_row[0]))
         return out
-
-
-def _to_host(t: torch.Tensor, on_cuda: bool) -> torch.Tensor:
-    if not on_cuda:
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t, non_blocking=True)
-    return out

@@ -70,8 +70,8 @@ class PendingSample:
         self._k = k
         on_cuda = token_ids.is_cuda
         ints = token_ids if top_ids is None else torch.cat([token_ids, top_ids.flatten()])
-        self._ints = _to_host(ints, on_cuda)
-        self._floats = None if floats is None else _to_host(floats, on_cuda)
+        self._ints = to_host(ints, on_cuda)
+        self._floats = None if floats is None else to_host(floats, on_cuda)
         self._ready: torch.cuda.Event | None = None
         if on_cuda:
             self._ready = torch.cuda.Event()
@@ -108,7 +108,8 @@ class PendingSample:
         return SamplerOutput(token_ids=token_ids, logprobs=result)
 
 
-def _to_host(t: torch.Tensor, on_cuda: bool) -> torch.Tensor:
+def to_host(t: torch.Tensor, on_cuda: bool) -> torch.Tensor:
+    """`t` on the host: on CUDA a page-locked copy queued on the stream (wait on an event first)."""
     if not on_cuda:
         return t
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)

@@ -79,10 +79,6 @@ class StructuredOutputs:
                 self._ll_tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, eos_token=eos)
             return self._ll_tokenizer
 
-    def llguidance_tokenizer(self) -> Any:
-        """The tokenizer in llguidance's form, for grammars compiled elsewhere (tool calls)."""
-        return self._tokenizer()
-
     @staticmethod
     def schema_of(response_format: ResponseFormat | None) -> dict[str, Any] | None:
         """The JSON schema a response format asks for; None for plain text."""
@@ -101,22 +97,32 @@ class StructuredOutputs:
         """
         import llguidance
 
-        tokenizer = self._tokenizer()
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_COMPILE_OPTIONS)
         except (ValueError, TypeError) as exc:
             raise bad_request(f"Invalid JSON schema: {exc}", param="response_format") from None
+        return self.matcher(grammar, "Unsupported JSON schema", "response_format")
+
+    def matcher(self, grammar: str, refusal: str, param: str) -> Any:
+        """A fresh matcher for a compiled llguidance `grammar`; a 400 (`refusal`: why, naming
+        `param`) when the grammar cannot run on this tokenizer."""
+        import llguidance
+
+        tokenizer = self._tokenizer()
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
         if is_error:
-            raise bad_request(f"Unsupported JSON schema: {'; '.join(messages)}", param="response_format")
+            raise bad_request(f"{refusal}: {'; '.join(messages)}", param=param)
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise bad_request(f"Unsupported JSON schema: {matcher.get_error()}", param="response_format")
+            raise bad_request(f"{refusal}: {matcher.get_error()}", param=param)
         return matcher
 
     def processors(self, schema: dict[str, Any], count: int) -> list[JSONLogitsProcessor]:
         """One processor per choice, sharing one compiled grammar."""
-        matcher = self.compile(schema)
+        return self.processors_for(self.compile(schema), count)
+
+    def processors_for(self, matcher: Any, count: int) -> list[JSONLogitsProcessor]:
+        """One processor per choice: `matcher` for the first, copies of it for the others."""
         vocab_size = self._tokenizer().vocab_size
         return [JSONLogitsProcessor(matcher if i == 0 else matcher.deep_copy(), vocab_size)
                 for i in range(count)]

@@ -208,16 +208,9 @@ def forced_call_processors(structured: StructuredOutputs, grammar: str, count: i
     """
     import llguidance
 
-    tokenizer = structured.llguidance_tokenizer()
     compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(compiled, tokenizer)
-    if is_error:
-        raise bad_request(f"Unsupported JSON schema in tools: {'; '.join(messages)}", param="tools")
-    matcher = llguidance.LLMatcher(tokenizer, compiled, log_level=0)
-    if matcher.is_error():
-        raise bad_request(f"Unsupported JSON schema in tools: {matcher.get_error()}", param="tools")
-    return [JSONLogitsProcessor(matcher if i == 0 else matcher.deep_copy(), tokenizer.vocab_size)
-            for i in range(count)]
+    matcher = structured.matcher(compiled, "Unsupported JSON schema in tools", "tools")
+    return structured.processors_for(matcher, count)
 
 
 def finish_reason(reason: str | None, made_calls: bool) -> str | None:

@@ -17,9 +17,9 @@ from server.tool_parsers.base import (
     lark_json,
     tools_json_lines,
 )
+from server.tool_parsers.scanner import WHITESPACE
 
 MARKER = "[TOOL_CALLS]"
-_BLANKS = " \t\r\n"
 
 
 class MistralStream(StreamingToolParser):
@@ -29,9 +29,9 @@ class MistralStream(StreamingToolParser):
 
     def _step(self) -> bool:
         if self._mode == "start":
-            rest = self._buffer.lstrip(_BLANKS)
+            rest = self._buffer.lstrip(WHITESPACE)
             if rest.startswith("[") and not rest.startswith(MARKER[:2]):
-                after = rest[1:].lstrip(_BLANKS)
+                after = rest[1:].lstrip(WHITESPACE)
                 if not after and not self._final:
                     return False
                 if after.startswith("{"):
@@ -54,7 +54,7 @@ class MistralStream(StreamingToolParser):
             self._buffer = self._buffer[len(self._buffer) - keep:]
             return False
         if self._mode == "open":
-            rest = self._buffer.lstrip(_BLANKS)
+            rest = self._buffer.lstrip(WHITESPACE)
             if not rest:
                 return self._end_if_final()
             if not rest.startswith("["):
@@ -65,7 +65,7 @@ class MistralStream(StreamingToolParser):
             return True
         # items
         if self._scanner is None:
-            rest = self._buffer.lstrip(_BLANKS + ",")
+            rest = self._buffer.lstrip(WHITESPACE + ",")
             if not rest:
                 return self._end_if_final()
             if rest.startswith("]"):
