@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ class LoadPolicy:
     # Held while pinning: page-locking memory is a CUDA call, which must not run while the
     # engine thread captures a CUDA graph (it would invalidate the capture).
     pin_lock: AbstractContextManager[Any] | None = None
+    # Runs on the page-locked weights under `pin_lock`: the engine attaches its slot copy plan.
+    prepare: Callable[[LoraWeights], None] | None = None
 
 
 @dataclass
@@ -77,19 +80,25 @@ def load_from_source(
         # Page-locked host copies make the copy into a GPU slot a fast DMA.
         with policy.pin_lock or contextlib.nullcontext():
             weights.modules = pin_all(weights.modules)
+            if policy.prepare is not None:
+                policy.prepare(weights)
     return LoadedAdapter(weights, path, warnings)
 
 
-def pin_all(modules: dict[Any, tuple[torch.Tensor, torch.Tensor]]) -> dict[Any, tuple[torch.Tensor, torch.Tensor]]:
+def pin_all(modules: dict[Any, tuple[torch.Tensor, torch.Tensor]],
+            pin: bool = True) -> dict[Any, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
     """The same tensors as views of one page-locked buffer: one host allocation per adapter, not
-    one per tensor (a llama-8b adapter has 256; allocating each took ~0.65 s on an H100 host)."""
+    one per tensor (a llama-8b adapter has 256; allocating each took ~0.65 s on an H100 host).
+    `pin=False` gives the same layout in pageable memory (machines without a GPU)."""
     tensors = [t for pair in modules.values() for t in pair]
     if not tensors:
         return dict(modules)
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) > 1:
+        if not pin:
+            return dict(modules)
         return {key: (a.pin_memory(), b.pin_memory()) for key, (a, b) in modules.items()}
-    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtypes.pop(), pin_memory=True)
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtypes.pop(), pin_memory=pin)
     offset = 0
 
     def place(t: torch.Tensor) -> torch.Tensor:

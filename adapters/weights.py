@@ -43,6 +43,9 @@ class LoraWeights:
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     max_rank: int
     size_bytes: int
+    # Set by the engine when the weights enter host memory: how a promote places them in a GPU
+    # slot (engine/lora/slot_plan.py). Opaque here.
+    slot_plan: object | None = None
 
 
 def load_adapter(

@@ -211,6 +211,7 @@ class LLMEngine:
             refuse_base_mismatch=cfg.refuse_base_mismatch,
             pin_memory=self.device.type == "cuda",
             pin_lock=CAPTURE_LOCK if self.device.type == "cuda" else None,
+            prepare=getattr(self.lora, "prepare", None) if self.device.type == "cuda" else None,
             hub_cache_dir=cfg.hub_cache_dir,
         )
         manager = AdapterManager(self.lora, registry, policy, self.scheduler.running_adapter_ids)

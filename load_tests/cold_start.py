@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import statistics
@@ -124,6 +125,27 @@ async def measure_tiers(engine: AsyncEngine, root: Path, config: dict, rng: rand
     return out
 
 
+class GcPauses:
+    """Collections (and their durations) by generation while the benchmark runs."""
+
+    def __init__(self) -> None:
+        self._started: float | None = None
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.pauses[info["generation"]].append((time.perf_counter() - self._started) * 1e3)
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {f"gen{g}": {"count": len(p), "max_ms": round(max(p, default=0.0), 2)} for g, p in self.pauses.items()}
+
+
 def zipf_weights(n: int, alpha: float) -> list[float]:
     raw = [1.0 / (i + 1) ** alpha for i in range(n)]
     total = sum(raw)
@@ -133,20 +155,36 @@ def zipf_weights(n: int, alpha: float) -> list[float]:
 async def thrash(engine: AsyncEngine, names: list[str], seconds: float, rate: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     weights = zipf_weights(len(names), 1.0)
-    tasks, picks = [], []
+    tasks, picks, arrivals = [], [], []
+    in_flight: dict[int, str] = {}  # request index -> adapter, until its stream ends
+
+    async def one(i: int, name: str, prompt: list[int]) -> tuple[float, str | None]:
+        in_flight[i] = name
+        try:
+            return await first_token_ms(engine, f"thrash{seed}-{i}", prompt, name, max_tokens=64)
+        finally:
+            del in_flight[i]
+
     started = time.perf_counter()
     i = 0
     while time.perf_counter() - started < seconds:
         name = rng.choices(names, weights)[0]
         prompt = [rng.randrange(10, 120000) for _ in range(rng.randint(128, 512))]
+        # What the request meets: how many streams run, over how many distinct adapters, and
+        # whether its own adapter is among them (then it needs no free slot).
+        others = set(in_flight.values())
+        arrivals.append({"at_s": round(time.perf_counter() - started, 3), "adapter": name,
+                         "prompt_tokens": len(prompt), "in_flight": len(in_flight),
+                         "distinct_in_flight": len(others), "own_in_flight": name in others})
         picks.append(name)
-        tasks.append(asyncio.create_task(first_token_ms(engine, f"thrash{seed}-{i}", prompt, name, max_tokens=64)))
+        tasks.append(asyncio.create_task(one(i, name, prompt)))
         i += 1
         await asyncio.sleep(rng.expovariate(rate))
     results = await asyncio.gather(*tasks)
     ttft = [ms for ms, _ in results]
     failed = sum(1 for _, finish in results if finish != "length")
     p50, p99 = pct(ttft, 50), pct(ttft, 99)
+    slowest = sorted(range(len(ttft)), key=lambda k: -ttft[k])[:6]
     return {
         "requests": len(results),
         "failed": failed,
@@ -154,6 +192,7 @@ async def thrash(engine: AsyncEngine, names: list[str], seconds: float, rate: fl
         "ttft_ms": {"p50": p50, "p90": pct(ttft, 90), "p99": p99, "max": max(ttft)},
         "p99_over_p50": p99 / p50,
         "max_over_p50": max(ttft) / p50,
+        "slowest": [{**arrivals[k], "ttft_ms": round(ttft[k], 1)} for k in slowest],
     }
 
 
@@ -180,6 +219,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         warm = [rng.randrange(10, 120000) for _ in range(PROMPT_LEN)]
         for j in range(3):
             await first_token_ms(engine, f"warmup{j}", warm, None, max_tokens=8)
+        # As `quiver serve` does once it is up (server/app.py): what is alive now is never
+        # collected, so a full collection does not walk the model's objects mid-request.
+        gc.collect()
+        gc.freeze()
+        pauses = GcPauses()
         tiers = await measure_tiers(engine, root, config, rng, args.trials)
         # Cold thrash: every adapter on disk at the start.
         for name in thrash_names:
@@ -191,6 +235,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         warm_run = await thrash(engine, thrash_names, args.thrash_seconds, args.rate, seed=2)
         print("thrash host-warm", json.dumps(warm_run), flush=True)
         counters = engine.adapter_counters()
+        pauses.stop()
     finally:
         await engine.shutdown()
     r16 = tiers["r16_qkvo"]
@@ -205,6 +250,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "thrash": {"host_warm": warm_run, "cold_start": cold, "gpu_slots": 8, "adapters": 64, "zipf_alpha": 1.0,
                    "rate_per_s": args.rate, "seconds": args.thrash_seconds},
         "adapter_counters": counters,
+        "gc_pauses_ms": pauses.summary(),
     }
 
 

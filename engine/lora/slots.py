@@ -8,12 +8,15 @@ adapter registry) decides which slot is free; this class only moves tensors.
 
 from __future__ import annotations
 
+import functools
+from types import ModuleType
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from engine.lora.layers import LoRALinear, SlotWrite
+from engine.lora.slot_plan import Region, SlotPlan, build_chunks, flat_source
 
 # The PEFT names Quiver serves, and the fused modules each decoder layer must have.
 SHORT_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -82,18 +85,58 @@ class LoraSlots:
             shapes[short] = (in_features, output_sizes[index])
         return shapes
 
+    @property
+    def plans_enabled(self) -> bool:
+        """One-launch promotes: CUDA with Triton, and no tensor-parallel sharding."""
+        modules = [m for layer in self.layers for m in layer.values()]
+        return self._rank_table.is_cuda and all(
+            m.use_triton and getattr(m.base_layer, "shard_lora", None) is None for m in modules
+        )
+
+    def prepare(self, weights: _AdapterWeights) -> None:
+        """Attach `weights.slot_plan` (loader thread, once the weights are page-locked), so that
+        `load` is one DMA and one launch; a no-op where plans are off or the weights are not views
+        of one buffer. Pins memory: the caller holds the capture lock (engine/cuda_graphs.py)."""
+        if self.plans_enabled:
+            weights.slot_plan = self.plan(weights, pin=True)
+
+    def plan(self, weights: _AdapterWeights, pin: bool = False) -> SlotPlan | None:
+        """The copy plan of `weights` for this slot layout (engine/lora/slot_plan.py), or None."""
+        self._check_modules(weights)
+        source = flat_source([t for pair in weights.modules.values() for t in pair])
+        if source is None or source.dtype != self._slot_dtype():
+            return None
+        regions: list[Region] = []
+        marks = []
+        column = [0] * self._rank_table.shape[0]
+        for layer_idx, layer in enumerate(self.layers):
+            for fused, shorts in self._slices.items():
+                module = layer[fused]
+                r = module.max_rank
+                lora_a = module.lora_a
+                for i, short in enumerate(shorts):
+                    pair = weights.modules.get((layer_idx, short))
+                    a, b = pair if pair is not None else (None, None)
+                    if pair is not None:
+                        module._check_pair(i, *pair)
+                    b_stack = module.b_stacks[i]
+                    regions.append(Region(lora_a.view(-1), i * r * module.in_features, lora_a.stride(0),
+                                          r * module.in_features, module.in_features, a))
+                    regions.append(Region(b_stack.view(-1), 0, b_stack.stride(0), b_stack[0].numel(), r, b))
+                    column[self._rank_row[id(module.ranks[i])]] = 0 if a is None else a.shape[0]
+                    marks.append((module, i, pair is not None))
+        rank_column = torch.tensor(column, dtype=torch.int32)
+        return SlotPlan(self, source, build_chunks(regions, source, pin),
+                        rank_column.pin_memory() if pin else rank_column, tuple(marks))
+
     def load(self, slot: int, weights: _AdapterWeights) -> None:
         """Copy `weights` into `slot` of every layer; modules it does not target get zeros."""
         self._check_slot(slot)
-        if weights.max_rank > self.max_rank:
-            raise ValueError(
-                f"adapter {weights.name!r} has rank {weights.max_rank} > max_rank {self.max_rank}"
-            )
-        for layer_idx, short in weights.modules:
-            if short not in self.targets or not 0 <= layer_idx < self.num_layers:
-                raise ValueError(
-                    f"adapter {weights.name!r} has weights for unknown module ({layer_idx}, {short!r})"
-                )
+        plan = getattr(weights, "slot_plan", None)
+        if plan is not None and plan.owner is self and self.plans_enabled:
+            self._load_planned(slot, plan)
+            return
+        self._check_modules(weights)
         write = SlotWrite()
         for layer_idx, layer in enumerate(self.layers):
             for fused, shorts in self._slices.items():
@@ -111,6 +154,33 @@ class LoraSlots:
         on_cuda = self._rank_table.is_cuda
         self._rank_table[:, slot].copy_(torch.tensor(column, dtype=torch.int32, pin_memory=on_cuda),
                                         non_blocking=on_cuda)
+
+    @torch.no_grad()
+    def _load_planned(self, slot: int, plan: SlotPlan) -> None:
+        device = self._rank_table.device
+        kernel = _slot_copy_kernel()
+        for chunk in plan.chunks:
+            staged = plan.source[chunk.lo : chunk.hi].to(device, non_blocking=True)
+            if staged.numel() == 0:  # only zero regions: any valid pointer will do
+                staged = self._rank_table.new_zeros(1, dtype=plan.source.dtype)
+            kernel.slot_copy(staged, chunk.desc.to(device, non_blocking=True), slot, chunk.max_numel)
+        self._rank_table[:, slot].copy_(plan.rank_column, non_blocking=True)
+        for module, index, targeted in plan.marks:
+            module._mark(index, slot, targeted)
+
+    def _slot_dtype(self) -> torch.dtype:
+        return self.layers[0][FUSED_NAMES[0]].lora_a.dtype
+
+    def _check_modules(self, weights: _AdapterWeights) -> None:
+        if weights.max_rank > self.max_rank:
+            raise ValueError(
+                f"adapter {weights.name!r} has rank {weights.max_rank} > max_rank {self.max_rank}"
+            )
+        for layer_idx, short in weights.modules:
+            if short not in self.targets or not 0 <= layer_idx < self.num_layers:
+                raise ValueError(
+                    f"adapter {weights.name!r} has weights for unknown module ({layer_idx}, {short!r})"
+                )
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
@@ -149,3 +219,11 @@ def _find_child(layer: nn.Module, name: str, layer_idx: int) -> tuple[nn.Module,
     if len(found) != 1:
         raise ValueError(f"layer {layer_idx}: expected exactly one {name!r} submodule, found {len(found)}")
     return found[0]
+
+
+@functools.cache
+def _slot_copy_kernel() -> ModuleType:
+    # Imported on first CUDA use: Triton is not installed where only the CPU path runs.
+    from engine.kernels import triton_slot_copy
+
+    return triton_slot_copy
