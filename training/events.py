@@ -7,7 +7,9 @@ One object per line, each with `type` and `time` (Unix seconds):
                 `learning_rate`, `elapsed_s`, `tokens` (trained so far), and `valid_loss` /
                 `valid_mean_token_accuracy` on the steps that were evaluated
 - `checkpoint`: `step`, `path`, `metrics`; `checkpoint_removed`: `step`, `path`
-- `done`:       `step`, `path` (the final adapter), `metrics`, `trained_tokens`
+- `done`:       `step`, `path` (the final adapter), `metrics`, `trained_tokens`, `elapsed_s`,
+                `train_seconds` and `tokens_per_s` (the loop alone, tokens of this run),
+                `peak_memory_gb` (the process's peak GPU allocation; null on CPU)
 - `error`:      `code`, `message`, `param` (what the job runner reports when a run fails)
 
 Each line is written whole and flushed, so a reader tailing the file (the job manager)

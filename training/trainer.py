@@ -80,10 +80,12 @@ def train(config: TrainConfig, events: EventLog, progress: bool = False) -> Trai
     loop = _Loop(config, model, optimizer, scheduler, batches, data, total, device, events, pad_id or 0)
     if config.resume_from is not None:
         loop.resume(config.resume_from)
+    tokens_before, loop_started = loop.tokens, time.monotonic()
     try:
         metrics = loop.run(progress, started)
     finally:
         loop.close()
+    speed = _throughput(loop.tokens - tokens_before, loop_started, device)
     final_meta = loop.metadata(loop.step, metrics)
     save_adapter(model, config.output, final_meta, servable=not config.use_dora)
     plot = _plot(events, config)
@@ -93,8 +95,23 @@ def train(config: TrainConfig, events: EventLog, progress: bool = False) -> Trai
         merged = merge_adapter(config.model, config.output, config.merge_to, dtype)
         events.message(f"merged model (base with the adapter folded in): {merged}")
     events.emit("done", step=loop.step, path=str(config.output), metrics=metrics, trained_tokens=loop.tokens,
-                elapsed_s=round(time.monotonic() - started, 2))
+                elapsed_s=round(time.monotonic() - started, 2), **speed)
     return TrainResult(config.output, loop.step, loop.tokens, metrics, loop.kept, plot)
+
+
+def _throughput(tokens: int, since: float, device: torch.device) -> dict[str, float | None]:
+    """The training loop's own speed (no loading, saving or merging) and the process's peak GPU memory.
+
+    What sizing a run needs: tokens per second to budget its time, the peak (weights, optimizer,
+    activations, logits) to pick a card. Peak memory is None on a CPU, where torch does not count it.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the last optimizer step may still be running
+    seconds = time.monotonic() - since
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"train_seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+            "peak_memory_gb": None if peak is None else round(peak, 3)}
 
 
 def _plot(events: EventLog, config: TrainConfig) -> Path | None:
