@@ -128,7 +128,11 @@ def run_training(model: Path, data: Path, out: Path, args: argparse.Namespace,
                "--seed", str(args.seed)]
     if quantize:
         command += ["--quantize", quantize]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    from training.run_guard import PARENT_PID_ENV
+
+    # The trainer dies with this process (a `timeout` around the run leaves no orphan holding the GPU).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+               **{PARENT_PID_ENV: str(os.getpid())})
     started = time.monotonic()
     log = out.with_suffix(".log")
     with open(log, "w", encoding="utf-8") as handle:
