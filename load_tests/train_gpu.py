@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 from load_tests.greedy_match import Step, compare_greedy  # noqa: E402
 from load_tests.model_dir import SPECIALS, corpus_words, write_model_dir, write_tokenizer  # noqa: E402
+from load_tests.train_gpu_report import summary, versions, write_report  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ANSWER = "Quiver serves many adapters from one base model"  # every word is one token of the tokenizer
@@ -284,55 +285,6 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def summary(result: dict[str, Any]) -> dict[str, Any]:
-    """The headline keys of OUT.json, from the per-run details."""
-    out: dict[str, Any] = {}
-    for run in ("bf16", "qlora"):
-        train = result["training"].get(run) or {}
-        out[f"{run}_tokens_per_s"] = train.get("tokens_per_s")
-        out[f"{run}_peak_memory_gb"] = train.get("peak_memory_gb")
-        served = result["serving"].get(run)
-        out[f"served_{run}_ok"] = None if served is None else served["ok"]
-    out["device"] = result["device"]
-    return out
-
-
-def write_report(out: Path, result: dict[str, Any]) -> None:
-    """OUT.json (everything) and OUT.md (a table and the command)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**summary(result), **result}, indent=2) + "\n")
-    lines = [f"# `quiver train` on {result['device']}: {result['shape']}, then served by Quiver", "",
-             "| run | tokens/s (loop) | tokens/s (steady) | peak GPU memory (GB) | train s | loss first → last "
-             "| served | matches PEFT | differs from base | learned answer |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for run in ("bf16", "qlora"):
-        train, served = result["training"].get(run), result["serving"].get(run)
-        if train is None or "error" in train:
-            why = f"skipped: {result['qlora_skipped']}" if train is None else "training failed (see OUT.json)"
-            lines.append(f"| {run} | {why} |  |  |  |  |  |  |  |  |")
-            continue
-        s = served or {}
-        if "error" in s:
-            s = {"answered": f"error: {s['error'][:80]}"}
-        lines.append(f"| {run} | {_fmt(train['tokens_per_s'])} | {_fmt(train['steady_tokens_per_s'])} | "
-                     f"{_fmt(train['peak_memory_gb'])} | {_fmt(train['train_seconds'])} | "
-                     f"{_fmt(train['first_loss'])} → {_fmt(train['last_loss'])} | {s.get('answered')} | "
-                     f"{s.get('match')} | {s.get('differs_from_base')} | {s.get('learned_answer')} |")
-    cfg = result["config"]
-    lines += ["", f"{cfg['steps']} steps of {cfg['batch_size']} × {cfg['seq_len']} tokens, LoRA rank {cfg['rank']} "
-              f"on all seven projections, lr {cfg['lr']}; greedy check over {cfg['check_tokens']} tokens, "
-              f"near-tie tolerance {cfg['tolerance']} nats. The QLoRA adapter is served (and its PEFT "
-              "reference run) on the bf16 base.", "", "Phases (s): "
-              + ", ".join(f"{k} {v}" for k, v in result["phases_s"].items()), "", "```", result["command"], "```", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
-    return "–" if value is None else str(value)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "load_tests" / "results" / "train-gpu",
@@ -378,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "training": {}, "serving": {},
         "config": {k: vars(args)[k] for k in ("steps", "batch_size", "seq_len", "examples", "lr", "rank",
                                               "check_tokens", "tolerance", "seed")},
-        "phases_s": {}, "versions": _versions(),
+        "phases_s": {}, "versions": versions(),
         "command": " ".join(["python", "load_tests/train_gpu.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     clock = time.monotonic()
@@ -429,18 +381,6 @@ def check_served(model: Path, adapters: dict[str, Path], tokenizer: Any, args: a
     base = compare_greedy(reference[""], served[""], args.tolerance)
     print(f"[train-gpu] base model against PEFT (information only): {base.outcome}, {base.detail}", flush=True)
     return checks
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found: dict[str, str | None] = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 if __name__ == "__main__":
