@@ -13,23 +13,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from server import routes_openai
-from server.auth import BearerAuth
-from server.console_routes import console_routes
-from server.errors import EXCEPTION_HANDLERS
-from server.hooks import EngineHooks
-from server.metrics import Metrics, RouteNames, metrics_route
-from server.middleware import (
+from server.http.auth import BearerAuth
+from server.http.console import console_routes
+from server.http.errors import EXCEPTION_HANDLERS
+from server.http.metrics import Metrics, RouteNames, metrics_route
+from server.http.middleware import (
     REQUEST_ID_HEADER,
     BodySizeLimit,
     ConcurrencyLimit,
-    Limits,
     MaxTokensCeiling,
     RequestContextMiddleware,
 )
+from server.limits import Limits
+from server.openai import routes as routes_openai
+from server.openai.hooks import EngineHooks
+from server.openai.tokenize import tokenize_routes
 from server.openapi import build_openapi
 from server.state import ServerState
-from server.tokenize_routes import tokenize_routes
 
 
 async def health(request: Request) -> Response:
@@ -110,7 +110,7 @@ def create_app(
     if limits.max_concurrent_requests:
         middleware.append(Middleware(ConcurrencyLimit, max_concurrent=limits.max_concurrent_requests))
     if limits.max_tokens:
-        middleware.append(Middleware(MaxTokensCeiling, ceiling=limits.max_tokens))
+        middleware.append(Middleware(MaxTokensCeiling, limits=limits))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
                     lifespan=lifespan)
     app.state.quiver = state

@@ -302,13 +302,13 @@ def _stateful_routes(args: argparse.Namespace, state: Any, admin_routes: list[An
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from server.admin.adapters import adapter_routes
     from server.app import create_app
-    from server.logging import configure_logging
-    from server.metrics import Metrics
-    from server.middleware import Limits
-    from server.routes_adapters import adapter_routes
-    from server.schemas import MAX_TOP_LOGPROBS
-    from server.shutdown import serve
+    from server.http.logging import configure_logging
+    from server.http.metrics import Metrics
+    from server.http.shutdown import serve
+    from server.limits import Limits
+    from server.openai.schemas import MAX_TOP_LOGPROBS
     from server.state import ServerState
 
     try:
@@ -322,7 +322,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if not 0 <= args.max_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"--max-logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {args.max_logprobs}")
         if args.tool_call_parser is not None:
-            from server.tool_parsers import parser_named
+            from server.openai.tool_parsers import parser_named
 
             parser_named(args.tool_call_parser)  # ValueError naming the known parsers
     except ValueError as exc:

@@ -15,17 +15,17 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.routing import BaseRoute, Route
 
-from server.routes_finetune import _JobCreate
-from server.routes_seekrai import (
-    _DeploymentCreate,
-    _FineTuneCreate,
-    _Infrastructure,
-    _LoRA,
-    _ProjectCreate,
-    _TrainingConfig,
+from server.finetune.routes import JobCreate
+from server.openai.schemas import ChatCompletionRequest, CompletionRequest
+from server.openai.tokenize import Detokenize, TokenizeChat, TokenizeCompletion
+from server.seekrflow.bodies import (
+    DeploymentCreate,
+    FineTuneCreate,
+    InfrastructureConfig,
+    LoRAConfig,
+    ProjectCreate,
+    TrainingConfig,
 )
-from server.schemas import ChatCompletionRequest, CompletionRequest
-from server.tokenize_routes import Detokenize, TokenizeChat, TokenizeCompletion
 
 _REF_TEMPLATE = "#/components/schemas/{model}"
 _SQL_MAX = 2**63 - 1  # the largest id, offset or count the `/v1/flow` routes take (SQLite's INTEGER)
@@ -37,13 +37,13 @@ _MODELS: dict[type[BaseModel], str] = {
     TokenizeCompletion: "TokenizeCompletionRequest",
     TokenizeChat: "TokenizeChatRequest",
     Detokenize: "DetokenizeRequest",
-    _JobCreate: "FineTuningJobCreate",
-    _ProjectCreate: "FlowProjectCreate",
-    _DeploymentCreate: "FlowDeploymentCreate",
-    _FineTuneCreate: "FlowFineTuneCreate",
-    _TrainingConfig: "FlowTrainingConfig",
-    _LoRA: "FlowLoRAConfig",
-    _Infrastructure: "FlowInfrastructureConfig",
+    JobCreate: "FineTuningJobCreate",
+    ProjectCreate: "FlowProjectCreate",
+    DeploymentCreate: "FlowDeploymentCreate",
+    FineTuneCreate: "FlowFineTuneCreate",
+    TrainingConfig: "FlowTrainingConfig",
+    LoRAConfig: "FlowLoRAConfig",
+    InfrastructureConfig: "FlowInfrastructureConfig",
 }
 
 _ERROR_SCHEMA: dict[str, Any] = {

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from server.errors import APIError, model_not_found, not_ready
-from server.protocol import now
-from server.schemas import MAX_TOP_LOGPROBS
+from server.http.errors import APIError, model_not_found, not_ready
+from server.limits import MAX_TOP_LOGPROBS
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ class ServerState:
         self._load_task: asyncio.Task[None] | None = None
         self.ready = False
         self.load_error: str | None = None
-        self.created = now()
-        self.structured: Any = None  # server.structured.StructuredOutputs, built on first use
+        self.created = int(time.time())
+        self.structured: Any = None  # server.openai.structured.StructuredOutputs, built on first use
         self.max_logprobs = MAX_TOP_LOGPROBS  # --max-logprobs: most alternatives per token a request gets
         self.tool_call_parser: str | None = None  # --tool-call-parser; None: the chat template decides
         self._startup_hooks: list[StartupHook] = []

@@ -15,12 +15,12 @@ from typing import Any
 
 from starlette.routing import BaseRoute
 
-from server.adapter_journal import journaled, restore_on_ready
-from server.deployments import Deployments
-from server.jobs_bridge import JobBridge
-from server.responses import responses_routes
-from server.routes_finetune import finetune_routes
-from server.routes_seekrai import seekrai_routes
+from server.admin.journal import journaled, restore_on_ready
+from server.finetune.jobs_bridge import JobBridge
+from server.finetune.routes import finetune_routes
+from server.openai.responses import responses_routes
+from server.seekrflow.deployments import Deployments
+from server.seekrflow.routes import seekrai_routes
 from server.state import ServerState
 from server.store import Store
 
@@ -35,7 +35,7 @@ def stateful_routes(state: ServerState, admin_routes: Sequence[BaseRoute], *, jo
 
     base_model:  what jobs fine-tune (the path or hub id the engine loads); model_name: its served name.
     state_db:    the SQLite file (default `jobs_dir/state.sqlite3`).
-    metrics:     the app's `server.metrics.Metrics`, which then reports jobs by state.
+    metrics:     the app's `server.http.metrics.Metrics`, which then reports jobs by state.
     job_options: passed to `training.jobs.JobManager` (max_concurrent, train_args, env, ...).
     """
     jobs_dir = Path(jobs_dir)

@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
+from server.admin.adapters import adapter_routes
 from server.app import create_app
-from server.metrics import Metrics
-from server.routes_adapters import adapter_routes
+from server.http.metrics import Metrics
 from server.state import ServerState
 from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
 from training.jobs import JobManager

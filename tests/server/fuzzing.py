@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from adapters.config import AdapterConfig
+from server.admin.adapters import adapter_routes
 from server.app import create_app
-from server.routes_adapters import adapter_routes
 from server.state import ServerState
 from server.wiring import stateful_routes
 from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME, LiveServer, engine_config

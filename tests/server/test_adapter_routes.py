@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from adapters.config import AdapterConfig
+from server.admin.adapters import adapter_routes
 from server.app import create_app
-from server.routes_adapters import adapter_routes
 from server.state import ServerState
 from tests.adapters.lora_dirs import break_adapter, model_dims, one_torch_thread, write_lora_dir
 from tests.adapters.test_sources import _hub_cache
@@ -338,7 +338,7 @@ def test_reserved_adapter_names_are_409(env: Env, name: str) -> None:
 
 
 def test_restored_root_adapters_are_checked_as_client_sources(tmp_path: Path) -> None:
-    from server.adapter_journal import _register_again
+    from server.admin.journal import _register_again
 
     class Recorder:
         adapter_config = AdapterConfig(adapter_root=tmp_path)

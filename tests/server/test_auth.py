@@ -12,9 +12,9 @@ import openai
 import pytest
 from starlette.datastructures import Headers
 
+from server.admin.adapters import adapter_routes
 from server.app import create_app
-from server.auth import bearer_token, is_admin_path
-from server.routes_adapters import adapter_routes
+from server.http.auth import bearer_token, is_admin_path
 from server.state import ServerState
 from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
 

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from server.admin.adapters import adapter_routes
 from server.app import create_app
-from server.routes_adapters import adapter_routes
 from server.state import ServerState
 from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
 from tests.server.helpers import MESSAGES

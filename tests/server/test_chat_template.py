@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from server.chat import CHATML_TEMPLATE, apply_chat_template
-from server.errors import APIError
-from server.schemas import ChatMessage
+from server.http.errors import APIError
+from server.openai.chat_template import CHATML_TEMPLATE, apply_chat_template
+from server.openai.schemas import ChatMessage
 from tests.factories import build_tokenizer
 
 

@@ -32,9 +32,9 @@ from starlette.testclient import TestClient
 from adapters.config import AdapterConfig
 from engine.config import EngineConfig
 from engine.demo import DEMO_MODEL_NAME, ensure_demo_bundle
+from server.admin.adapters import adapter_routes
 from server.app import create_app
-from server.console_routes import CONTENT_TYPES, console_files
-from server.routes_adapters import adapter_routes
+from server.http.console import CONTENT_TYPES, console_files
 from server.state import ServerState
 from server.wiring import stateful_routes
 from tests.server.conftest import LiveServer

@@ -14,10 +14,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from engine.errors import AdapterFailedError
+from server.admin.adapters import adapter_routes
 from server.app import create_app
-from server.errors import APIError
-from server.routes_adapters import adapter_routes
-from server.seekrai_chat import _to_openai
+from server.http.errors import APIError
+from server.seekrflow.chat import _to_openai
 from server.state import ServerState
 from server.wiring import stateful_routes
 from tests.server.fake_engine import FakeEngine

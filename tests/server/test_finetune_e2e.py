@@ -16,8 +16,8 @@ from openai import OpenAI
 
 from engine.config import EngineConfig
 from engine.demo import DEMO_MODEL_NAME, ensure_demo_bundle
+from server.admin.adapters import adapter_routes
 from server.app import create_app
-from server.routes_adapters import adapter_routes
 from server.state import ServerState
 from server.wiring import stateful_routes
 from tests.server.conftest import LiveServer

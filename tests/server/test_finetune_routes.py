@@ -15,7 +15,7 @@ import pytest
 from openai import OpenAI
 
 from server.app import create_app
-from server.routes_finetune import FORM_OVERHEAD_BYTES, finetune_routes
+from server.finetune.routes import FORM_OVERHEAD_BYTES, finetune_routes
 from server.state import ServerState
 from server.wiring import stateful_routes
 from tests.server.conftest import LiveServer

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
-from server.middleware import Limits
+from server.limits import Limits
 from server.state import ServerState
 from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
 

@@ -16,7 +16,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from server.app import create_app
-from server.logging import JsonFormatter, RequestContext, RequestIdFilter, configure_logging, current_request
+from server.http.logging import (
+    JsonFormatter,
+    RequestContext,
+    RequestIdFilter,
+    configure_logging,
+    current_request,
+)
 from server.state import ServerState
 
 

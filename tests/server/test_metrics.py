@@ -15,12 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.errors import EngineOverloadedError
 from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
+from server.admin.adapters import adapter_routes
 from server.app import create_app
-from server.engine_view import EngineCollector, EngineView, _gpu_memory
-from server.hooks import EngineHooks
-from server.metrics import OTHER, AdapterLabels, Metrics
-from server.middleware import Limits
-from server.routes_adapters import adapter_routes
+from server.http.engine_view import EngineCollector, EngineView, _gpu_memory
+from server.http.metrics import OTHER, AdapterLabels, Metrics
+from server.limits import Limits
+from server.openai.hooks import EngineHooks
 from server.state import ServerState
 from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
 

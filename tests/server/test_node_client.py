@@ -26,7 +26,7 @@ from openai import OpenAI
 
 from engine.demo import default_cache_dir
 from server.app import create_app
-from server.responses import responses_routes
+from server.openai.responses import responses_routes
 from server.state import ServerState
 from server.store import Store
 from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME, LiveServer, engine_config

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.errors import APIError, from_validation_error
-from server.params import build_sampling_params, parse_logit_bias, resolve_max_tokens
-from server.schemas import ChatCompletionRequest, CompletionRequest
+from server.http.errors import APIError, from_validation_error
+from server.limits import budget
+from server.openai.params import build_sampling_params, parse_logit_bias
+from server.openai.schemas import FIELD_NAMES, ChatCompletionRequest, CompletionRequest
 
 
 def test_null_means_default_and_extra_fields_are_kept():
@@ -32,7 +33,7 @@ def test_stop_list_drops_empty_strings():
 def test_validation_error_param_names_the_field_not_the_union_member():
     with pytest.raises(ValidationError) as info:
         ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5})
-    error = from_validation_error(info.value)
+    error = from_validation_error(info.value, FIELD_NAMES)
     assert error.status == 400 and error.param == "stop"
 
 
@@ -42,11 +43,11 @@ def test_logit_bias_and_context_checks():
         with pytest.raises(APIError) as info:
             parse_logit_bias(bad, vocab_size=10)
         assert info.value.status == 400 and info.value.param == "logit_bias"
-    assert resolve_max_tokens(None, 10, 32, "messages") == 22
-    assert resolve_max_tokens(5, 10, 32, "messages") == 5
+    assert budget(None, 10, 32, "messages") == 22
+    assert budget(5, 10, 32, "messages") == 5
     for wanted, prompt_len in ((23, 10), (None, 32)):
         with pytest.raises(APIError) as info:
-            resolve_max_tokens(wanted, prompt_len, 32, "messages")
+            budget(wanted, prompt_len, 32, "messages")
         assert info.value.code == "context_length_exceeded"
 
 
@@ -71,7 +72,7 @@ def _chat_body(**fields):
 def test_strict_types_and_bounds_are_400s_naming_the_field(field, value):
     with pytest.raises(ValidationError) as info:
         ChatCompletionRequest.model_validate(_chat_body(**{field: value}))
-    error = from_validation_error(info.value)
+    error = from_validation_error(info.value, FIELD_NAMES)
     assert error.status == 400 and (error.param == field or error.param.startswith(field + ".")), error.param
 
 

@@ -6,7 +6,7 @@ import json
 import math
 
 from engine.outputs import TokenLogprob
-from server import protocol
+from server.openai import protocol
 
 
 class _Decoder:

@@ -19,9 +19,9 @@ from openai.types.responses import Response
 from pydantic import BaseModel
 
 from server.app import create_app
-from server.middleware import Limits
-from server.responses import responses_routes
-from server.responses_output import ResponseBuilder, ResponseDraft
+from server.limits import Limits
+from server.openai.responses import responses_routes
+from server.openai.responses_output import ResponseBuilder, ResponseDraft
 from server.state import ServerState
 from server.store import Store
 from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME, LiveServer, engine_config

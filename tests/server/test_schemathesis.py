@@ -17,7 +17,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 
-from server import routes_openai  # noqa: E402
+from server.openai import routes as routes_openai  # noqa: E402
 from server.openapi import build_openapi  # noqa: E402
 from tests.server.conftest import MODEL_NAME, LiveServer  # noqa: E402
 from tests.server.fuzzing import GENERATION, MODES, Known, assert_not_a_server_error, cases  # noqa: E402

@@ -290,7 +290,7 @@ print(json.dumps({"epochs": epochs, "losses": losses}))
 
 def test_the_seekrflow_loss_plot_snippet_reads_a_finished_jobs_events(
         seekrai_python: str, tiny_model_factory: Any, tmp_path: Path) -> None:
-    from server import seekrai_shapes as shapes
+    from server.seekrflow import shapes as shapes
     from training.jobs import JobManager
 
     manager = JobManager(tmp_path, base_model=str(tiny_model_factory("llama")), model_name="tiny",

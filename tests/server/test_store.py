@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from server.adapter_journal import journaled, restore_on_ready
+from server.admin.adapters import adapter_routes
+from server.admin.journal import journaled, restore_on_ready
 from server.app import create_app
-from server.routes_adapters import adapter_routes
 from server.state import ServerState
 from server.store import SCHEMA_VERSION, Store, StoreError
 from tests.server.fake_engine import FakeEngine

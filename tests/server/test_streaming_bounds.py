@@ -14,12 +14,12 @@ from typing import Any
 import h11
 import pytest
 
-import server.routes_openai
+import server.openai.pipeline
 from engine.outputs import RequestDelta, TokenLogprob
 from engine.sampling_params import SamplingParams
 from server.app import create_app
-from server.errors import APIError
-from server.generation import ChoiceRequest, MergedGeneration
+from server.http.errors import APIError
+from server.openai.generation import ChoiceRequest, MergedGeneration
 from server.state import ServerState
 from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
 
@@ -147,7 +147,7 @@ def test_a_stalled_reader_gets_merged_deltas_with_the_same_text(live: LiveServer
 
 def test_a_reader_too_far_behind_is_cut_off_and_its_requests_aborted(live: LiveServer,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server.routes_openai, "MAX_UNREAD_ENTRIES", 2000)
+    monkeypatch.setattr(server.openai.pipeline, "MAX_UNREAD_ENTRIES", 2000)
     n, max_tokens = 4, 480
     stream = _RawStream(live, {**STREAM, "n": n, "max_tokens": max_tokens, "logprobs": True, "top_logprobs": 20})
     begun = time.monotonic()

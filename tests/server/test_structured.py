@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 import torch
 
-from server.structured import MAX_INDENT_SPACES, JSONLogitsProcessor, StructuredOutputs
+from server.openai.structured import MAX_INDENT_SPACES, JSONLogitsProcessor, StructuredOutputs
 from tests.factories import build_tokenizer
 from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME
 from tests.server.helpers import joined_stream

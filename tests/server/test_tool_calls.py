@@ -14,10 +14,10 @@ from pydantic import BaseModel, Field
 
 from engine.async_engine import AsyncEngine
 from server.app import create_app
-from server.chat import apply_chat_template
-from server.schemas import ChatCompletionRequest
+from server.openai.chat_template import apply_chat_template
+from server.openai.schemas import ChatCompletionRequest
+from server.openai.tools import parser_for, plan_tools
 from server.state import ServerState
-from server.tools import parser_for, plan_tools
 from tests.factories import build_tokenizer
 from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME, LiveServer, engine_config
 
@@ -302,7 +302,7 @@ def test_demo_tools_adapter_calls_its_tool_on_auto_and_answers_otherwise(demo_li
 
 def test_demo_tool_prompt_is_the_servers_fallback_prompt():
     from engine.demo import DEMO_TOOL, tool_call_text, tool_system_prompt
-    from server.tool_parsers import parser_named
+    from server.openai.tool_parsers import parser_named
 
     hermes = parser_named("hermes")
     request_tool = ChatCompletionRequest.model_validate({"messages": MESSAGES, "tools": [DEMO_TOOL]}).tools[0]

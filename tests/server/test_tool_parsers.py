@@ -8,7 +8,7 @@ import llguidance
 import llguidance.hf
 import pytest
 
-from server.tool_parsers import PARSERS, detect_parser, parser_named
+from server.openai.tool_parsers import PARSERS, detect_parser, parser_named
 from tests.factories import build_tokenizer
 
 WEATHER = '{"city": "Paris", "days": [1, {"note": "a } and a \\" inside"}]}'

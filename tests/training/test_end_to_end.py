@@ -19,8 +19,8 @@ from engine.config import EngineConfig
 from engine.demo import ensure_demo_bundle
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from server.errors import EXCEPTION_HANDLERS
-from server.routes_finetune import finetune_routes
+from server.finetune.routes import finetune_routes
+from server.http.errors import EXCEPTION_HANDLERS
 from tests.server.conftest import LiveServer
 from training.jobs import JobManager
 

@@ -373,7 +373,7 @@ def test_job_route_takes_the_new_hyperparameters_and_400s_bad_ones(tmp_path, mod
     from starlette.testclient import TestClient
 
     from server.app import create_app
-    from server.routes_finetune import finetune_routes
+    from server.finetune.routes import finetune_routes
     from server.state import ServerState
     from training.jobs import JobManager
 
@@ -410,7 +410,7 @@ def test_job_route_takes_the_new_hyperparameters_and_400s_bad_ones(tmp_path, mod
 
 def test_seekrflow_training_config_carries_the_new_flags_as_extra_fields() -> None:
     # SeekrFlow's TrainingConfig has no fields for these; the SDK sends extra fields through.
-    from server.routes_seekrai import _TrainingConfig
+    from server.seekrflow.bodies import TrainingConfig as _TrainingConfig
 
     config = _TrainingConfig(training_files=["file-1"], model="m", n_epochs=2, packing=True, neftune_alpha=5,
                              val_split=0.2, early_stopping_patience=1, merge=True, colour="red")

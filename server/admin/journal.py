@@ -1,0 +1,96 @@
+"""Adapters registered, pinned or deleted over the admin API survive a restart.
+
+The admin routes change the engine's registry, the one source of truth while the server runs;
+each change that succeeded is also written to the store, and when the next server's engine is
+ready the same adapters are registered again and the same ones pinned. The routes themselves
+stay unaware of this: their endpoints are wrapped, and only a successful answer is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from server.state import ServerState
+from server.store import Store
+
+logger = logging.getLogger(__name__)
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def journaled(routes: list[BaseRoute], store: Store) -> list[BaseRoute]:
+    """`routes` (from `server.admin.adapters`) with their changes written to `store`."""
+    recorders: dict[tuple[str, str], Callable[[Request, dict[str, Any]], None]] = {
+        ("/v1/adapters", "POST"): lambda request, body: store.remember_adapter(body["id"], body["source"]),
+        ("/v1/adapters/{name}", "DELETE"): lambda request, body: store.forget_adapter(body["id"]),
+        ("/v1/adapters/{name}/promote", "POST"): lambda request, body: store.set_pinned(body["id"], True),
+        ("/v1/adapters/{name}/demote", "POST"): lambda request, body: store.set_pinned(body["id"], False),
+    }
+    out: list[BaseRoute] = []
+    for route in routes:
+        methods = sorted((route.methods or set()) - {"HEAD"}) if isinstance(route, Route) else []
+        record = recorders.get((route.path, methods[0])) if len(methods) == 1 else None  # type: ignore[attr-defined]
+        if record is None:
+            out.append(route)
+        else:
+            out.append(Route(route.path, _recording(route.endpoint, record), methods=methods,  # type: ignore[attr-defined]
+                             name=route.name))  # type: ignore[attr-defined]
+    return out
+
+
+def _recording(endpoint: Endpoint, record: Callable[[Request, dict[str, Any]], None]) -> Endpoint:
+    async def wrapped(request: Request) -> Response:
+        response = await endpoint(request)
+        if 200 <= response.status_code < 300:
+            body = json.loads(bytes(response.body))
+            await asyncio.to_thread(record, request, body)
+        return response
+
+    return wrapped
+
+
+def restore_on_ready(state: ServerState, store: Store) -> None:
+    """Register the journaled adapters and pin the pinned ones once the engine is ready."""
+
+    async def restore(engine: Any) -> None:
+        for record in await asyncio.to_thread(store.adapters):
+            if record.deleted:
+                continue
+            try:
+                if record.source is not None and not engine.has_adapter(record.name):
+                    await _register_again(engine, record.name, record.source)
+                if record.pinned and engine.has_adapter(record.name):
+                    await engine.promote_adapter(record.name)
+            except Exception as exc:  # the others still come back
+                logger.warning("could not restore adapter %s: %s", record.name, exc)
+
+    state.add_hooks(ready=restore)
+
+
+async def _register_again(engine: Any, name: str, source: str) -> None:
+    # A directory from the adapter root was registered by a client: it is checked again as a
+    # client's source (still inside the root, its files too), not trusted as the operator's.
+    config = getattr(engine, "adapter_config", None)
+    root = getattr(config, "adapter_root", None)
+    if root is not None and Path(source).is_absolute():
+        relative = _relative_to(Path(source), Path(root))
+        if relative is not None:
+            await engine.register_adapter(name, relative)
+            return
+    await engine.add_adapter(name, source)
+
+
+def _relative_to(path: Path, root: Path) -> str | None:
+    try:
+        return str(path.relative_to(root.resolve()))
+    except (ValueError, OSError):
+        return None
