@@ -26,7 +26,6 @@ from server.http.middleware import (
 )
 from server.limits import Limits
 from server.openai import routes as routes_openai
-from server.openai.hooks import EngineHooks
 from server.openai.tokenize import tokenize_routes
 from server.openapi import build_openapi
 from server.state import ServerState
@@ -64,16 +63,15 @@ def create_app(
     """
     limits = limits or Limits()
     metrics = metrics or Metrics()
-    hooks = EngineHooks(limits, metrics)
+    state.limits, state.metrics = limits, metrics  # the generation pipeline reads them per request
 
-    async def install_hooks(engine: object) -> None:
-        hooks.install(engine)
+    async def freeze(engine: object) -> None:
         # What loading the model allocated stays for good: out of the collector's sight, a full
         # collection walks only what requests allocate, instead of stalling the event loop for
         # as long as it takes to walk the whole process (~0.1 s per 400k objects).
         gc.freeze()
 
-    state.add_hooks(ready=install_hooks)
+    state.add_hooks(ready=freeze)
     async def openapi(request: Request) -> Response:
         return JSONResponse(document)
 

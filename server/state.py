@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from server.http.errors import APIError, model_not_found, not_ready
-from server.limits import MAX_TOP_LOGPROBS
+from server.limits import MAX_TOP_LOGPROBS, Limits
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class ServerState:
         self.structured: Any = None  # server.openai.structured.StructuredOutputs, built on first use
         self.max_logprobs = MAX_TOP_LOGPROBS  # --max-logprobs: most alternatives per token a request gets
         self.tool_call_parser: str | None = None  # --tool-call-parser; None: the chat template decides
+        self.limits = Limits()  # what every generation is held to (create_app sets the app's)
+        self.metrics: Any = None  # server.http.metrics.Metrics every generation reports to (None: none)
         self._startup_hooks: list[StartupHook] = []
         self._ready_hooks: list[ReadyHook] = []
         self._shutdown_hooks: list[StartupHook] = []

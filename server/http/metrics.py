@@ -1,7 +1,7 @@
 """Prometheus metrics, served on `GET /metrics` from a registry private to one app.
 
 Two kinds of metrics:
-- per request, recorded as requests run (server/hooks.py): requests by adapter and
+- per request, recorded as requests run (server/openai/metered.py): requests by adapter and
   outcome, time to first token, inter-token latency, end-to-end latency, queue time,
   prompt and generated tokens; and HTTP requests by route and status;
 - engine state, read only when scraped (server/engine_view.py), so the hot path pays nothing.

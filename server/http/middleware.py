@@ -3,8 +3,9 @@
 All pure ASGI (never Starlette's BaseHTTPMiddleware), so streamed bodies and client
 disconnects pass straight through. Refusals use the OpenAI error envelope: 413 for a body
 over the limit, 429 with Retry-After when the generation routes are at their concurrency
-cap, 400 for a `max_tokens` over the ceiling. The prompt-token limit and the ceiling's
-default need the tokenized request and live with the engine hooks (server/hooks.py).
+cap, 400 for a `max_tokens` over the ceiling. Every limit is decided in server/limits.py; the
+prompt-token limit and the ceiling's default need the tokenized request and are applied around
+the engine call (server/openai/metered.py).
 """
 
 from __future__ import annotations

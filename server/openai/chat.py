@@ -76,7 +76,7 @@ async def start_chat(request: Request, state: ServerState, plan: ChatPlan) -> pi
                for i in range(req.n)]
     meta = pipeline.new_meta(completion_id, plan.model, engine, plan.params, len(plan.prompt_ids),
                              top_logprobs=plan.top_logprobs, include_usage=req.include_usage())
-    return await pipeline.run(request, engine, choices, meta, req.stream)
+    return await pipeline.run(request, state, choices, meta, req.stream)
 
 
 def _plan(state: ServerState, body: dict[str, Any]) -> ChatPlan:

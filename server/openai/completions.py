@@ -123,7 +123,7 @@ async def completions(request: Request) -> Response:
                              top_logprobs=req.logprobs, include_usage=req.include_usage(), echo_texts=echo_texts,
                              echo_prompt_ids=echo_prompt_ids)
     try:
-        started = await pipeline.run(request, engine, choice_requests, meta, req.stream)
+        started = await pipeline.run(request, state, choice_requests, meta, req.stream)
     except ClientDisconnected:
         return Response(status_code=pipeline.CLIENT_CLOSED)
     if req.stream:

@@ -26,6 +26,7 @@ from server.openai.generation import (
     MergedGeneration,
     unless_disconnected,
 )
+from server.openai.metered import MeteredEngine
 from server.openai.protocol import ChoiceState, ResponseMeta
 from server.openai.schemas import ResponseFormat
 from server.openai.streaming import failed_delta_error
@@ -76,15 +77,17 @@ async def format_processors(state: ServerState, engine: Any, response_format: Re
     return await asyncio.to_thread(structured_outputs(state, engine).processors, schema, count)
 
 
-async def run(request: Request, engine: Any, choices: Sequence[ChoiceRequest], meta: ResponseMeta,
+async def run(request: Request, state: ServerState, choices: Sequence[ChoiceRequest], meta: ResponseMeta,
               stream: bool) -> Run:
     """Start the engine requests and wait until the response status is known (errors become statuses).
 
     A stream starts at the first delta of any choice: what fails a request (its adapter, the
     queue limit, the prompt) fails it before any choice runs, while its last choices may wait
     for its first ones to finish (more choices than --max-num-seqs) and the client must not.
+    The engine is called through `MeteredEngine`: the server's limits first, its metrics around it.
     Raises ClientDisconnected when the client left first.
     """
+    engine = MeteredEngine(state.require_engine(), state.limits, state.metrics)
     gen = MergedGeneration(engine, list(choices), max_unread=MAX_UNREAD_ENTRIES if stream else None)
     gen.start()
     try:

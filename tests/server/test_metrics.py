@@ -20,7 +20,7 @@ from server.app import create_app
 from server.http.engine_view import EngineCollector, EngineView, _gpu_memory
 from server.http.metrics import OTHER, AdapterLabels, Metrics
 from server.limits import Limits
-from server.openai.hooks import EngineHooks
+from server.openai.metered import MeteredEngine
 from server.state import ServerState
 from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
 
@@ -184,7 +184,7 @@ class _FakeEngine:
             yield RequestDelta(request_id, [i], "x", finish_reason="length" if i == self.tokens - 1 else None)
 
 
-def _drive(engine: _FakeEngine, adapter: str | None, stop_after: int | None = None) -> None:
+def _drive(engine: Any, adapter: str | None, stop_after: int | None = None) -> None:
     async def run() -> None:
         stream = engine.generate("r", [1, 2, 3], SamplingParams(max_tokens=5), adapter=adapter)
         try:
@@ -199,19 +199,20 @@ def _drive(engine: _FakeEngine, adapter: str | None, stop_after: int | None = No
     asyncio.run(run())
 
 
-def test_outcomes_and_the_label_cap_through_the_hooks() -> None:
+def test_outcomes_and_the_label_cap_through_the_metered_engine() -> None:
     metrics = Metrics(max_adapter_labels=2)
     engine = _FakeEngine()
-    EngineHooks(Limits(), metrics).install(engine)
+    metered = MeteredEngine(engine, Limits(), metrics)
     for adapter in ("a", None, "c", "d"):
-        _drive(engine, adapter)
-    _drive(engine, "a", stop_after=1)
+        _drive(metered, adapter)
+    _drive(metered, "a", stop_after=1)
     engine.fail = EngineOverloadedError("full")
     with pytest.raises(EngineOverloadedError):
-        _drive(engine, "a")
+        _drive(metered, "a")
     engine.fail = RuntimeError("boom")
     with pytest.raises(RuntimeError):
-        _drive(engine, "a")
+        _drive(metered, "a")
+    assert engine.generate.__func__ is _FakeEngine.generate  # type: ignore[attr-defined]  # never patched
     samples = parse(generate_latest(metrics.registry).decode())
     assert value(samples, "quiver_requests_total", adapter="a", outcome="length") == 1
     assert value(samples, "quiver_requests_total", adapter="base", outcome="length") == 1

@@ -1,11 +1,10 @@
-"""What the server adds around `engine.generate`: the limits that need the tokenized request, and
-per-request metrics.
+"""The engine as the routes call it: the limits that need the tokenized request, then the engine's
+`generate`, with per-request metrics observed around it.
 
-Every route reaches the engine through `engine.generate(request_id, prompt_token_ids, params,
-adapter=..., logits_processor=...)`, so wrapping that one call sees every generation however
-the request was shaped (chat, legacy completions, n choices). `EngineHooks.install(engine)`
-wraps it on the engine instance, once, when the engine is ready (a `ServerState` ready hook:
-an engine built in the background only exists after the server started).
+Every route reaches the engine through `MergedGeneration` (server.openai.generation), which
+the pipeline hands a `MeteredEngine` instead of the engine itself: every generation is limited
+and counted however the request was shaped (chat, legacy completions, n choices, SeekrFlow), and
+the engine object is never patched.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from engine.errors import (
@@ -30,8 +29,6 @@ from server.http.logging import current_request
 from server.http.metrics import Metrics
 from server.limits import Limits
 
-Generate = Callable[..., AsyncIterator[RequestDelta]]
-
 
 def _outcome_of(exc: BaseException) -> str:
     if isinstance(exc, EngineOverloadedError | AdapterUnavailableError):
@@ -45,27 +42,22 @@ def _outcome_of(exc: BaseException) -> str:
     return "cancelled"  # CancelledError or GeneratorExit: the caller went away
 
 
-class EngineHooks:
-    """Limits first (they refuse before the engine sees the request), then metrics (None: none)."""
+class MeteredEngine:
+    """`generate` and `abort` of `engine`: limits first (they refuse before the engine sees the
+    request), then the engine's stream, metrics observed on it (`metrics` None: none)."""
 
-    def __init__(self, limits: Limits, metrics: Metrics | None = None) -> None:
+    def __init__(self, engine: Any, limits: Limits, metrics: Metrics | None = None) -> None:
+        self.engine = engine
         self.limits = limits
         self.metrics = metrics
-        self._engine: Any = None
 
-    def install(self, engine: Any) -> None:
-        """Wrap `engine.generate` (a no-op for the engine already wrapped)."""
-        if engine is self._engine:
-            return
-        original: Generate = engine.generate
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 adapter: str | None = None, **options: Any) -> AsyncIterator[RequestDelta]:
+        label = adapter or self.engine.model_name
+        return self._generate(label, request_id, prompt_token_ids, params, adapter, options)
 
-        def generate(request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                     adapter: str | None = None, **options: Any) -> AsyncIterator[RequestDelta]:
-            label = adapter or engine.model_name
-            return self._generate(original, label, request_id, prompt_token_ids, params, adapter, options)
-
-        engine.generate = generate
-        self._engine = engine
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
 
     def _limit(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
         self.limits.check_prompt(len(prompt_token_ids))
@@ -74,7 +66,7 @@ class EngineHooks:
         max_tokens = self.limits.capped(params.max_tokens)
         return params if max_tokens == params.max_tokens else dataclasses.replace(params, max_tokens=max_tokens)
 
-    async def _generate(self, original: Generate, adapter_name: str, request_id: str, prompt_token_ids: list[int],
+    async def _generate(self, adapter_name: str, request_id: str, prompt_token_ids: list[int],
                         params: SamplingParams, adapter: str | None, options: dict[str, Any],
                         ) -> AsyncIterator[RequestDelta]:
         metrics = self.metrics
@@ -89,7 +81,7 @@ class EngineHooks:
         stream: Any = None
         try:
             params = self._limit(prompt_token_ids, params)
-            stream = original(request_id, prompt_token_ids, params, adapter=adapter, **options)
+            stream = self.engine.generate(request_id, prompt_token_ids, params, adapter=adapter, **options)
             if inspect.isawaitable(stream):
                 stream = await stream
             async for delta in stream:
