@@ -23,6 +23,7 @@ from server.app import create_app
 from server.state import ServerState
 from tests.adapters.lora_dirs import break_adapter, model_dims, one_torch_thread, write_lora_dir
 from tests.adapters.test_sources import _hub_cache
+from tests.eventually import eventually
 from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
 
 GOOD = [f"good-{i}" for i in range(6)]
@@ -250,8 +251,8 @@ def test_promote_demote_delete_under_traffic(env: Env) -> None:
     assert infos["good-1"]["gpu_evictions"] == pinned["gpu_evictions"]
     assert infos["good-1"]["host_evictions"] == pinned["host_evictions"]
     assert env.http.post("/v1/adapters/good-1/demote").json()["state"] in ("gpu", "host", "registered")
-    time.sleep(0.1)
-    assert all(count == 0 for count in env.live.engine.adapter_refcounts().values())
+    eventually(lambda: all(count == 0 for count in env.live.engine.adapter_refcounts().values()),
+               what="every request released its adapter")
 
 
 def test_delete_waits_for_requests_in_flight(env: Env) -> None:
@@ -262,17 +263,17 @@ def test_delete_waits_for_requests_in_flight(env: Env) -> None:
     gate = threading.Event()
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(_complete, env.http, victim, 40)
-        _wait_for(lambda: engine.adapter_refcounts().get(victim) == 1)
+        eventually(lambda: engine.adapter_refcounts().get(victim) == 1, what="the victim's request holds it")
         # Hold the engine thread between two steps, so the delete surely meets the request in flight.
         engine._post(lambda core: gate.wait(10), None)
         deleting = pool.submit(env.http.delete, f"/v1/adapters/{victim}")
-        _wait_for(lambda: engine._inbox.qsize() > 0)
+        eventually(lambda: engine._inbox.qsize() > 0, what="the delete is queued")
         gate.set()
         deleted = deleting.result()
         assert deleted.status_code == 200 and deleted.json()["in_flight"] == 1
         assert _complete(env.http, victim).status_code == 404
         assert _text(running.result()) == long_ref
-    _wait_for(lambda: engine.stats()["adapter_refcount_total"] == 0)
+    eventually(lambda: engine.stats()["adapter_refcount_total"] == 0, what="no adapter held")
 
 
 def test_hostile_target_regex_is_400_and_spares_health_and_other_adapters(
@@ -357,13 +358,6 @@ def test_restored_root_adapters_are_checked_as_client_sources(tmp_path: Path) ->
     for name, source in [("a", str(tmp_path.resolve() / "ada")), ("b", str(outside)), ("c", "hf://org/x")]:
         asyncio.run(_register_again(engine, name, source))
     assert engine.calls == [("client", "a", "ada"), ("operator", "b", str(outside)), ("operator", "c", "hf://org/x")]
-
-
-def _wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_cli_adapter_flags() -> None:

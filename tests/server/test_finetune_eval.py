@@ -3,13 +3,13 @@ answer the validation prompts in-process, and the scores arrive as an `eval` eve
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from engine.demo import DEMO_MODEL_NAME
+from tests.eventually import eventually
 from tests.server.conftest import LiveServer
 from tests.server.test_finetune_e2e import EXAMPLES, _start
 
@@ -23,16 +23,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     server.stop()
 
 
-def _eventually(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
 def test_a_job_with_a_validation_file_reports_eval_scores(live: LiveServer, tmp_path: Path) -> None:
     client = live.client()
@@ -44,7 +34,7 @@ def test_a_job_with_a_validation_file_reports_eval_scores(live: LiveServer, tmp_
     job = client.fine_tuning.jobs.create(model=DEMO_MODEL_NAME, training_file=training_file,
                                          validation_file=validation_file, seed=1,
                                          hyperparameters={"max_steps": 2, "batch_size": 2})  # type: ignore[arg-type]
-    job = _eventually(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed")
+    job = eventually(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed")
                       and j, 150, "the job to finish")
     assert job.status == "succeeded", job.error
 
@@ -52,7 +42,7 @@ def test_a_job_with_a_validation_file_reports_eval_scores(live: LiveServer, tmp_
         events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
         return next((e for e in events if e.type == "eval"), None)
 
-    event = _eventually(eval_event, 120, "the eval event")
+    event = eventually(eval_event, 120, "the eval event")
     name = f"ft-{job.id}"
     data = event.data
     assert data["models"] == [DEMO_MODEL_NAME, name] and data["file"] == validation_file

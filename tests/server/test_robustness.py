@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from tests.eventually import eventually
 from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME
 from tests.server.helpers import MESSAGES
 
@@ -19,13 +20,11 @@ LONG = {"messages": MESSAGES, "max_tokens": 200, "ignore_eos": True, "temperatur
 
 def _wait_idle(live, timeout: float = 5.0) -> dict:
     """Stats once the engine holds no request; fails if that takes longer than `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def idle() -> dict | None:
         stats = live.engine.stats()
-        if stats["num_requests"] == 0 and stats["num_streams"] == 0:
-            return stats
-        assert time.monotonic() < deadline, f"requests still held after {timeout}s: {stats}"
-        time.sleep(0.01)
+        return stats if stats["num_requests"] == 0 and stats["num_streams"] == 0 else None
+
+    return eventually(idle, timeout, "the engine holds no request")
 
 
 def _assert_nothing_leaked(live) -> None:

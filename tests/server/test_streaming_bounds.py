@@ -21,6 +21,7 @@ from server.app import create_app
 from server.http.errors import APIError
 from server.openai.generation import ChoiceRequest, MergedGeneration
 from server.state import ServerState
+from tests.eventually import eventually
 from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
 
 CHAT = "/v1/chat/completions"
@@ -44,21 +45,14 @@ def live(server_model_dir: Path) -> Iterator[LiveServer]:
     server.stop()
 
 
-def _eventually(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.01)
-
-
 def _idle(live: LiveServer) -> bool:
     stats = live.engine.stats()
     return stats["num_requests"] == 0 and stats["num_streams"] == 0
 
 
 def _started_then_ended(live: LiveServer, what: str) -> None:
-    _eventually(lambda: live.engine.stats()["num_streams"] > 0, 10, "the stream's requests started")
-    _eventually(lambda: _idle(live), 30, what)
+    eventually(lambda: live.engine.stats()["num_streams"] > 0, 10, "the stream's requests started")
+    eventually(lambda: _idle(live), 30, what)
 
 
 class _RawStream:
@@ -125,7 +119,7 @@ def test_a_stream_with_more_choices_than_max_num_seqs_sends_its_headers_at_once(
         # last ones, which wait for a free sequence, have not started.
         assert live.engine.stats()["num_streams"] == 2 * MAX_NUM_SEQS, live.engine.stats()
         assert json.loads(first[len("data:"):])["choices"][0]["delta"]["role"] == "assistant"
-    _eventually(lambda: _idle(live), 5, "the stream's requests aborted when the client left")
+    eventually(lambda: _idle(live), 5, "the stream's requests aborted when the client left")
 
 
 def test_a_stalled_reader_gets_merged_deltas_with_the_same_text(live: LiveServer) -> None:
