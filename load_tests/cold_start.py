@@ -108,6 +108,8 @@ async def measure_tiers(engine: AsyncEngine, root: Path, config: dict, rng: rand
         base = [(await first_token_ms(engine, f"{kind}-base{j}", prompt, None))[0] for j in range(5)]
         copies = [await engine.call(lambda core, n=names[0]: timed_slot_copy(core, n, 7)) for _ in range(20)]
         size = await engine.call(lambda core, n=names[0]: core.adapters.lookup(n).info().get("size_bytes"))
+        # Each adapter's disk -> host memory load (read, validate, fold, page-lock, plan), ms.
+        load_ms = [await engine.call(lambda core, n=n: core.adapters.lookup(n).info().get("load_ms")) for n in names]
         out[kind] = {
             "size_bytes": size,
             "promote_host_to_gpu_ms": {"p50": statistics.median(copies), "min": min(copies), "max": max(copies)},
@@ -119,6 +121,7 @@ async def measure_tiers(engine: AsyncEngine, root: Path, config: dict, rng: rand
                 "disk_max": max(disk),
             },
             "disk_to_first_token_extra_ms": statistics.median(disk) - statistics.median(warm),
+            "disk_to_host_load_ms": load_ms,
             "host_to_first_token_extra_ms": statistics.median(host) - statistics.median(warm),
         }
         print(kind, json.dumps(out[kind]), flush=True)
@@ -231,7 +234,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 n, _source(thrash_dir / n), load=False))
         cold = await thrash(engine, thrash_names, args.thrash_seconds, args.rate, seed=1)
         print("thrash cold", json.dumps(cold), flush=True)
-        # Host-warm thrash: all 64 in host memory (loaded by the cold run), 8 GPU slots.
+        # Host-warm thrash: all 64 in host memory, 8 GPU slots. The cold run touched only the
+        # adapters it drew; load the others too (promote, then demote: back to host memory).
+        for name in thrash_names:
+            await engine.promote_adapter(name)
+            await engine.demote_adapter(name)
         warm_run = await thrash(engine, thrash_names, args.thrash_seconds, args.rate, seed=2)
         print("thrash host-warm", json.dumps(warm_run), flush=True)
         counters = engine.adapter_counters()

@@ -89,9 +89,7 @@ class LoraSlots:
     def plans_enabled(self) -> bool:
         """One-launch promotes: CUDA with Triton, and no tensor-parallel sharding."""
         modules = [m for layer in self.layers for m in layer.values()]
-        return self._rank_table.is_cuda and all(
-            m.use_triton and getattr(m.base_layer, "shard_lora", None) is None for m in modules
-        )
+        return self._rank_table.is_cuda and all(m.use_triton and shards_nothing(m.base_layer) for m in modules)
 
     def prepare(self, weights: _AdapterWeights) -> None:
         """Attach `weights.slot_plan` (loader thread, once the weights are page-locked), so that
@@ -219,6 +217,12 @@ def _find_child(layer: nn.Module, name: str, layer_idx: int) -> tuple[nn.Module,
     if len(found) != 1:
         raise ValueError(f"layer {layer_idx}: expected exactly one {name!r} submodule, found {len(found)}")
     return found[0]
+
+
+def shards_nothing(base: nn.Module) -> bool:
+    """The layer holds whole slices (one device, or a world of one): adapters need no slicing."""
+    return (getattr(base, "full_in_features", base.in_features) == base.in_features
+            and list(getattr(base, "full_output_sizes", base.output_sizes)) == list(base.output_sizes))
 
 
 @functools.cache

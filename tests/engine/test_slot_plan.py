@@ -101,3 +101,13 @@ def test_the_kernel_promote_equals_the_module_by_module_load_on_the_gpu(monkeypa
         for got, want in zip(_state(planned), _state(plain), strict=True):
             assert torch.equal(got, want)
         assert _live(planned) == _live(plain)
+
+
+def test_a_real_model_on_one_device_shards_nothing_so_promotes_can_be_planned():
+    from engine.lora.slots import shards_nothing
+    from engine.models import build_model
+    from tests.factories import tiny_config
+
+    model = build_model(tiny_config("llama", vocab_size=64), torch.float32, "cpu")
+    slots = LoraSlots(model, num_slots=2, max_rank=4)
+    assert all(shards_nothing(m.base_layer) for layer in slots.layers for m in layer.values())
