@@ -108,6 +108,8 @@ def test_a_real_model_on_one_device_shards_nothing_so_promotes_can_be_planned():
     from engine.models import build_model
     from tests.factories import tiny_config
 
-    model = build_model(tiny_config("llama", vocab_size=64), torch.float32, "cpu")
+    cfg = tiny_config("llama", vocab_size=64)
+    cfg.architectures = ["LlamaForCausalLM"]
+    model = build_model(cfg, torch.float32, "cpu")
     slots = LoraSlots(model, num_slots=2, max_rank=4)
     assert all(shards_nothing(m.base_layer) for layer in slots.layers for m in layer.values())
