@@ -230,7 +230,9 @@ def test_tensor_parallel_ranks_score_the_prompt_together(setup):
 @pytest.mark.gpu
 def test_the_cuda_path_scores_like_the_reference(setup, monkeypatch):
     """Triton prefill, decode graphs and the host copies of the scores on CUDA, in bfloat16
-    (so within bf16 rounding of the float32 reference); the chunks are forced small."""
+    (bfloat16 activations through the model move a log-softmax by up to about a tenth of a nat
+    against the float32 reference: an H200 run differed by 0.11 at one of 16 positions; the soak
+    allows 0.15 nats for the same reason); the chunks are forced small."""
     model_dir, adapters, jobs, refs = setup
     engine = _engine(model_dir, adapters, device="cuda", dtype="bfloat16", block_size=16)
     assert engine.runner.graphs is not None
@@ -243,6 +245,6 @@ def test_the_cuda_path_scores_like_the_reference(setup, monkeypatch):
             deltas = got[f"r{round_}-{i}"]
             entries = deltas[0].prompt_logprobs
             assert entries is not None and len(entries) == len(prompt) and entries[0] is None
-            assert [e.logprob for e in entries[1:]] == pytest.approx(refs[i].logprobs, rel=0.02, abs=0.05)
+            assert [e.logprob for e in entries[1:]] == pytest.approx(refs[i].logprobs, rel=0, abs=0.15)
             assert all(e.token_id == t and e.rank >= 1 and len(e.top) == K for e, t in zip(entries[1:], prompt[1:], strict=True))
             assert sum(len(d.token_ids) for d in deltas) == 3
