@@ -1,10 +1,9 @@
-"""The Starlette application: routes, error handlers, and the engine's lifetime."""
+"""The Starlette application: routes, middleware and error handlers; its start-up and shut-down
+are `server.lifespan`'s."""
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -24,11 +23,15 @@ from server.http.middleware import (
     MaxTokensCeiling,
     RequestContextMiddleware,
 )
+from server.lifespan import lifespan
 from server.limits import Limits
 from server.openai import routes as routes_openai
 from server.openai.tokenize import tokenize_routes
 from server.openapi import build_openapi
 from server.state import ServerState
+
+if TYPE_CHECKING:
+    from server.wiring import Stateful
 
 
 async def health(request: Request) -> Response:
@@ -49,7 +52,7 @@ async def ready(request: Request) -> Response:
 def create_app(
     state: ServerState, *, api_key: str | None = None, extra_routes: list[BaseRoute] | None = None,
     admin_key: str | None = None, protect_metrics: bool = False, limits: Limits | None = None,
-    metrics: Metrics | None = None, allowed_origins: list[str] | None = None,
+    metrics: Metrics | None = None, allowed_origins: list[str] | None = None, stateful: Stateful | None = None,
 ) -> Starlette:
     """The app serving `state`'s engine.
 
@@ -60,28 +63,17 @@ def create_app(
     limits:          request limits (server/middleware.py); default: only the body size.
     metrics:         what /metrics serves (default: a fresh registry for this app).
     allowed_origins: browser origins allowed by CORS (["*"]: any); default none, no CORS headers at all.
+    stateful:        what `quiver serve` keeps across restarts (server.wiring.build_stateful): its routes
+                     are mounted, and it starts and stops with the app (server/lifespan.py).
     """
     limits = limits or Limits()
     metrics = metrics or Metrics()
     state.limits, state.metrics = limits, metrics  # the generation pipeline reads them per request
+    if stateful is not None:
+        extra_routes = [*stateful.routes, *(extra_routes or [])]
 
-    async def freeze(engine: object) -> None:
-        # What loading the model allocated stays for good: out of the collector's sight, a full
-        # collection walks only what requests allocate, instead of stalling the event loop for
-        # as long as it takes to walk the whole process (~0.1 s per 400k objects).
-        gc.freeze()
-
-    state.add_hooks(ready=freeze)
     async def openapi(request: Request) -> Response:
         return JSONResponse(document)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await state.startup()
-        try:
-            yield
-        finally:
-            await state.shutdown()
 
     routes: list[BaseRoute] = [
         Route("/health", health, methods=["GET"]),
@@ -110,7 +102,7 @@ def create_app(
     if limits.max_tokens:
         middleware.append(Middleware(MaxTokensCeiling, limits=limits))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-                    lifespan=lifespan)
+                    lifespan=lifespan(state, stateful))
     app.state.quiver = state
     app.state.metrics = metrics
     return app

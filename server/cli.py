@@ -285,9 +285,9 @@ def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
     return build
 
 
-def _stateful_routes(args: argparse.Namespace, state: Any, admin_routes: list[Any], metrics: Any) -> list[Any]:
+def _stateful(args: argparse.Namespace, state: Any, admin_routes: list[Any], metrics: Any) -> Any:
     """Fine-tuning jobs, deployments and the `seekrai` routes, with what they keep across restarts."""
-    from server.wiring import served_base, stateful_routes
+    from server.wiring import build_stateful, served_base
 
     base_model, model_name = served_base(args.model, args.served_model_name)
     if args.jobs_dir:
@@ -297,8 +297,8 @@ def _stateful_routes(args: argparse.Namespace, state: Any, admin_routes: list[An
 
         jobs_dir = default_cache_dir() / "jobs" / model_name.replace("/", "--")
     state_db = Path(args.state_db).expanduser() if args.state_db else None
-    return stateful_routes(state, admin_routes, jobs_dir=jobs_dir, base_model=base_model, model_name=model_name,
-                           state_db=state_db, metrics=metrics)
+    return build_stateful(state, admin_routes, jobs_dir=jobs_dir, base_model=base_model, model_name=model_name,
+                          state_db=state_db, metrics=metrics)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -332,12 +332,12 @@ def run_serve(args: argparse.Namespace) -> int:
     state.max_logprobs = args.max_logprobs
     state.tool_call_parser = args.tool_call_parser
     try:
-        extra_routes = _stateful_routes(args, state, adapter_routes(state), metrics)
+        stateful = _stateful(args, state, adapter_routes(state), metrics)
     except (ValueError, RuntimeError) as exc:  # a bad jobs directory or state database
         print(f"quiver serve: {exc}", file=sys.stderr)
         return 2
     app = create_app(state, api_key=args.api_key, admin_key=args.admin_key, protect_metrics=args.protect_metrics,
-                     limits=limits, metrics=metrics, extra_routes=extra_routes,
+                     limits=limits, metrics=metrics, stateful=stateful,
                      allowed_origins=parse_allowed_origins(args.allowed_origins))
 
     def fatal() -> str | None:  # a model that cannot load never will: exit for the orchestrator to see

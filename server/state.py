@@ -1,8 +1,9 @@
-"""What the app holds between requests: the engine (once loaded) and when it became ready.
+"""What the app holds between requests: the engine (once loaded) and whether it is ready.
 
 The engine may be handed over ready-made (tests) or built by a factory in a worker thread
 after the server starts listening, so that `/health` answers at once and `/ready` turns
-200 only when the model is loaded.
+200 only when the model is loaded. When the engine starts and stops, and what runs once it
+is up, is `server.lifespan`'s business: this holder only starts and stops the engine when told.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from server.limits import MAX_TOP_LOGPROBS, Limits
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[], Any]
-StartupHook = Callable[[], Awaitable[None]]
-ReadyHook = Callable[[Any], Awaitable[None]]
+ReadySteps = Callable[[Any], Awaitable[None]]
 
 
 class ServerState:
@@ -38,42 +38,25 @@ class ServerState:
         self.tool_call_parser: str | None = None  # --tool-call-parser; None: the chat template decides
         self.limits = Limits()  # what every generation is held to (create_app sets the app's)
         self.metrics: Any = None  # server.http.metrics.Metrics every generation reports to (None: none)
-        self._startup_hooks: list[StartupHook] = []
-        self._ready_hooks: list[ReadyHook] = []
-        self._shutdown_hooks: list[StartupHook] = []
 
-    def add_hooks(self, *, startup: StartupHook | None = None, ready: ReadyHook | None = None,
-                  shutdown: StartupHook | None = None) -> None:
-        """Work other parts of the server tie to its lifetime (fine-tuning jobs, restored state).
+    async def start_engine(self, ready_steps: ReadySteps) -> None:
+        """Start the given engine, or begin building one in the background.
 
-        startup:  awaited when the app starts, before the engine loads.
-        ready:    awaited with the started engine, before `/ready` turns 200 (restore adapters here).
-        shutdown: awaited, newest first, before the engine shuts down.
-        A failing hook is logged; it does not keep the server from starting or stopping.
+        `ready_steps(engine)` is awaited once the engine runs; `/ready` turns 200 after it returns.
+        With a given engine that happens before this returns; with a factory, later, and a
+        factory that fails leaves `load_error` for `/ready` and the requests to report.
         """
-        if startup is not None:
-            self._startup_hooks.append(startup)
-        if ready is not None:
-            self._ready_hooks.append(ready)
-        if shutdown is not None:
-            self._shutdown_hooks.append(shutdown)
-
-    async def startup(self) -> None:
-        """Start the given engine, or begin loading one in the background."""
-        for hook in self._startup_hooks:
-            await _run_hook(hook)
         if self.engine is not None:
             await self.engine.start()
-            await self._engine_ready(self.engine)
+            await self._ready(self.engine, ready_steps)
         else:
-            self._load_task = asyncio.create_task(self._load())
+            self._load_task = asyncio.create_task(self._load(ready_steps))
 
-    async def _engine_ready(self, engine: Any) -> None:
-        for hook in self._ready_hooks:
-            await _run_hook(hook, engine)
+    async def _ready(self, engine: Any, ready_steps: ReadySteps) -> None:
+        await ready_steps(engine)
         self.ready = True
 
-    async def _load(self) -> None:
+    async def _load(self, ready_steps: ReadySteps) -> None:
         assert self._factory is not None
         try:
             engine = await asyncio.to_thread(self._factory)
@@ -83,15 +66,16 @@ class ServerState:
             self.load_error = f"{type(exc).__name__}: {exc}"
             return
         self.engine = engine
-        await self._engine_ready(engine)
+        await self._ready(engine, ready_steps)
         logger.info("model %s ready (adapters: %s)", engine.model_name, ", ".join(engine.adapter_names()) or "none")
 
-    async def shutdown(self) -> None:
+    def stop_serving(self) -> None:
+        """`/ready` and every request answer 503 from now on; a load under way is given up."""
         self.ready = False
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
-        for hook in reversed(self._shutdown_hooks):
-            await _run_hook(hook)
+
+    async def stop_engine(self) -> None:
         if self.engine is not None:
             await self.engine.shutdown()
 
@@ -111,10 +95,3 @@ class ServerState:
         if engine.has_adapter(requested):
             return requested
         raise model_not_found(requested)
-
-
-async def _run_hook(hook: Callable[..., Awaitable[None]], *args: Any) -> None:
-    try:
-        await hook(*args)
-    except Exception:
-        logger.exception("server lifetime hook %s failed", getattr(hook, "__qualname__", hook))

@@ -1,21 +1,19 @@
 """The stateful parts of `quiver serve`: fine-tuning jobs, the SQLite store, deployments and the
-`seekrai` routes, tied to the server's lifetime.
+`seekrai` routes, built over one store.
 
-Order matters once the engine is ready: first the adapters finished jobs left (registered
-under `ft-<job-id>` and `ft-<job-id>:ckpt-<step>`), then the adapters registered over the admin
-API in earlier runs (and their pins), then the promoted deployments are pinned again. At
-shutdown the job manager stops (running jobs are marked failed) before the store closes.
+Building them starts nothing: `server.lifespan` starts and stops them, in the order it documents.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from starlette.routing import BaseRoute
 
-from server.admin.journal import journaled, restore_on_ready
+from server.admin.journal import journaled
 from server.finetune.jobs_bridge import JobBridge
 from server.finetune.routes import finetune_routes
 from server.openai.responses import responses_routes
@@ -27,11 +25,21 @@ from server.store import Store
 STATE_DB_NAME = "state.sqlite3"
 
 
-def stateful_routes(state: ServerState, admin_routes: Sequence[BaseRoute], *, jobs_dir: Path,
-                    base_model: str, model_name: str, state_db: Path | None = None,
-                    metrics: Any | None = None, **job_options: Any) -> list[BaseRoute]:
-    """The admin routes (journaled), the fine-tuning routes, the `seekrai` routes and the Responses API
-    (stored responses) over one store.
+@dataclass(frozen=True)
+class Stateful:
+    """What `quiver serve` keeps across restarts, and the routes over it (for `create_app`)."""
+
+    store: Store
+    jobs: JobBridge
+    deployments: Deployments
+    routes: list[BaseRoute]
+
+
+def build_stateful(state: ServerState, admin_routes: Sequence[BaseRoute], *, jobs_dir: Path,
+                   base_model: str, model_name: str, state_db: Path | None = None,
+                   metrics: Any | None = None, **job_options: Any) -> Stateful:
+    """The store, the jobs and the deployments; their routes: the admin routes (journaled), the
+    fine-tuning routes, the `seekrai` routes and the Responses API (stored responses).
 
     base_model:  what jobs fine-tune (the path or hub id the engine loads); model_name: its served name.
     state_db:    the SQLite file (default `jobs_dir/state.sqlite3`).
@@ -40,18 +48,13 @@ def stateful_routes(state: ServerState, admin_routes: Sequence[BaseRoute], *, jo
     """
     jobs_dir = Path(jobs_dir)
     store = Store(Path(state_db) if state_db is not None else jobs_dir / STATE_DB_NAME)
-
-    async def close_store() -> None:
-        store.close()
-
-    state.add_hooks(shutdown=close_store)  # added first, so it runs last
     bridge = JobBridge(state, jobs_dir, base_model=base_model, model_name=model_name, store=store, **job_options)
-    restore_on_ready(state, store)
     if metrics is not None:
         metrics.job_manager = bridge.manager
     deployments = Deployments(state, store, bridge.manager)
-    return [*journaled(list(admin_routes), store), *finetune_routes(bridge.manager),
-            *seekrai_routes(state, store, bridge.manager, deployments), *responses_routes(store)]
+    routes = [*journaled(list(admin_routes), store), *finetune_routes(bridge.manager),
+              *seekrai_routes(state, store, bridge.manager, deployments), *responses_routes(store)]
+    return Stateful(store, bridge, deployments, routes)
 
 
 def served_base(model: str | None, served_model_name: str | None) -> tuple[str, str]:

@@ -19,7 +19,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from server.state import ServerState
 from server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -58,22 +57,19 @@ def _recording(endpoint: Endpoint, record: Callable[[Request, dict[str, Any]], N
     return wrapped
 
 
-def restore_on_ready(state: ServerState, store: Store) -> None:
-    """Register the journaled adapters and pin the pinned ones once the engine is ready."""
-
-    async def restore(engine: Any) -> None:
-        for record in await asyncio.to_thread(store.adapters):
-            if record.deleted:
-                continue
-            try:
-                if record.source is not None and not engine.has_adapter(record.name):
-                    await _register_again(engine, record.name, record.source)
-                if record.pinned and engine.has_adapter(record.name):
-                    await engine.promote_adapter(record.name)
-            except Exception as exc:  # the others still come back
-                logger.warning("could not restore adapter %s: %s", record.name, exc)
-
-    state.add_hooks(ready=restore)
+async def restore_adapters(store: Store, engine: Any) -> None:
+    """Register the journaled adapters again and pin the pinned ones (the server's lifespan calls it
+    once the engine is ready)."""
+    for record in await asyncio.to_thread(store.adapters):
+        if record.deleted:
+            continue
+        try:
+            if record.source is not None and not engine.has_adapter(record.name):
+                await _register_again(engine, record.name, record.source)
+            if record.pinned and engine.has_adapter(record.name):
+                await engine.promote_adapter(record.name)
+        except Exception as exc:  # the others still come back
+            logger.warning("could not restore adapter %s: %s", record.name, exc)
 
 
 async def _register_again(engine: Any, name: str, source: str) -> None:

@@ -40,7 +40,8 @@ _IN_PROCESS_URL = "http://quiver.in-process"
 
 
 class JobBridge:
-    """Ties a `JobManager` to the server's lifetime and its adapters to the engine."""
+    """Ties a `JobManager` to the server's lifetime (`server.lifespan` calls `start`, `engine_ready`
+    and `stop`) and its adapters to the engine."""
 
     def __init__(self, state: ServerState, root: Path, *, base_model: str, model_name: str,
                  store: Store | None = None, **manager_options: Any) -> None:
@@ -54,14 +55,14 @@ class JobBridge:
         self.manager = JobManager(root, base_model=base_model, model_name=model_name,
                                   on_adapter_ready=self._adapter_ready, on_adapter_removed=self._adapter_removed,
                                   **manager_options)
-        state.add_hooks(startup=self._start, ready=self._engine_ready, shutdown=self._stop)
 
     # ------------------------------------------------------------------ server lifetime (event loop)
-    async def _start(self) -> None:
+    async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.manager.start()
 
-    async def _engine_ready(self, engine: Any) -> None:
+    async def engine_ready(self, engine: Any) -> None:
+        """Register what finished jobs left and what was reported while the engine loaded."""
         with self._lock:
             self._engine = engine
             early, self._early = self._early, {}
@@ -75,7 +76,7 @@ class JobBridge:
             except Exception as exc:  # one broken adapter must not keep the others from serving
                 logger.warning("could not register fine-tuned adapter %s from %s: %s", name, path, exc)
 
-    async def _stop(self) -> None:
+    async def stop(self) -> None:
         # In a thread: closing waits for the monitor, which may be waiting on this loop.
         await asyncio.to_thread(self.manager.close)
 
@@ -86,7 +87,7 @@ class JobBridge:
             if engine is None:
                 self._early[name] = path
                 return
-        if engine.has_adapter(name):  # registered by the ready hook, which saw the job's record first
+        if engine.has_adapter(name):  # registered by engine_ready, which saw the job's record first
             return
         self._wait(engine.add_adapter(name, path))
 
@@ -126,5 +127,5 @@ class JobBridge:
         return scores
 
     def _wait(self, work: Any, timeout: float = _REGISTER_TIMEOUT_S) -> Any:
-        assert self._loop is not None  # the engine is only set after _start ran on the loop
+        assert self._loop is not None  # the engine is only set after start ran on the loop
         return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout)

@@ -46,7 +46,6 @@ class Deployments:
         self._state, self._store, self._jobs = state, store, jobs
         self._pending: set[str] = set()  # deployments whose promotion is under way
         self._lock = asyncio.Lock()  # promote and demote one at a time: they share pins
-        state.add_hooks(ready=self._restore)
 
     # ------------------------------------------------------------------ API
     async def create(self, *, name: str, description: str, model_type: str, model_id: str,
@@ -114,6 +113,20 @@ class Deployments:
                 return deployment
         return None
 
+    async def restore(self, engine: Any) -> None:
+        """Promote again what was promoted when the previous server stopped (the server's lifespan
+        calls it once the engine is ready)."""
+        for deployment in await asyncio.to_thread(self._store.deployments, 0, 1 << 30):
+            if not deployment.active or deployment.adapter is None or deployment.error is not None:
+                continue
+            try:
+                error = await self._pin(engine, deployment)
+            except APIError as exc:
+                error = exc.message
+            if error is not None:
+                logger.warning("could not promote deployment %s again: %s", deployment.id, error)
+                await asyncio.to_thread(self._store.set_deployment_state, deployment.id, active=True, error=error)
+
     # ------------------------------------------------------------------ helpers
     async def _adapter_for(self, model_type: str, model_id: str) -> str | None:
         engine = self._state.require_engine()
@@ -166,16 +179,3 @@ class Deployments:
         if info["state"] == "failed":
             return DeploymentView(deployment, "Failed", info.get("error"), size)
         return DeploymentView(deployment, "Active" if info["pinned"] else "Inactive", None, size)
-
-    async def _restore(self, engine: Any) -> None:
-        """Promote again what was promoted when the previous server stopped."""
-        for deployment in await asyncio.to_thread(self._store.deployments, 0, 1 << 30):
-            if not deployment.active or deployment.adapter is None or deployment.error is not None:
-                continue
-            try:
-                error = await self._pin(engine, deployment)
-            except APIError as exc:
-                error = exc.message
-            if error is not None:
-                logger.warning("could not promote deployment %s again: %s", deployment.id, error)
-                await asyncio.to_thread(self._store.set_deployment_state, deployment.id, active=True, error=error)

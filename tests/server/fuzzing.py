@@ -25,7 +25,7 @@ from adapters.config import AdapterConfig
 from server.admin.adapters import adapter_routes
 from server.app import create_app
 from server.state import ServerState
-from server.wiring import stateful_routes
+from server.wiring import build_stateful
 from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME, LiveServer, engine_config
 
 POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
@@ -86,10 +86,10 @@ def start_fuzz_server(server_model_dir: Path, server_adapters: dict[str, Path],
                          adapter_config=AdapterConfig(adapter_root=root))
     state = ServerState(engine)
     # Jobs the fuzzer manages to create fail at once instead of training on the shared CPU.
-    routes = stateful_routes(state, adapter_routes(state), jobs_dir=tmp_path_factory.mktemp("jobs"),
-                             base_model=str(server_model_dir), model_name=MODEL_NAME,
-                             python=shutil.which("false") or "false", poll_interval=0.05)
-    return LiveServer(create_app(state, extra_routes=routes)).start()
+    stateful = build_stateful(state, adapter_routes(state), jobs_dir=tmp_path_factory.mktemp("jobs"),
+                              base_model=str(server_model_dir), model_name=MODEL_NAME,
+                              python=shutil.which("false") or "false", poll_interval=0.05)
+    return LiveServer(create_app(state, stateful=stateful)).start()
 
 
 def create_known(live: LiveServer) -> Known:

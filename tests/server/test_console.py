@@ -36,7 +36,7 @@ from server.admin.adapters import adapter_routes
 from server.app import create_app
 from server.http.console import CONTENT_TYPES, console_files
 from server.state import ServerState
-from server.wiring import stateful_routes
+from server.wiring import build_stateful
 from tests.server.conftest import LiveServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,10 +158,10 @@ def console_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSer
                            adapter_config=AdapterConfig(adapter_root=root))
 
     state = ServerState(engine_factory=build)
-    routes = stateful_routes(state, adapter_routes(state), jobs_dir=tmp_path_factory.mktemp("jobs"),
-                             base_model=str(demo.model_dir), model_name=DEMO_MODEL_NAME, poll_interval=0.1,
-                             env={"OMP_NUM_THREADS": "1"})
-    live = LiveServer(create_app(state, extra_routes=routes, api_key=API_KEY, admin_key=ADMIN_KEY)).start()
+    stateful = build_stateful(state, adapter_routes(state), jobs_dir=tmp_path_factory.mktemp("jobs"),
+                              base_model=str(demo.model_dir), model_name=DEMO_MODEL_NAME, poll_interval=0.1,
+                              env={"OMP_NUM_THREADS": "1"})
+    live = LiveServer(create_app(state, stateful=stateful, api_key=API_KEY, admin_key=ADMIN_KEY)).start()
     deadline = time.monotonic() + 60
     with live.http() as client:
         while client.get("/ready").status_code != 200:

@@ -19,7 +19,7 @@ from server.app import create_app
 from server.http.errors import APIError
 from server.seekrflow.chat import _to_openai
 from server.state import ServerState
-from server.wiring import stateful_routes
+from server.wiring import build_stateful
 from tests.server.fake_engine import FakeEngine
 
 FLOW = "/v1/flow/deployments"
@@ -29,9 +29,9 @@ ADAPTERS = {"bows": "/adapters/bows", "ships": "/adapters/ships", "spare": "/ada
 
 def _client(tmp_path: Path, engine: FakeEngine) -> TestClient:
     state = ServerState(engine)
-    routes = stateful_routes(state, adapter_routes(state), jobs_dir=tmp_path / "jobs", base_model="/models/tiny",
-                             model_name=engine.model_name)
-    return TestClient(create_app(state, extra_routes=routes))
+    stateful = build_stateful(state, adapter_routes(state), jobs_dir=tmp_path / "jobs", base_model="/models/tiny",
+                              model_name=engine.model_name)
+    return TestClient(create_app(state, stateful=stateful))
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Fine-tuning inside the server: upload -> job -> loss events -> `ft-<job-id>` served -> it answers in the
 taught JSON shape; its checkpoints are served too; a restarted server serves the finished job again.
 
-The app is built the way `quiver serve` builds it (`server.wiring.stateful_routes`), the engine loads in a
+The app is built the way `quiver serve` builds it (`server.wiring.build_stateful`), the engine loads in a
 worker thread after the server listens, and every call goes through the real openai client.
 """
 
@@ -19,7 +19,7 @@ from engine.demo import DEMO_MODEL_NAME, ensure_demo_bundle
 from server.admin.adapters import adapter_routes
 from server.app import create_app
 from server.state import ServerState
-from server.wiring import stateful_routes
+from server.wiring import build_stateful
 from tests.server.conftest import LiveServer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "training" / "examples" / "json_answers.jsonl"
@@ -39,9 +39,9 @@ def _start(jobs_dir: Path) -> LiveServer:
         return AsyncEngine(config, adapters=demo.adapters, served_model_name=DEMO_MODEL_NAME)
 
     state = ServerState(engine_factory=build)
-    routes = stateful_routes(state, adapter_routes(state), jobs_dir=jobs_dir, base_model=str(demo.model_dir),
-                             model_name=DEMO_MODEL_NAME, poll_interval=0.1, env={"OMP_NUM_THREADS": "1"})
-    live = LiveServer(create_app(state, extra_routes=routes)).start()
+    stateful = build_stateful(state, adapter_routes(state), jobs_dir=jobs_dir, base_model=str(demo.model_dir),
+                              model_name=DEMO_MODEL_NAME, poll_interval=0.1, env={"OMP_NUM_THREADS": "1"})
+    live = LiveServer(create_app(state, stateful=stateful)).start()
     deadline = time.monotonic() + 60
     with live.http() as http:
         while http.get("/ready").status_code != 200:

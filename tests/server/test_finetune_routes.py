@@ -17,7 +17,7 @@ from openai import OpenAI
 from server.app import create_app
 from server.finetune.routes import FORM_OVERHEAD_BYTES, finetune_routes
 from server.state import ServerState
-from server.wiring import stateful_routes
+from server.wiring import build_stateful
 from tests.server.conftest import LiveServer
 from training.jobs import JobManager
 
@@ -172,9 +172,9 @@ _UPLOAD_PATHS = {"/v1/files": "file", "/v1/flow/files": "files"}
 @pytest.fixture
 def upload_app(tmp_path):
     state = ServerState(_StubEngine())
-    routes = stateful_routes(state, [], jobs_dir=tmp_path, base_model="base", model_name="tiny-base",
-                             max_upload_bytes=_UPLOAD_CAP)
-    return create_app(state, extra_routes=routes)
+    stateful = build_stateful(state, [], jobs_dir=tmp_path, base_model="base", model_name="tiny-base",
+                              max_upload_bytes=_UPLOAD_CAP)
+    return create_app(state, stateful=stateful)
 
 
 def _form_head(field: str) -> bytes:

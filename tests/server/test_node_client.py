@@ -177,14 +177,10 @@ def features_live(tiny_model_factory: Callable[..., Path], tiny_adapter_factory:
                          served_model_name=MODEL_NAME)
     state = ServerState(engine)
     store = Store(tmp_path_factory.mktemp("node-responses") / "state.sqlite3")
-
-    async def close_store() -> None:
-        store.close()
-
-    state.add_hooks(shutdown=close_store)
     live = LiveServer(create_app(state, extra_routes=responses_routes(store))).start()
     yield live
     live.stop()
+    store.close()
 
 
 @pytest.fixture(scope="module")

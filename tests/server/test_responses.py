@@ -42,19 +42,15 @@ def start_responses_server(server_model_dir: Path, server_adapters: dict[str, Pa
                              adapters={} if model_dir else server_adapters, served_model_name=MODEL_NAME)
         state = ServerState(engine)
         store = Store(db)
-
-        async def close_store() -> None:
-            store.close()
-
-        state.add_hooks(shutdown=close_store)
         live = LiveServer(create_app(state, extra_routes=responses_routes(store), limits=limits)).start()
-        started.append(live)
+        started.append((live, store))
         return live
 
     yield start
-    for live in started:
+    for live, store in started:
         if live._thread.is_alive():
             live.stop()
+        store.close()
 
 
 @pytest.fixture(scope="module")

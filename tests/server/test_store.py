@@ -12,10 +12,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from server.admin.adapters import adapter_routes
-from server.admin.journal import journaled, restore_on_ready
 from server.app import create_app
 from server.state import ServerState
 from server.store import SCHEMA_VERSION, Store, StoreError
+from server.wiring import build_stateful
 from tests.server.fake_engine import FakeEngine
 
 
@@ -98,16 +98,18 @@ def test_a_file_it_cannot_use_is_refused(tmp_path: Path) -> None:
         Store(newer)
 
 
-def _app(engine: FakeEngine, store: Store) -> TestClient:
+def _app(engine: FakeEngine, db: Path) -> TestClient:
+    """The app `quiver serve` builds, over the store at `db` (opened here, closed when the app stops)."""
     state = ServerState(engine)
-    restore_on_ready(state, store)
-    return TestClient(create_app(state, extra_routes=journaled(adapter_routes(state), store)))
+    stateful = build_stateful(state, adapter_routes(state), jobs_dir=db.parent / "jobs", state_db=db,
+                              base_model="/models/tiny", model_name=engine.model_name)
+    return TestClient(create_app(state, stateful=stateful))
 
 
 def test_admin_changes_come_back_on_the_next_server(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.sqlite3")
+    db = tmp_path / "state.sqlite3"
     first = FakeEngine({"cli-adapter": "/from/the/command/line"}, slots=4)
-    with _app(first, store) as http:
+    with _app(first, db) as http:
         for name in ("kept", "pinned", "dropped"):
             assert http.post("/v1/adapters", json={"name": name, "source": f"hf://org/{name}"}).status_code == 201
         assert http.post("/v1/adapters", json={"name": "kept", "source": "hf://org/other"}).status_code == 409
@@ -118,9 +120,9 @@ def test_admin_changes_come_back_on_the_next_server(tmp_path: Path) -> None:
         assert http.post("/v1/adapters/nope/promote").status_code == 404  # refused: nothing recorded
 
     second = FakeEngine({"cli-adapter": "/from/the/command/line"}, slots=4)
-    with _app(second, store) as http:
+    with _app(second, db) as http:
         assert http.get("/ready").status_code == 200
         assert set(second.infos) == {"cli-adapter", "kept", "pinned"}
         assert second.infos["kept"]["source"] == "hf://org/kept"
         assert second.pinned() == {"pinned"}
-    assert "nope" not in {r.name for r in store.adapters()}
+    assert "nope" not in {r.name for r in Store(db).adapters()}
