@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from adapters.errors import AdapterConfigError
+from adapters.errors import AdapterConfigError, UnsupportedAdapterError
 from adapters.peft_format import AdapterSpec, read_adapter_spec
 from adapters.sources import AdapterSource, materialize
 from adapters.weights import LoraWeights, load_adapter
@@ -38,6 +38,7 @@ class LoadPolicy:
     dtype: torch.dtype = torch.float32
     base_names: frozenset[str] = frozenset()
     refuse_base_mismatch: bool = False
+    allow_dora: bool = True  # False under tensor parallelism, where DoRA's scaling is not applied
     pin_memory: bool = False
     hub_cache_dir: Path | None = None
     # Held while pinning: page-locking memory is a CUDA call, which must not run while the
@@ -60,6 +61,8 @@ def load_from_source(
     """Read and validate adapter `name`; `path` skips fetching when the files are already local."""
     path = path or materialize(name, source, policy.hub_cache_dir)
     spec = read_adapter_spec(path, name, source.root)
+    if spec.use_dora and not policy.allow_dora:
+        raise UnsupportedAdapterError(name, "DoRA adapters are not served with tensor parallelism yet")
     warnings = []
     mismatch = base_mismatch(spec, policy.base_names)
     if mismatch:

@@ -85,6 +85,7 @@ class AdapterSpec:
     target_modules: frozenset[str]  # short names among SUPPORTED_TARGETS
     base_model_name_or_path: str | None
     layers_to_transform: frozenset[int] | None = None  # None: every layer may carry weights
+    use_dora: bool = False  # weight-decomposed: every module also carries a magnitude vector
     # What is left of the time its patterns may take matching (rank_pattern/alpha_pattern keys).
     patterns: PatternBudget = dataclasses.field(default_factory=PatternBudget, compare=False, repr=False)
 
@@ -136,6 +137,7 @@ def read_adapter_spec(adapter_dir: Path, name: str | None = None, root: Path | s
         target_modules=targets,
         base_model_name_or_path=config.base_model_name_or_path,
         layers_to_transform=frozenset(layers) if layers else None,
+        use_dora=bool(config.use_dora),
         patterns=budget,
     )
 
@@ -196,8 +198,6 @@ def _to_lora_config(raw: dict[str, Any], name: str) -> Any:
 
 
 def _refuse_unsupported(config: Any, name: str) -> None:
-    if config.use_dora:
-        raise UnsupportedAdapterError(name, "DoRA adapters (use_dora=true) are not supported yet")
     if config.bias != "none":
         raise UnsupportedAdapterError(
             name,

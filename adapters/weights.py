@@ -7,6 +7,7 @@ per-adapter scalar, so adapters of any rank/alpha mix in one batch. Nothing here
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 # an adapter name some exporters leave in, the optional prefix is PeftModel's wrapper.
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<module>\w+)"
-    r"\.lora_(?P<which>[AB])(?:\.[\w-]+)?\.weight$"
+    r"\.(?:lora_(?P<which>[AB])(?:\.[\w-]+)?\.weight|(?P<magnitude>lora_magnitude_vector)(?:\.[\w-]+)?(?:\.weight)?)$"
 )
 
 
@@ -43,6 +44,9 @@ class LoraWeights:
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     max_rank: int
     size_bytes: int
+    # DoRA (use_dora): per (layer, short name) the magnitude vector m [out]. The served output of
+    # such a module is bias + m / ||W + B*scaling A||_row * (W x + B*scaling A x), as PEFT computes it.
+    magnitudes: dict[tuple[int, str], torch.Tensor] = dataclasses.field(default_factory=dict)
     # Set by the engine when the weights enter host memory: how a promote places them in a GPU
     # slot (engine/lora/slot_plan.py). Opaque here.
     slot_plan: object | None = None
@@ -66,8 +70,9 @@ def load_adapter(
     adapter_dir = Path(adapter_dir)
     spec = read_adapter_spec(adapter_dir, name, root)
     tensors = _read_tensors(adapter_dir, name, root)
-    pairs = _pair_up(tensors, spec, name, num_layers)
+    pairs, found_magnitudes = _pair_up(tensors, spec, name, num_layers)
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    magnitudes: dict[tuple[int, str], torch.Tensor] = {}
     for (layer, short), (a, b) in sorted(pairs.items()):
         path = module_path(layer, short)
         rank, scaling = spec.scale_for(path)
@@ -75,14 +80,35 @@ def load_adapter(
         _check_pair(name, path, a, b, rank, max_rank, in_out)
         b_scaled = (b.to(torch.float32) * scaling).to(dtype)
         modules[(layer, short)] = (a.to(dtype).contiguous(), b_scaled.contiguous())
+        if spec.use_dora:
+            magnitudes[(layer, short)] = _magnitude(found_magnitudes.pop((layer, short), None), b.shape[0], name, path)
+    if found_magnitudes:
+        extra = module_path(*sorted(found_magnitudes)[0])
+        why = "use_dora is false" if not spec.use_dora else "it has no lora_A/lora_B"
+        raise AdapterWeightsError(name, f"{extra}: a DoRA magnitude vector, but {why}")
     size = sum(t.numel() * t.element_size() for pair in modules.values() for t in pair)
+    size += sum(m.numel() * m.element_size() for m in magnitudes.values())
     return LoraWeights(
         name=name,
         spec=spec,
         modules=modules,
         max_rank=max(a.shape[0] for a, _ in modules.values()),
         size_bytes=size,
+        magnitudes=magnitudes,
     )
+
+
+def _magnitude(m: torch.Tensor | None, out_features: int, name: str, path: str) -> torch.Tensor:
+    """A DoRA module's magnitude vector, checked: [out] and finite; kept in float32."""
+    if m is None:
+        raise AdapterWeightsError(name, f"{path}: use_dora is true but its lora_magnitude_vector is missing")
+    if m.dim() != 1 or m.shape[0] != out_features:
+        raise AdapterWeightsError(
+            name, f"{path}: lora_magnitude_vector is {list(m.shape)}; expected [{out_features}] (lora_B's rows)"
+        )
+    if not _all_finite(m):
+        raise AdapterWeightsError(name, f"{path}: lora_magnitude_vector has non-finite values (NaN or inf)")
+    return m.to(torch.float32).contiguous()
 
 
 def _read_tensors(adapter_dir: Path, name: str, root: Path | str | None) -> dict[str, torch.Tensor]:
@@ -107,8 +133,10 @@ def _read_tensors(adapter_dir: Path, name: str, root: Path | str | None) -> dict
 
 def _pair_up(
     tensors: dict[str, torch.Tensor], spec: AdapterSpec, name: str, num_layers: int | None
-) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], dict[tuple[int, str], torch.Tensor]]:
+    """(A, B) per module, and the DoRA magnitude vectors found (checked by the caller)."""
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    magnitudes: dict[tuple[int, str], torch.Tensor] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
@@ -141,6 +169,11 @@ def _pair_up(
             raise AdapterWeightsError(
                 name, f"tensor {key!r} has dtype {tensor.dtype}; expected a float dtype"
             )
+        if match["magnitude"]:
+            if (layer, short) in magnitudes:
+                raise AdapterWeightsError(name, f"{path}: lora_magnitude_vector appears twice (last: {key!r})")
+            magnitudes[(layer, short)] = tensor
+            continue
         slot = found.setdefault((layer, short), {})
         if match["which"] in slot:
             raise AdapterWeightsError(name, f"{path}: lora_{match['which']} appears twice (last: {key!r})")
@@ -153,12 +186,10 @@ def _pair_up(
         if missing:
             raise AdapterWeightsError(name, f"{module_path(layer, short)}: {missing[0]} is missing")
         pairs[(layer, short)] = (ab["A"], ab["B"])
-    return pairs
+    return pairs, magnitudes
 
 
 def _refuse_key(key: str, name: str) -> NoReturn:
-    if "lora_magnitude_vector" in key:
-        raise UnsupportedAdapterError(name, f"tensor {key!r} is a DoRA magnitude; DoRA is not supported yet")
     if "lora_embedding" in key or "embed_tokens" in key or "lm_head" in key:
         raise UnsupportedAdapterError(name, f"tensor {key!r}: LoRA on embeddings or lm_head is not supported")
     raise AdapterWeightsError(

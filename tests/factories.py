@@ -147,8 +147,10 @@ def build_adapter_dir(
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
     weight_scale: float = 0.5,
+    use_dora: bool = False,
 ) -> Path:
-    """Save a PEFT LoRA adapter with random (non-zero) A and B for the model in `model_dir`."""
+    """Save a PEFT LoRA adapter with random (non-zero) A and B for the model in `model_dir`;
+    with `use_dora`, its magnitude vectors are PEFT's initial ones randomly rescaled by ~30%."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -164,12 +166,15 @@ def build_adapter_dir(
         bias="none",
         task_type="CAUSAL_LM",
         init_lora_weights=False,
+        use_dora=use_dora,
     )
     peft_model = get_peft_model(base, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.3 * torch.randn(param.shape, generator=gen))
+            elif "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * weight_scale / param.shape[1] ** 0.5)
     path.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(path, safe_serialization=True)

@@ -38,7 +38,7 @@ def checkpoint_name(step: int) -> str:
 def save_adapter(model: Any, directory: Path, metadata: dict[str, Any], *, servable: bool = True) -> Path:
     """Save `model`'s LoRA weights as a PEFT directory at `directory` (replacing the adapter files there).
 
-    servable: check the result with the server's loaders (False for DoRA, which it refuses).
+    servable: check the result with the server's loaders first (False: publish it unchecked).
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)

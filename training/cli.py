@@ -30,8 +30,6 @@ from training.data import DataError
 from training.events import EVENTS_NAME, PLOT_NAME, EventLog
 from training.run_guard import OutputBusy, die_with_parent_from_env, hold_output
 
-DORA_WARNING = ("warning: --use-dora trains a DoRA adapter, which the Quiver server cannot serve yet; "
-                "use it with peft or transformers directly")
 _DEFAULTS = TrainConfig(model="-", data=Path("-"), output=Path("-"))
 
 
@@ -102,7 +100,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                            "but the output head).")
     lora.add_argument("--use-rslora", action="store_true", help="Rank-stabilised scaling alpha/sqrt(r).")
     lora.add_argument("--use-dora", action="store_true",
-                      help="Train DoRA (weight-decomposed LoRA); the Quiver server cannot serve it yet.")
+                      help="Train DoRA (weight-decomposed LoRA); served like LoRA (not yet under "
+                           "tensor parallelism).")
 
     ckpt = parser.add_argument_group("checkpoints, evaluation and logging")
     ckpt.add_argument("--save-steps", type=int, default=d.save_steps,
@@ -226,8 +225,6 @@ def _validate_only(config: TrainConfig) -> int:
 def _warn_unservable(config: TrainConfig) -> None:
     from adapters.peft_format import SUPPORTED_TARGETS
 
-    if config.use_dora:
-        print(DORA_WARNING, file=sys.stderr)
     targets = config.target_modules
     if targets == (ALL_LINEAR,):
         from training.preflight import linear_module_names

@@ -32,6 +32,7 @@ EXTRA_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
     "lora_dropout": ("lora_dropout", (int, float)),
     "target_modules": ("target_modules", (list,)),
     "use_rslora": ("use_rslora", (bool,)),
+    "use_dora": ("use_dora", (bool,)),
     "gradient_checkpointing": ("gradient_checkpointing", (bool,)),
     "save_steps": ("save_steps", (int,)),
     "save_total_limit": ("save_total_limit", (int,)),
@@ -70,9 +71,6 @@ def merge_hyperparameters(hyperparameters: dict[str, Any] | None, method: dict[s
 
 def resolve_hyperparameters(raw: dict[str, Any]) -> dict[str, Any]:
     """`raw` with "auto" replaced and every value checked; the job records and reports this."""
-    if "use_dora" in raw:
-        raise InvalidRequestError("use_dora: DoRA adapters cannot be served by Quiver yet; train them with "
-                                  "`quiver train --use-dora` instead", param="hyperparameters.use_dora")
     unknown = sorted(set(raw) - set(AUTO) - set(EXTRA_KEYS))
     if unknown:
         raise InvalidRequestError(f"unknown hyperparameter(s) {unknown}; expected some of "

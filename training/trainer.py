@@ -87,7 +87,7 @@ def train(config: TrainConfig, events: EventLog, progress: bool = False) -> Trai
         loop.close()
     speed = _throughput(loop.tokens - tokens_before, loop_started, device)
     final_meta = loop.metadata(loop.step, metrics)
-    save_adapter(model, config.output, final_meta, servable=not config.use_dora)
+    save_adapter(model, config.output, final_meta)
     plot = _plot(events, config)
     if config.merge_to is not None:
         from training.merge import merge_adapter
@@ -381,7 +381,7 @@ class _Loop:
         if self.config.save_total_limit == 0:
             return
         path = save_checkpoint(self.model, self.config.output, step, self.metadata(step, metrics),
-                               servable=not self.config.use_dora)
+                               )
         self._save_state(path)
         self.events.emit("checkpoint", step=step, path=str(path), metrics={"step": step, **metrics})
         for old_step, old_path in prune_checkpoints(self.config.output, self.config.save_total_limit):

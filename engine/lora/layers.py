@@ -33,7 +33,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from engine.context import get_context, get_lora_context
+from engine.context import LoraContext, get_context, get_lora_context
 from engine.kernels.lora_ref import lora_bgmv, lora_shrink_expand_sgmv
 
 
@@ -130,6 +130,11 @@ class LoRALinear(nn.Module):
         self._slice_slots: list[set[int]] = [set() for _ in self.output_sizes]  # slots targeting slice i
         self.live_slices: list[int] = []
         self.live_version = 0
+        # DoRA (`set_dora`): per slot, s - 1 for every output column, s = m / ||W + BA||_row; row
+        # `num_slots` (index -1: base tokens) stays zero. Allocated on the first DoRA adapter.
+        self.dora_shift: torch.Tensor | None = None
+        self._dora_slots: set[int] = set()
+        self._w_row_sq: torch.Tensor | None = None  # ||W_row||^2 in float32, computed once
 
     @property
     def weight(self) -> torch.Tensor:
@@ -197,6 +202,42 @@ class LoRALinear(nn.Module):
             b_stack[slot].zero_()
             ranks[slot] = 0
             self._mark(i, slot, False)
+        self.clear_dora(slot)
+
+    @torch.no_grad()
+    def set_dora(self, slot: int, slice_weights: list[tuple[torch.Tensor, torch.Tensor] | None],
+                 magnitudes: list[torch.Tensor | None]) -> None:  # fmt: skip
+        """Make `slot` a DoRA slot: per slice with a magnitude m, its output columns are scaled by
+        s = m / ||W_i + B_i A_i||_row (B with the scale folded in), as PEFT's DoRA computes them.
+
+        The norm comes from ||W||^2 + 2 (W A^T) . B + B (A A^T) . B per row, in float32, so no
+        [out, in] temporary is made. Slices without a magnitude keep s = 1."""
+        self._check_slot(slot)
+        if self.dora_shift is None:
+            w = self.weight
+            self.dora_shift = torch.zeros(self.num_slots + 1, self.out_features, device=w.device, dtype=w.dtype)
+        if self._w_row_sq is None:
+            self._w_row_sq = torch.linalg.vector_norm(self.weight, dim=1, dtype=torch.float32) ** 2
+        shift = torch.zeros(self.out_features, device=self.dora_shift.device, dtype=torch.float32)
+        for i, (pair, m) in enumerate(zip(slice_weights, magnitudes, strict=True)):
+            if pair is None or m is None:
+                continue
+            lo, n = self.slice_offsets[i], self.output_sizes[i]
+            a, b = (t.to(device=shift.device, dtype=torch.float32) for t in pair)
+            w = self.weight[lo : lo + n]
+            wa = (w @ pair[0].to(device=w.device, dtype=w.dtype).T).float()  # [out_i, r]
+            norm_sq = self._w_row_sq[lo : lo + n] + 2 * (wa * b).sum(1) + ((b @ (a @ a.T)) * b).sum(1)
+            shift[lo : lo + n] = m.to(shift.device) / norm_sq.clamp_min(0).sqrt() - 1
+        self.dora_shift[slot].copy_(shift)
+        if not self._dora_slots:
+            self.live_version += 1  # captured graphs lack the DoRA scaling: recapture
+        self._dora_slots.add(slot)
+
+    @torch.no_grad()
+    def clear_dora(self, slot: int) -> None:
+        if slot in self._dora_slots:
+            self._dora_slots.discard(slot)
+            self.dora_shift[slot].zero_()  # graphs captured with the scaling now add exact zeros
 
     def _mark(self, index: int, slot: int, targeted: bool) -> None:
         users = self._slice_slots[index]
@@ -217,14 +258,34 @@ class LoRALinear(nn.Module):
         return self._add_lora(x, self.base_layer(x))
 
     def _add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """`y` (the base output for `x`) plus each token's adapter delta, in place."""
+        """`y` (the base output for `x`) plus each token's adapter delta, in place; then DoRA's
+        per-column scaling for the tokens of DoRA slots."""
         lora = get_lora_context()
         if lora is None or not lora.any_lora:
             return y
         x2 = x.reshape(-1, self.in_features)
         y2 = y.view(-1, self.out_features)
+        self._add_deltas(x2, y2, lora)
+        if self._dora_slots:
+            self._scale_dora(y2, lora)
+        return y
+
+    def _scale_dora(self, y2: torch.Tensor, lora: LoraContext) -> None:
+        """y <- y + (s - 1)(y - bias) = bias + s (W x + delta) for each token of a DoRA slot.
+        Other tokens have s - 1 = 0 exactly, so their rows are unchanged bit for bit."""
+        bias = self.bias
+        if get_context().is_prefill:  # eager: per segment, no [tokens, out] temporary
+            for start, end, slot in lora.seg_bounds:
+                if slot in self._dora_slots:
+                    rows = y2[start:end]
+                    rows.addcmul_(self.dora_shift[slot], rows if bias is None else rows - bias)
+            return
+        shift = self.dora_shift[lora.token_slots.long()]  # decode (maybe in a graph): base tokens read row -1
+        y2.addcmul_(shift, y2 if bias is None else y2 - bias)
+
+    def _add_deltas(self, x2: torch.Tensor, y2: torch.Tensor, lora: LoraContext) -> None:
         a_stacks, b_stacks, offsets = self.a_stacks, self.b_stacks, self.slice_offsets
-        if self.use_triton and x.is_cuda:
+        if self.use_triton and x2.is_cuda:
             kernels, ranks, r = _triton_lora(), self.ranks, self.max_rank
             live = self.live_slices
             if x2.shape[0] <= SMALL_BATCH_TOKENS and r <= _SMALL_MAX_RANK:
@@ -240,7 +301,7 @@ class LoRALinear(nn.Module):
             else:
                 for i in live:
                     kernels.lora_apply(y2, x2, a_stacks[i], b_stacks[i], lora, offsets[i], ranks[i])
-            return y
+            return
         # Prefill has few long segments (SGMV); decode has one token per sequence (BGMV).
         prefill = get_context().is_prefill
         for i in self.live_slices:
@@ -249,7 +310,6 @@ class LoRALinear(nn.Module):
                 lora_shrink_expand_sgmv(y2, x2, a_stack, b_stack, lora.seg_bounds, offset)
             else:
                 lora_bgmv(y2, x2, a_stack, b_stack, lora.token_slots, offset)
-        return y
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

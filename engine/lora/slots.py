@@ -101,6 +101,8 @@ class LoraSlots:
     def plan(self, weights: _AdapterWeights, pin: bool = False) -> SlotPlan | None:
         """The copy plan of `weights` for this slot layout (engine/lora/slot_plan.py), or None."""
         self._check_modules(weights)
+        if getattr(weights, "magnitudes", None):
+            return None  # DoRA's scaling needs the base weights: such adapters take the plain load
         source = flat_source([t for pair in weights.modules.values() for t in pair])
         if source is None or source.dtype != self._slot_dtype():
             return None
@@ -135,15 +137,25 @@ class LoraSlots:
             self._load_planned(slot, plan)
             return
         self._check_modules(weights)
+        magnitudes = getattr(weights, "magnitudes", None) or {}
+        if magnitudes and not all(shards_nothing(m.base_layer) for layer in self.layers for m in layer.values()):
+            raise ValueError(f"adapter {weights.name!r} is a DoRA adapter; DoRA is not served across "
+                             "tensor-parallel ranks")
         write = SlotWrite()
+        dora = []
         for layer_idx, layer in enumerate(self.layers):
             for fused, shorts in self._slices.items():
                 module = layer[fused]
                 pairs = [weights.modules.get((layer_idx, s)) for s in shorts]
                 shard = getattr(module.base_layer, "shard_lora", None)
-                if shard is not None:  # a tensor-parallel layer: keep this rank's part
+                if shard is not None and not shards_nothing(module.base_layer):  # keep this rank's part
                     pairs = [None if p is None else shard(i, *p) for i, p in enumerate(pairs)]
                 write.extend(module.plan_lora(slot, pairs))
+                mags = [magnitudes.get((layer_idx, s)) for s in shorts]
+                if any(m is not None for m in mags):
+                    dora.append((module, pairs, mags))
+                else:
+                    module.clear_dora(slot)
         column = [0] * self._rank_table.shape[0]
         for ranks, _, rank in write.ranks:
             column[self._rank_row[id(ranks)]] = rank
@@ -152,6 +164,8 @@ class LoraSlots:
         on_cuda = self._rank_table.is_cuda
         self._rank_table[:, slot].copy_(torch.tensor(column, dtype=torch.int32, pin_memory=on_cuda),
                                         non_blocking=on_cuda)
+        for module, pairs, mags in dora:  # needs the base weights: on the device, once per load
+            module.set_dora(slot, pairs, mags)
 
     @torch.no_grad()
     def _load_planned(self, slot: int, plan: SlotPlan) -> None:
@@ -165,6 +179,9 @@ class LoraSlots:
         self._rank_table[:, slot].copy_(plan.rank_column, non_blocking=True)
         for module, index, targeted in plan.marks:
             module._mark(index, slot, targeted)
+        for layer in self.layers:
+            for module in layer.values():
+                module.clear_dora(slot)
 
     def _slot_dtype(self) -> torch.dtype:
         return self.layers[0][FUSED_NAMES[0]].lora_a.dtype

@@ -134,7 +134,6 @@ def test_layers_to_transform_and_exclude_modules_honoured(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "error", "message"),
     [
-        ({"use_dora": True}, UnsupportedAdapterError, r"DoRA .* not supported yet"),
         ({"bias": "all"}, UnsupportedAdapterError, r"bias='all'.*expected bias='none'"),
         ({"lora_bias": True}, UnsupportedAdapterError, "lora_bias"),
         ({"modules_to_save": ["lm_head"]}, UnsupportedAdapterError, r"modules_to_save=\['lm_head'\]"),

@@ -232,8 +232,8 @@ def test_weights_for_untargeted_module(adapter, tmp_path):
     [
         (
             "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
-            UnsupportedAdapterError,
-            "DoRA",
+            AdapterWeightsError,
+            "a DoRA magnitude vector, but use_dora is false",
         ),
         ("base_model.model.lm_head.lora_A.weight", UnsupportedAdapterError, "lm_head"),
         ("base_model.model.model.norm.weight", AdapterWeightsError, "unexpected tensor"),
@@ -248,5 +248,5 @@ def test_unexpected_tensors(adapter, tmp_path, extra_key, error, message):
 
 
 def test_config_errors_surface_before_weights(adapter, tmp_path):
-    with pytest.raises(AdapterConfigError, match="DoRA"):
-        load(copy_adapter(adapter, tmp_path / "d", use_dora=True))
+    with pytest.raises(AdapterConfigError, match="bias"):
+        load(copy_adapter(adapter, tmp_path / "d", bias="all"))

@@ -294,3 +294,19 @@ def test_bad_tensor_parallel_settings_are_refused():
         EngineConfig(model="m", tensor_parallel_size=0)
     with pytest.raises(ValueError, match="cuda:r"):
         EngineConfig(model="m", device="cuda:1", tensor_parallel_size=2)
+
+
+def test_a_dora_adapter_is_refused_at_tp2_with_the_reason(tiny_model_factory, tiny_adapter_factory):
+    """Its per-column scaling is not applied across ranks yet: refused on load, never served wrong."""
+    from engine.errors import AdapterFailedError
+
+    model_dir = tiny_model_factory("llama")
+    dora = tiny_adapter_factory(model_dir, rank=4, alpha=8.0, target_modules=("q_proj",), seed=31, use_dora=True)
+    engine = LLMEngine(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", max_model_len=64,
+                                    block_size=4, max_loras=2, max_lora_rank=16, tensor_parallel_size=2,
+                                    num_kv_blocks=24))
+    try:
+        with pytest.raises(AdapterFailedError, match="tensor parallelism"):
+            engine.add_adapter("dora", dora)
+    finally:
+        engine.close()

@@ -16,13 +16,13 @@ from training.checkpoints import (
 )
 
 
-def _peft_model(model_dir: Path, use_dora: bool = False):
+def _peft_model(model_dir: Path, **extra):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "q_proj", "down_proj"], use_dora=use_dora,
-                        task_type="CAUSAL_LM", init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "q_proj", "down_proj"],
+                        task_type="CAUSAL_LM", init_lora_weights=False, **extra)
     return get_peft_model(base, config)
 
 
@@ -45,10 +45,10 @@ def test_saved_adapter_is_peft_with_metadata_and_sorted_targets(tmp_path: Path, 
 
 
 def test_an_adapter_the_server_would_refuse_is_not_published(tmp_path: Path, model_dir: Path) -> None:
-    with pytest.raises(UnsupportedAdapterError, match="DoRA"):
-        save_checkpoint(_peft_model(model_dir, use_dora=True), tmp_path, 5, {})
+    with pytest.raises(UnsupportedAdapterError, match="bias"):  # it trains the base's biases
+        save_checkpoint(_peft_model(model_dir, bias="all"), tmp_path, 5, {})
     assert list_checkpoints(tmp_path) == []
-    save_checkpoint(_peft_model(model_dir, use_dora=True), tmp_path, 5, {}, servable=False)
+    save_checkpoint(_peft_model(model_dir, bias="all"), tmp_path, 5, {}, servable=False)
     assert [step for step, _ in list_checkpoints(tmp_path)] == [5]
 
 

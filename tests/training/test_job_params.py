@@ -38,7 +38,7 @@ def test_method_supervised_hyperparameters_win_over_the_deprecated_field() -> No
         ({"target_modules": []}, "hyperparameters.target_modules", "must be list"),
         ({"lora_dropout": 2.0}, "hyperparameters", "lora_dropout must be in [0, 1)"),
         ({"colour": "red"}, "hyperparameters.colour", "unknown hyperparameter"),
-        ({"use_dora": True}, "hyperparameters.use_dora", "DoRA adapters cannot be served"),
+        ({"use_dora": "yes"}, "hyperparameters.use_dora", "must be bool"),
     ],
 )
 def test_bad_hyperparameters_are_refused_naming_the_field(raw: dict, param: str, text: str) -> None:

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from adapters.errors import UnsupportedAdapterError
 from adapters.peft_format import read_adapter_spec
-from training.cli import DORA_WARNING, main, run_train
+from training.cli import main, run_train
 from training.data import file_sha256
 from training.events import read_events
 
@@ -168,13 +167,15 @@ def test_rslora_accumulation_and_step_checkpoints(tmp_path, model_dir, data) -> 
     assert metrics[-1]["epoch"] == pytest.approx(5 / 3, abs=1e-3)  # 6 micro-batches of 2 -> 3 steps/epoch
 
 
-def test_dora_trains_but_warns_that_the_server_cannot_serve_it(tmp_path, model_dir, data, capsys) -> None:
+def test_dora_trains_an_adapter_the_server_loads(tmp_path, model_dir, data) -> None:
+    from adapters.weights import load_adapter
+
     out = tmp_path / "dora"
     assert main(_args(model_dir, data["train"], out, "--use-dora", "--max-steps", "2")) == 0
-    assert DORA_WARNING in capsys.readouterr().err
     assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
-    with pytest.raises(UnsupportedAdapterError, match="DoRA"):
-        read_adapter_spec(out)
+    spec = read_adapter_spec(out)
+    weights = load_adapter(out, "dora", None, None, spec.max_rank)
+    assert spec.use_dora and set(weights.magnitudes) == set(weights.modules)
 
 
 def test_bad_options_and_a_missing_model(tmp_path, data, capsys) -> None:
