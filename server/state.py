@@ -11,20 +11,78 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from server.http.errors import APIError, model_not_found, not_ready
 from server.limits import MAX_TOP_LOGPROBS, Limits
 
+if TYPE_CHECKING:  # types only: holding the engine needs neither torch nor the engine's modules
+    from pathlib import Path
+
+    from engine.logits_processor import LogitsProcessor
+    from engine.outputs import RequestDelta
+    from engine.sampling_params import SamplingParams
+
 logger = logging.getLogger(__name__)
 
-EngineFactory = Callable[[], Any]
-ReadySteps = Callable[[Any], Awaitable[None]]
+
+class EngineClient(Protocol):
+    """What the server calls on an engine: `engine.async_engine.AsyncEngine`, and the tests'
+    `FakeEngine` (tests/server/test_fake_engine.py holds both to these signatures)."""
+
+    model_name: str
+    tokenizer: Any  # a transformers tokenizer: chat template, encode, decode, len
+    max_model_len: int
+    eos_token_ids: set[int]
+    config: Any  # read: model, max_num_seqs, max_waiting (and torch_device where there is one)
+
+    @property
+    def failure(self) -> str | None: ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 adapter: str | None = None, logits_processor: LogitsProcessor | None = None,
+                 ) -> AsyncIterator[RequestDelta]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    async def call(self, fn: Callable[[Any], Any]) -> Any: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def token_str(self, token_id: int) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+    def adapter_names(self) -> list[str]: ...
+
+    def has_adapter(self, name: str) -> bool: ...
+
+    async def add_adapter(self, name: str, path: Path | str) -> int: ...
+
+    async def register_adapter(self, name: str, source: str) -> dict[str, Any]: ...
+
+    async def adapter_info(self, name: str) -> dict[str, Any]: ...
+
+    async def list_adapters(self) -> list[dict[str, Any]]: ...
+
+    async def promote_adapter(self, name: str) -> dict[str, Any]: ...
+
+    async def demote_adapter(self, name: str) -> dict[str, Any]: ...
+
+    async def delete_adapter(self, name: str) -> dict[str, Any]: ...
+
+
+EngineFactory = Callable[[], EngineClient]
+ReadySteps = Callable[[EngineClient], Awaitable[None]]
 
 
 class ServerState:
-    def __init__(self, engine: Any | None = None, *, engine_factory: EngineFactory | None = None) -> None:
+    def __init__(self, engine: EngineClient | None = None, *, engine_factory: EngineFactory | None = None) -> None:
         if (engine is None) == (engine_factory is None):
             raise ValueError("give exactly one of engine and engine_factory")
         self.engine = engine

@@ -1,14 +1,18 @@
-"""A live uvicorn server on 127.0.0.1 (free port, background thread) and openai clients for it.
+"""The servers the server tests talk to.
 
-One tiny model and eight tiny adapters per session; each test module starts its own
-server on them and reuses it for all its tests.
+`fake` / `fake_app`: the app in-process (no socket, no uvicorn) over `FakeEngine`, a fast engine
+that generates without weights: what shape, error and limit tests use. Each test gets its own.
+
+`live` / `start_server`: uvicorn on 127.0.0.1 (free port, background thread) over the real engine
+on one tiny model and eight tiny adapters per session, for the end-to-end tests (each module starts
+its own server and reuses it for all its tests).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +21,13 @@ import httpx
 import pytest
 import uvicorn
 from openai import OpenAI
+from starlette.testclient import TestClient
 
 from engine.config import EngineConfig
 from server.app import create_app
 from server.state import ServerState
+from tests.eventually import eventually
+from tests.server.fake_engine import FakeEngine
 
 NUM_ADAPTERS = 8
 ADAPTER_NAMES = [f"lora-{i}" for i in range(NUM_ADAPTERS)]
@@ -43,11 +50,9 @@ class LiveServer:
 
     def start(self, timeout: float = 30.0) -> LiveServer:
         self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
+        eventually(lambda: self._server.started or not self._thread.is_alive(), timeout, "the test server started")
+        if not self._server.started:
+            raise RuntimeError("the test server did not start: its thread ended")
         return self
 
     def stop(self) -> None:
@@ -151,3 +156,57 @@ def live(start_server: Callable[..., LiveServer]) -> LiveServer:
 def client(live: LiveServer) -> OpenAI:
     return live.client()
 
+
+
+IN_PROCESS_URL = "http://quiver.test"
+
+
+class InProcessApp:
+    """`create_app` over a `FakeEngine`, called in-process through Starlette's TestClient (the app's
+    lifespan runs: started when made, stopped by `close`)."""
+
+    def __init__(self, engine: FakeEngine, **app_options: Any) -> None:
+        self.engine = engine
+        self.app = create_app(ServerState(engine), **app_options)
+        self._http = TestClient(self.app, base_url=IN_PROCESS_URL)
+        self._http.__enter__()
+
+    def close(self) -> None:
+        self._http.__exit__(None, None, None)
+
+    @property
+    def state(self) -> ServerState:
+        return self.app.state.quiver
+
+    def http(self) -> contextlib.AbstractContextManager[httpx.Client]:
+        """The app's HTTP client (stays open: `with fake.http() as http` reads as for a live server)."""
+        return contextlib.nullcontext(self._http)
+
+    def client(self, api_key: str = "x", **kwargs: Any) -> OpenAI:
+        return OpenAI(base_url=f"{IN_PROCESS_URL}/v1", api_key=api_key, max_retries=0, http_client=self._http,
+                      **kwargs)
+
+
+def fake_engine(**options: Any) -> FakeEngine:
+    """A fake engine serving the tiny base and the eight adapters (by name: it loads nothing)."""
+    return FakeEngine({name: f"/adapters/{name}" for name in ADAPTER_NAMES}, **options)
+
+
+@pytest.fixture
+def fake_app() -> Iterator[Callable[..., InProcessApp]]:
+    """Make in-process apps: `fake_app(engine=None, **create_app_options)`; closed when the test ends."""
+    made: list[InProcessApp] = []
+
+    def make(engine: FakeEngine | None = None, **app_options: Any) -> InProcessApp:
+        made.append(InProcessApp(engine or fake_engine(), **app_options))
+        return made[-1]
+
+    yield make
+    for app in made:
+        app.close()
+
+
+@pytest.fixture
+def fake(fake_app: Callable[..., InProcessApp]) -> InProcessApp:
+    """The app with default options over a fresh fake engine."""
+    return fake_app()
