@@ -162,12 +162,13 @@ IN_PROCESS_URL = "http://quiver.test"
 
 
 class InProcessApp:
-    """`create_app` over a `FakeEngine`, called in-process through Starlette's TestClient (the app's
-    lifespan runs: started when made, stopped by `close`)."""
+    """`create_app` over a `FakeEngine` (or one a factory builds in the background), called in-process
+    through Starlette's TestClient; the app's lifespan runs: started when made, stopped by `close`."""
 
-    def __init__(self, engine: FakeEngine, **app_options: Any) -> None:
-        self.engine = engine
-        self.app = create_app(ServerState(engine), **app_options)
+    def __init__(self, engine: FakeEngine | None = None, *, engine_factory: Callable[[], FakeEngine] | None = None,
+                 **app_options: Any) -> None:
+        state = ServerState(engine_factory=engine_factory) if engine_factory else ServerState(engine)
+        self.app = create_app(state, **app_options)
         self._http = TestClient(self.app, base_url=IN_PROCESS_URL)
         self._http.__enter__()
 
@@ -177,6 +178,10 @@ class InProcessApp:
     @property
     def state(self) -> ServerState:
         return self.app.state.quiver
+
+    @property
+    def engine(self) -> Any:
+        return self.state.engine
 
     def http(self) -> contextlib.AbstractContextManager[httpx.Client]:
         """The app's HTTP client (stays open: `with fake.http() as http` reads as for a live server)."""
@@ -194,11 +199,15 @@ def fake_engine(**options: Any) -> FakeEngine:
 
 @pytest.fixture
 def fake_app() -> Iterator[Callable[..., InProcessApp]]:
-    """Make in-process apps: `fake_app(engine=None, **create_app_options)`; closed when the test ends."""
+    """Make in-process apps: `fake_app(engine=None, engine_factory=None, **create_app_options)` (neither
+    engine: a `fake_engine()`); closed when the test ends."""
     made: list[InProcessApp] = []
 
-    def make(engine: FakeEngine | None = None, **app_options: Any) -> InProcessApp:
-        made.append(InProcessApp(engine or fake_engine(), **app_options))
+    def make(engine: FakeEngine | None = None, engine_factory: Callable[[], FakeEngine] | None = None,
+             **app_options: Any) -> InProcessApp:
+        if engine_factory is None:
+            engine = engine or fake_engine()
+        made.append(InProcessApp(engine, engine_factory=engine_factory, **app_options))
         return made[-1]
 
     yield make

@@ -1,20 +1,18 @@
-"""Every error comes back in the OpenAI envelope with the right status (400, never 422 or 500)."""
+"""Every error comes back in the OpenAI envelope with the right status (400, never 422 or 500).
+
+In-process over the fake engine, but for broken adapter files, which the real engine's loader reads."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
-import time
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from engine.outputs import RequestDelta
-from server.app import create_app
-from server.state import ServerState
-from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME, LiveServer
+from tests.eventually import eventually
+from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME, fake_engine
 from tests.server.helpers import MESSAGES, sse_events
 
 CHAT = "/v1/chat/completions"
@@ -33,10 +31,15 @@ def _assert_envelope(response: httpx.Response, status: int, param: str | None = 
     return error
 
 
-@pytest.fixture(scope="module")
-def http(live):
-    with live.http() as client:
+@pytest.fixture
+def http(fake):
+    with fake.http() as client:
         yield client
+
+
+@pytest.fixture
+def client(fake):
+    return fake.client()
 
 
 def test_malformed_json_and_non_object_bodies(http):
@@ -93,11 +96,11 @@ def test_bad_logit_bias_key_is_400_naming_it(http, key):
     assert repr(key) in error["message"]
 
 
-def test_context_length_exceeded(http, live):
-    too_long = "fox " * (live.engine.max_model_len * 2)
+def test_context_length_exceeded(http, fake):
+    too_long = "fox " * (fake.engine.max_model_len * 2)
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": too_long}], "max_tokens": 2}
     _assert_envelope(http.post(CHAT, json=body), 400, code="context_length_exceeded")
-    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": live.engine.max_model_len}
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": fake.engine.max_model_len}
     _assert_envelope(http.post(CHAT, json=body), 400, code="context_length_exceeded")
     body = {"model": MODEL_NAME, "prompt": too_long, "max_tokens": 2}
     _assert_envelope(http.post("/v1/completions", json=body), 400, code="context_length_exceeded")
@@ -139,52 +142,45 @@ def test_openai_client_raises_the_typed_errors(client):
         client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, stream_options={"include_usage": True})
 
 
-def test_overload_is_429_with_retry_after(start_server):
-    live = start_server(max_num_seqs=1, max_waiting=1)
+def test_overload_is_429_with_retry_after(fake_app):
+    engine = fake_engine(max_num_seqs=1, max_waiting=1)
+    app = fake_app(engine)
     body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 200, "stream": True, "ignore_eos": True}
-    stop = threading.Event()
+    engine.gate.clear()  # the streams below stay in flight until it opens
 
     def hold_a_stream() -> None:
-        with live.http() as http, http.stream("POST", CHAT, json=body) as response:
-            for _ in response.iter_lines():
-                if stop.is_set():
-                    break
+        with app.http() as http:
+            http.post(CHAT, json=body)
 
     holders = [threading.Thread(target=hold_a_stream, daemon=True) for _ in range(2)]
     for holder in holders:
         holder.start()
     try:
-        deadline = time.monotonic() + 10
-        while live.engine.stats()["num_streams"] < 2:  # one running, one queued: the engine is full
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        with live.http() as http:
+        eventually(lambda: engine.stats()["num_streams"] == 2, 10, "one running and one queued: the engine is full")
+        with app.http() as http:
             response = http.post(CHAT, json={**body, "stream": False, "max_tokens": 2})
             _assert_envelope(response, 429, code="overloaded")
             assert int(response.headers["retry-after"]) >= 1
             response = http.post(CHAT, json={**body, "max_tokens": 2})  # streamed: still a status, not an event
             _assert_envelope(response, 429, code="overloaded")
         with pytest.raises(openai.RateLimitError):
-            live.client().chat.completions.create(model=ADAPTER_NAMES[0], messages=MESSAGES, max_tokens=2)
+            app.client().chat.completions.create(model=ADAPTER_NAMES[0], messages=MESSAGES, max_tokens=2)
     finally:
-        stop.set()
+        engine.gate.set()
         for holder in holders:
             holder.join(10)
 
 
-def test_not_ready_is_503_until_the_model_loads(server_model_dir):
-    from engine.async_engine import AsyncEngine
-    from tests.server.conftest import engine_config
-
+def test_not_ready_is_503_until_the_model_loads(fake_app):
     release = threading.Event()
 
     def slow_factory() -> Any:
         release.wait(30)
-        return AsyncEngine(engine_config(server_model_dir), served_model_name=MODEL_NAME)
+        return fake_engine()
 
-    live = LiveServer(create_app(ServerState(engine_factory=slow_factory))).start()
+    app = fake_app(engine_factory=slow_factory)
     try:
-        with live.http() as http:
+        with app.http() as http:
             assert http.get("/health").status_code == 200
             _assert_envelope(http.get("/ready"), 503)
             response = http.post(CHAT, json={"model": MODEL_NAME, "messages": MESSAGES})
@@ -192,86 +188,46 @@ def test_not_ready_is_503_until_the_model_loads(server_model_dir):
             assert "retry-after" in response.headers
             _assert_envelope(http.get("/v1/models"), 503)
             release.set()
-            deadline = time.monotonic() + 30
-            while http.get("/ready").status_code != 200:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            eventually(lambda: http.get("/ready").status_code == 200, 30, "/ready once the model loaded")
             response = http.post(CHAT, json={"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 2})
             assert response.status_code == 200
     finally:
         release.set()
-        live.stop()
 
 
-def test_api_key_is_401_without_it(start_server):
-    live = start_server(api_key="sesame")
-    with live.http() as http:
+def test_api_key_is_401_without_it(fake_app):
+    app = fake_app(api_key="sesame")
+    with app.http() as http:
         _assert_envelope(http.get("/v1/models"), 401, code="invalid_api_key")
         _assert_envelope(http.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)
         assert http.get("/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
         assert http.get("/health").status_code == 200
     with pytest.raises(openai.AuthenticationError):
-        live.client().models.list()  # sends api_key "x"
-    good = openai.OpenAI(base_url=f"{live.base_url}/v1", api_key="sesame", max_retries=0)
-    assert good.models.list().data[0].id == MODEL_NAME
+        app.client().models.list()  # sends api_key "x"
+    assert app.client(api_key="sesame").models.list().data[0].id == MODEL_NAME
 
 
-class _FailsMidStream:
-    """The real engine, except that every request fails after its first two deltas."""
-
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    async def generate(self, request_id: str, *args: Any, **kwargs: Any) -> Any:
-        count = 0
-        async with contextlib.aclosing(self._engine.generate(request_id, *args, **kwargs)) as deltas:
-            async for delta in deltas:
-                if count == 2 and not delta.finished:
-                    yield RequestDelta(request_id=request_id, finish_reason="error", error="device fell over")
-                    return
-                count += 1
-                yield delta
-
-
-def test_mid_stream_error_is_an_error_event_then_done(server_model_dir):
-    from engine.async_engine import AsyncEngine
-    from tests.server.conftest import engine_config
-
-    engine = AsyncEngine(engine_config(server_model_dir), served_model_name=MODEL_NAME)
-    live = LiveServer(create_app(ServerState(_FailsMidStream(engine)))).start()
-    try:
-        body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 50, "stream": True, "ignore_eos": True}
-        with live.http() as http:
-            events = sse_events(http, CHAT, body)
-            assert events[-1] == "[DONE]"
-            error = events[-2]["error"]
-            assert set(error) == {"message", "type", "param", "code"} and "device fell over" in error["message"]
-            assert events[0]["choices"][0]["delta"]["role"] == "assistant"
-            events = sse_events(http, "/v1/completions", {**body, "prompt": "hi"})
-            assert events[-1] == "[DONE]" and "error" in events[-2]
-            response = http.post(CHAT, json={**body, "stream": False})
-            _assert_envelope(response, 500)
-        with pytest.raises(openai.APIError, match="device fell over"):
-            for _ in live.client().chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=50,
-                                                           stream=True, extra_body={"ignore_eos": True}):
-                pass
-        assert live.engine.stats()["num_requests"] == 0 or _settles(live)
-    finally:
-        live.stop()
+def test_mid_stream_error_is_an_error_event_then_done(fake):
+    fake.engine.fail_after = 2  # every request fails after its first two tokens
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 50, "stream": True, "ignore_eos": True}
+    with fake.http() as http:
+        events = sse_events(http, CHAT, body)
+        assert events[-1] == "[DONE]"
+        error = events[-2]["error"]
+        assert set(error) == {"message", "type", "param", "code"} and fake.engine.fail_message in error["message"]
+        assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+        events = sse_events(http, "/v1/completions", {**body, "prompt": "hi"})
+        assert events[-1] == "[DONE]" and "error" in events[-2]
+        response = http.post(CHAT, json={**body, "stream": False})
+        _assert_envelope(response, 500)
+    with pytest.raises(openai.APIError, match=fake.engine.fail_message):
+        for _ in fake.client().chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=50,
+                                                       stream=True, extra_body={"ignore_eos": True}):
+            pass
+    eventually(lambda: fake.engine.stats()["num_streams"] == 0, 5, "no request left in the engine")
 
 
-def _settles(live: LiveServer, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if live.engine.stats()["num_requests"] == 0:
-            return True
-        time.sleep(0.02)
-    return False
-
-
+# End to end: the engine's own adapter loader reads the broken files; only the requests naming them fail.
 def test_a_bad_adapter_fails_only_the_requests_naming_it(start_server, server_adapters, tmp_path):
     good = ADAPTER_NAMES[0]
     corrupt = tmp_path / "corrupt"
