@@ -8,9 +8,7 @@ from typing import TYPE_CHECKING
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from server.http.auth import BearerAuth
 from server.http.console import console_routes
@@ -23,30 +21,17 @@ from server.http.middleware import (
     MaxTokensCeiling,
     RequestContextMiddleware,
 )
+from server.http.probes import probe_routes
+from server.http.routing import flagged_paths
 from server.lifespan import lifespan
 from server.limits import Limits
 from server.openai import routes as routes_openai
 from server.openai.tokenize import tokenize_routes
-from server.openapi import build_openapi
+from server.openapi import openapi_route
 from server.state import ServerState
 
 if TYPE_CHECKING:
     from server.wiring import Stateful
-
-
-async def health(request: Request) -> Response:
-    """Liveness: the process answers and, once started, the engine thread is alive."""
-    engine = getattr(request.app.state.quiver, "engine", None)
-    failure = getattr(engine, "failure", None) if engine is not None else None
-    if failure:
-        return JSONResponse({"status": "unhealthy", "reason": failure}, status_code=503)
-    return JSONResponse({"status": "ok"})
-
-
-async def ready(request: Request) -> Response:
-    state: ServerState = request.app.state.quiver
-    state.require_engine()  # 503 in the error envelope until the model is loaded
-    return JSONResponse({"status": "ready", "model": state.engine.model_name})
 
 
 def create_app(
@@ -72,13 +57,9 @@ def create_app(
     if stateful is not None:
         extra_routes = [*stateful.routes, *(extra_routes or [])]
 
-    async def openapi(request: Request) -> Response:
-        return JSONResponse(document)
-
     routes: list[BaseRoute] = [
-        Route("/health", health, methods=["GET"]),
-        Route("/ready", ready, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
+        *probe_routes(),
+        openapi_route(),  # the document of exactly the routes this app mounts
         metrics_route(state, metrics),
         *console_routes(),  # the web console, open: it asks for a key and sends it with its API calls
         *routes_openai.routes,
@@ -86,9 +67,9 @@ def create_app(
         *(extra_routes or []),
     ]
     metrics.route_name = RouteNames(routes)
-    document = build_openapi(routes=routes)  # describes what this app mounts, no more
     # Outermost first: every request gets its id; refusals cost the least work they can.
-    middleware = [Middleware(RequestContextMiddleware, track=metrics.track_http)]
+    middleware = [Middleware(RequestContextMiddleware, track=metrics.track_http,
+                             quiet=flagged_paths(routes, "quiet"))]
     if allowed_origins:  # before auth: a browser's preflight carries no key
         middleware.append(Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"],
                                      allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER]))
@@ -96,11 +77,13 @@ def create_app(
         middleware.append(Middleware(BearerAuth, api_key=api_key, admin_key=admin_key,
                                      protect_metrics=protect_metrics))
     if limits.max_request_bytes:
-        middleware.append(Middleware(BodySizeLimit, max_bytes=limits.max_request_bytes))
+        middleware.append(Middleware(BodySizeLimit, max_bytes=limits.max_request_bytes,
+                                     exempt=flagged_paths(routes, "upload")))
     if limits.max_concurrent_requests:
-        middleware.append(Middleware(ConcurrencyLimit, max_concurrent=limits.max_concurrent_requests))
+        middleware.append(Middleware(ConcurrencyLimit, max_concurrent=limits.max_concurrent_requests,
+                                     paths=flagged_paths(routes, "generation")))
     if limits.max_tokens:
-        middleware.append(Middleware(MaxTokensCeiling, limits=limits))
+        middleware.append(Middleware(MaxTokensCeiling, limits=limits, paths=flagged_paths(routes, "generation")))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
                     lifespan=lifespan(state, stateful))
     app.state.quiver = state

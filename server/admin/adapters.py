@@ -9,25 +9,70 @@ pin that would leave no GPU slot for unpinned adapters.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from adapters.errors import AdapterError
 from adapters.registry import AdapterExistsError, PinLimitError
 from adapters.sources import AdapterSourceError, validate_name
 from engine.errors import AdapterFailedError, UnknownAdapterError
 from server.http.errors import APIError, bad_request, parse_json_body
+from server.http.routing import ApiRoute, Operation, Param
 from server.state import ServerState
 from training.job_record import fine_tuned_model_name
 
 # Fine-tuning publishes `ft-<job-id>` and `ft-<job-id>:ckpt-<step>`; a client must not take one first.
 _FINE_TUNED_PREFIX = fine_tuned_model_name("")
+TAG = "Adapters"
+# What `adapters.sources.validate_name` accepts (it also refuses `..` anywhere in the name).
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+_NAME_PARAM = Param("name", {"type": "string", "pattern": ADAPTER_NAME_PATTERN}, "path")
 
 
-def adapter_routes(state: ServerState) -> list[Route]:
+class AdapterCreate(BaseModel, extra="forbid"):
+    """What `POST /v1/adapters` takes (checked by `register_adapter`, which names the field at fault)."""
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="Also without '..' anywhere.")
+    source: str = Field(description="A directory relative to the adapter root, or `hf://org/name[@revision]`.")
+
+
+class Adapter(BaseModel):
+    """An `adapter`: its state and tier (`registered`, `loading`, `host`, `gpu`, `pinned`, `failed`)."""
+
+    id: str
+    object: Literal["adapter"]
+    state: str
+    tier: str
+    pinned: bool
+    source: str
+    error: str | None
+    rank: int | None = None
+    targets: list[str] = []
+    size_bytes: int | None = None
+    in_flight: int = 0
+    load_ms: dict[str, float] = {}
+
+
+class AdapterList(BaseModel):
+    """The registered adapters, by name."""
+
+    object: Literal["list"]
+    data: list[Adapter]
+
+
+class AdapterDeleted(BaseModel):
+    """The adapter is unregistered; `in_flight` requests still finish with it."""
+
+    id: str
+    object: Literal["adapter"]
+    deleted: Literal[True]
+    in_flight: int
+
+
+def adapter_routes(state: ServerState) -> list[ApiRoute]:
     """The `/v1/adapters` routes over `state`'s engine."""
 
     async def list_adapters(request: Request) -> Response:
@@ -41,7 +86,7 @@ def adapter_routes(state: ServerState) -> list[Route]:
     async def register_adapter(request: Request) -> Response:
         engine = state.require_engine()
         body = await parse_json_body(request)
-        unknown = sorted(set(body) - {"name", "source"})
+        unknown = sorted(set(body) - set(AdapterCreate.model_fields))
         if unknown:
             raise bad_request(f"Unknown field `{unknown[0]}`; expected `name` and `source`.", param=unknown[0])
         name, source = body.get("name"), body.get("source")
@@ -66,13 +111,25 @@ def adapter_routes(state: ServerState) -> list[Route]:
         engine, name = _engine_and_name(state, request)
         return JSONResponse(await _guard(engine.delete_adapter(name), name))
 
+    def change(summary: str, answer: type[BaseModel], *errors: int, journal: str | None = None) -> Operation:
+        return Operation(summary, TAG, response=answer, errors=(400, 404, *errors, 503), missing="adapter",
+                         params=(_NAME_PARAM,), journal=journal)
+
+    one = "/v1/adapters/{name}"
     return [
-        Route("/v1/adapters", list_adapters, methods=["GET"]),
-        Route("/v1/adapters", register_adapter, methods=["POST"]),
-        Route("/v1/adapters/{name}", get_adapter, methods=["GET"]),
-        Route("/v1/adapters/{name}", delete, methods=["DELETE"]),
-        Route("/v1/adapters/{name}/promote", promote, methods=["POST"]),
-        Route("/v1/adapters/{name}/demote", demote, methods=["POST"]),
+        ApiRoute("/v1/adapters", list_adapters, Operation(
+            "List the registered adapters with their state and tier", TAG, response=AdapterList, errors=(503,)),
+            methods=["GET"]),
+        ApiRoute("/v1/adapters", register_adapter, Operation(
+            "Register an adapter", TAG, body=AdapterCreate, response=Adapter, status=201, errors=(400, 409, 503),
+            journal="register"), methods=["POST"]),
+        ApiRoute(one, get_adapter, change("Describe one adapter", Adapter), methods=["GET"]),
+        ApiRoute(one, delete, change("Delete an adapter (waits for its requests in flight)", AdapterDeleted,
+                                     journal="delete"), methods=["DELETE"]),
+        ApiRoute(one + "/promote", promote, change("Load an adapter into a GPU slot and pin it", Adapter, 409,
+                                                   journal="pin"), methods=["POST"]),
+        ApiRoute(one + "/demote", demote, change("Unpin an adapter and move it to host memory", Adapter,
+                                                 journal="unpin"), methods=["POST"]),
     ]
 
 

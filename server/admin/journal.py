@@ -11,47 +11,51 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
+from server.http.routing import ApiRoute, Endpoint
 from server.store import Store
 
 logger = logging.getLogger(__name__)
 
-Endpoint = Callable[[Request], Awaitable[Response]]
 
-
-def journaled(routes: list[BaseRoute], store: Store) -> list[BaseRoute]:
-    """`routes` (from `server.admin.adapters`) with their changes written to `store`."""
-    recorders: dict[tuple[str, str], Callable[[Request, dict[str, Any]], None]] = {
-        ("/v1/adapters", "POST"): lambda request, body: store.remember_adapter(body["id"], body["source"]),
-        ("/v1/adapters/{name}", "DELETE"): lambda request, body: store.forget_adapter(body["id"]),
-        ("/v1/adapters/{name}/promote", "POST"): lambda request, body: store.set_pinned(body["id"], True),
-        ("/v1/adapters/{name}/demote", "POST"): lambda request, body: store.set_pinned(body["id"], False),
+def journaled(routes: Sequence[BaseRoute], store: Store) -> list[BaseRoute]:
+    """`routes` with the adapter changes they declare (`Operation.journal`) written to `store`."""
+    recorders: dict[str, Callable[[dict[str, Any]], None]] = {
+        "register": lambda body: store.remember_adapter(body["id"], body["source"]),
+        "delete": lambda body: store.forget_adapter(body["id"]),
+        "pin": lambda body: store.set_pinned(body["id"], True),
+        "unpin": lambda body: store.set_pinned(body["id"], False),
     }
     out: list[BaseRoute] = []
     for route in routes:
-        methods = sorted((route.methods or set()) - {"HEAD"}) if isinstance(route, Route) else []
-        record = recorders.get((route.path, methods[0])) if len(methods) == 1 else None  # type: ignore[attr-defined]
-        if record is None:
+        change = route.operation.journal if isinstance(route, ApiRoute) else None
+        if change is None:
             out.append(route)
+        elif change not in recorders:
+            raise ValueError(f"{route.path}: the journal records no change named {change!r}")
         else:
-            out.append(Route(route.path, _recording(route.endpoint, record), methods=methods,  # type: ignore[attr-defined]
-                             name=route.name))  # type: ignore[attr-defined]
+            out.append(route.with_endpoint(_recording(route.endpoint, recorders[change])))
     return out
 
 
-def _recording(endpoint: Endpoint, record: Callable[[Request, dict[str, Any]], None]) -> Endpoint:
+def journaled_routes(routes: Iterable[BaseRoute]) -> list[ApiRoute]:
+    """The routes among `routes` whose successful answers the journal records."""
+    return [route for route in routes if isinstance(route, ApiRoute) and route.operation.journal is not None]
+
+
+def _recording(endpoint: Endpoint, record: Callable[[dict[str, Any]], None]) -> Endpoint:
     async def wrapped(request: Request) -> Response:
         response = await endpoint(request)
         if 200 <= response.status_code < 300:
             body = json.loads(bytes(response.body))
-            await asyncio.to_thread(record, request, body)
+            await asyncio.to_thread(record, body)
         return response
 
     return wrapped

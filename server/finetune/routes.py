@@ -16,10 +16,19 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 from starlette.types import Message
 
+from server.finetune.answers import (
+    FileList,
+    FileObject,
+    FileUpload,
+    FineTuningJob,
+    FineTuningJobCheckpointList,
+    FineTuningJobEventList,
+    FineTuningJobList,
+)
 from server.http.errors import APIError, bad_request, parse_json_body
+from server.http.routing import ApiRoute, Operation, Param
 from training.errors import ConflictError, FineTuneError, NotFoundError, TooLargeError
 from training.jobs import JobManager
 
@@ -27,9 +36,11 @@ _STATUS = {NotFoundError: 404, ConflictError: 409, TooLargeError: 413}
 _MAX_LIMIT = 100
 # Room for the multipart framing and the small fields beside the file (purpose, filename).
 FORM_OVERHEAD_BYTES = 64 * 1024
+TAG = "Fine-tuning"
+_PAGE = (Param("after"), Param("limit", {"type": "integer", "minimum": 1, "maximum": _MAX_LIMIT}))
 
 
-class JobCreate(BaseModel):
+class JobCreate(BaseModel, title="FineTuningJobCreate"):
     model_config = ConfigDict(extra="forbid")
 
     model: str
@@ -111,7 +122,7 @@ def _page(items: list[dict[str, Any]], has_more: bool) -> JSONResponse:
     return JSONResponse({"object": "list", "data": items, "has_more": has_more})
 
 
-def finetune_routes(manager: JobManager) -> list[Route]:
+def finetune_routes(manager: JobManager) -> list[ApiRoute]:
     """Routes for `/v1/files` and `/v1/fine_tuning/jobs`; the caller starts and closes `manager`."""
 
     async def create_file(request: Request) -> Response:
@@ -169,16 +180,29 @@ def finetune_routes(manager: JobManager) -> list[Route]:
     async def cancel_job(request: Request) -> Response:
         return JSONResponse(await call_jobs(manager.cancel_job, request.path_params["job_id"]))
 
-    jobs = "/v1/fine_tuning/jobs"
+    jobs, job = "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{job_id}"
     return [
-        Route("/v1/files", create_file, methods=["POST"]),
-        Route("/v1/files", list_files, methods=["GET"]),
-        Route("/v1/files/{file_id}", get_file, methods=["GET"]),
-        Route(jobs, create_job, methods=["POST"]),
-        Route(jobs, list_jobs, methods=["GET"]),
-        Route(jobs + "/{job_id}", get_job, methods=["GET"]),
-        Route(jobs + "/{job_id}/events", list_events, methods=["GET"]),
-        Route(jobs + "/{job_id}/checkpoints", list_checkpoints, methods=["GET"]),
-        Route(jobs + "/{job_id}/cancel", cancel_job, methods=["POST"]),
+        ApiRoute("/v1/files", create_file, Operation(
+            "Upload a fine-tuning file (checked on arrival)", TAG, form=FileUpload, response=FileObject,
+            errors=(400, 413), upload=True), methods=["POST"]),
+        ApiRoute("/v1/files", list_files, Operation(
+            "List the uploaded files", TAG, response=FileList, params=(Param("purpose"),)), methods=["GET"]),
+        ApiRoute("/v1/files/{file_id}", get_file, Operation(
+            "Describe one file", TAG, response=FileObject, errors=(404,), missing="file"), methods=["GET"]),
+        ApiRoute(jobs, create_job, Operation(
+            "Create a fine-tuning job", TAG, body=JobCreate, response=FineTuningJob, errors=(400, 404),
+            missing="file"), methods=["POST"]),
+        ApiRoute(jobs, list_jobs, Operation(
+            "List fine-tuning jobs, newest first", TAG, response=FineTuningJobList, errors=(400,), params=_PAGE),
+            methods=["GET"]),
+        ApiRoute(job, get_job, Operation(
+            "Describe one job", TAG, response=FineTuningJob, errors=(404,), missing="job"), methods=["GET"]),
+        ApiRoute(job + "/events", list_events, Operation(
+            "List a job's events", TAG, response=FineTuningJobEventList, errors=(400, 404), missing="job",
+            params=_PAGE), methods=["GET"]),
+        ApiRoute(job + "/checkpoints", list_checkpoints, Operation(
+            "List a job's checkpoints", TAG, response=FineTuningJobCheckpointList, errors=(400, 404),
+            missing="job", params=_PAGE), methods=["GET"]),
+        ApiRoute(job + "/cancel", cancel_job, Operation(
+            "Cancel a job", TAG, response=FineTuningJob, errors=(404, 409), missing="job"), methods=["POST"]),
     ]
-

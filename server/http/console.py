@@ -13,9 +13,9 @@ from importlib import resources
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
-from starlette.routing import Route
 
 from server.http.errors import APIError
+from server.http.routing import ApiRoute, Operation
 
 CONSOLE_PATH = "/ui/"
 CONTENT_TYPES = {
@@ -45,7 +45,7 @@ def console_files() -> dict[str, tuple[bytes, str]]:
     return files
 
 
-def console_routes() -> list[Route]:
+def console_routes() -> list[ApiRoute]:
     """`/ui` (a redirect), `/ui/` (the page) and `/ui/<file>`."""
 
     async def redirect(request: Request) -> Response:
@@ -57,10 +57,11 @@ def console_routes() -> list[Route]:
     async def file(request: Request) -> Response:
         return _file(request.path_params["name"])
 
+    pages = Operation("The web console", "Probes")  # a page, not an API: left out of the document
     return [
-        Route("/ui", redirect, methods=["GET"]),
-        Route(CONSOLE_PATH, page, methods=["GET"]),
-        Route(CONSOLE_PATH + "{name}", file, methods=["GET"]),
+        ApiRoute("/ui", redirect, pages, methods=["GET"], documented=False),
+        ApiRoute(CONSOLE_PATH, page, pages, methods=["GET"], documented=False),
+        ApiRoute(CONSOLE_PATH + "{name}", file, pages, methods=["GET"], documented=False),
     ]
 
 

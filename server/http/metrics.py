@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
 from server.http.engine_view import EngineCollector, read_view
+from server.http.routing import ApiRoute, Operation
 
 # The classic text format: OpenMetrics would rewrite the `vllm:` names that gateways look for.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -126,8 +127,10 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def metrics_route(state: Any, metrics: Metrics) -> Route:
+def metrics_route(state: Any, metrics: Metrics) -> ApiRoute:
     async def endpoint(request: Request) -> Response:
         return Response(await metrics.render(state), media_type=CONTENT_TYPE)
 
-    return Route("/metrics", endpoint, methods=["GET"])
+    # Prometheus' text format, not JSON: left out of the OpenAPI document.
+    return ApiRoute("/metrics", endpoint, Operation("Prometheus metrics", "Probes", quiet=True), methods=["GET"],
+                    documented=False)

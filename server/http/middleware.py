@@ -5,7 +5,8 @@ disconnects pass straight through. Refusals use the OpenAI error envelope: 413 f
 over the limit, 429 with Retry-After when the generation routes are at their concurrency
 cap, 400 for a `max_tokens` over the ceiling. Every limit is decided in server/limits.py; the
 prompt-token limit and the ceiling's default need the tokenized request and are applied around
-the engine call (server/openai/metered.py).
+the engine call (server/openai/metered.py). Which paths each one watches comes from the route
+table's flags (`server.http.routing.flagged_paths`): generation routes, uploads, quiet probes.
 """
 
 from __future__ import annotations
@@ -27,12 +28,6 @@ from server.limits import MAX_TOKENS_FIELDS, Limits
 access_log = logging.getLogger("quiver.access")
 
 REQUEST_ID_HEADER = "x-request-id"
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/inference/chat/completions",
-                              "/v1/responses"})
-# Uploads of training data have their own, larger cap (training.files.FileStore).
-BODY_LIMIT_EXEMPT_PREFIXES = ("/v1/files", "/v1/flow/files")
-# Probes and scrapes would drown the access log at info level.
-QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
@@ -47,11 +42,14 @@ class RequestContextMiddleware:
 
     track: called as a request starts; what it returns is called with the status and the seconds
     taken when the request is done (server.http.metrics.Metrics.track_http).
+    quiet: paths logged at debug level (probes and scrapes would drown the access log at info).
     """
 
-    def __init__(self, app: ASGIApp, track: Callable[[Scope], Callable[[int, float], None]] | None = None) -> None:
+    def __init__(self, app: ASGIApp, track: Callable[[Scope], Callable[[int, float], None]] | None = None,
+                 quiet: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.track = track
+        self.quiet = quiet
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,7 +73,7 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - context.started
             path, client = scope.get("path", ""), scope.get("client")
             access_log.log(
-                logging.DEBUG if path in QUIET_PATHS else logging.INFO,
+                logging.DEBUG if path in self.quiet else logging.INFO,
                 "%s %s %d %.1fms", scope.get("method"), path, status, elapsed * 1000,
                 extra={"method": scope.get("method"), "path": path, "status": status,
                        "duration_ms": round(elapsed * 1000, 3), "client": client[0] if client else None},
@@ -86,18 +84,22 @@ class RequestContextMiddleware:
 
 
 class BodySizeLimit:
-    """413 for a body over `max_bytes`: at once from Content-Length, or as a chunked body grows past it."""
+    """413 for a body over `max_bytes`: at once from Content-Length, or as a chunked body grows past it.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    exempt: the upload paths, which have their own, larger cap (training.files.FileStore).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.exempt = exempt
 
     def _too_large(self) -> APIError:
         return APIError(413, f"The request body is larger than the {self.max_bytes} bytes this server accepts.",
                         code="request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.max_bytes or scope["path"].startswith(BODY_LIMIT_EXEMPT_PREFIXES):
+        if scope["type"] != "http" or not self.max_bytes or scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length", "")
@@ -120,15 +122,16 @@ class BodySizeLimit:
 
 
 class ConcurrencyLimit:
-    """429 with Retry-After while `max_concurrent` requests are in flight on the generation routes."""
+    """429 with Retry-After while `max_concurrent` requests are in flight on the generation routes (`paths`)."""
 
-    def __init__(self, app: ASGIApp, max_concurrent: int) -> None:
+    def __init__(self, app: ASGIApp, max_concurrent: int, paths: frozenset[str]) -> None:
         self.app = app
         self.max_concurrent = max_concurrent
+        self.paths = paths
         self.in_flight = 0  # one event loop: no lock needed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.max_concurrent or scope["path"] not in GENERATION_PATHS:
+        if scope["type"] != "http" or not self.max_concurrent or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_concurrent:
@@ -145,19 +148,21 @@ class ConcurrencyLimit:
 
 
 class MaxTokensCeiling:
-    """400 when a generation request asks for more than the `max_tokens` ceiling (`Limits.over_ceiling`).
+    """400 when a request to a generation route (`paths`) asks for more than the `max_tokens` ceiling
+    (`Limits.over_ceiling`).
 
     Reads the (size-limited) body once and replays it to the route; a body that is not a JSON
     object passes through for the route to reject with its own message.
     """
 
-    def __init__(self, app: ASGIApp, limits: Limits) -> None:
+    def __init__(self, app: ASGIApp, limits: Limits, paths: frozenset[str]) -> None:
         self.app = app
         self.limits = limits
+        self.paths = paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or not self.limits.max_tokens or scope["method"] != "POST"
-                or scope["path"] not in GENERATION_PATHS):
+                or scope["path"] not in self.paths):
             await self.app(scope, receive, send)
             return
         try:

@@ -23,11 +23,12 @@ from typing import Any
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 from starlette.types import Message
 
 from server.http import off_loop
 from server.http.errors import APIError, bad_request, parse_json_body
+from server.http.routing import ApiRoute, Operation, Param
+from server.openai.answers import InputItemList, ResponseDeleted, ResponseObject, ResponseStreamEvent
 from server.openai.chat import chat_completions
 from server.openai.responses_output import Event, ResponseBuilder, ResponseDraft
 from server.openai.responses_request import (
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
 MAX_LISTED_ITEMS = 100
+TAG = "OpenAI"
 # Where the chat path's errors name its own fields, the client named these.
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
            "response_format": "text.format"}
@@ -225,12 +227,25 @@ class _Responses:
                              "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)})
 
 
-def responses_routes(store: Store) -> list[Route]:
+def responses_routes(store: Store) -> list[ApiRoute]:
     """The Responses API over `store` (stored responses)."""
     handlers = _Responses(store)
+    one = "/v1/responses/{response_id}"
     return [
-        Route("/v1/responses", handlers.create, methods=["POST"]),
-        Route("/v1/responses/{response_id}", handlers.retrieve, methods=["GET"]),
-        Route("/v1/responses/{response_id}", handlers.delete, methods=["DELETE"]),
-        Route("/v1/responses/{response_id}/input_items", handlers.input_items, methods=["GET"]),
+        ApiRoute("/v1/responses", handlers.create, Operation(
+            "Create a response (the Responses API)", TAG, body=ResponsesRequest, response=ResponseObject,
+            stream=ResponseStreamEvent, errors=(400, 404, 429, 503), missing="model or response", generation=True),
+            methods=["POST"]),
+        ApiRoute(one, handlers.retrieve, Operation(
+            "Retrieve a stored response", TAG, response=ResponseObject, errors=(404,), missing="response"),
+            methods=["GET"]),
+        ApiRoute(one, handlers.delete, Operation(
+            "Delete a stored response", TAG, response=ResponseDeleted, errors=(404,), missing="response"),
+            methods=["DELETE"]),
+        ApiRoute(one + "/input_items", handlers.input_items, Operation(
+            "List a stored response's input items", TAG, response=InputItemList, errors=(400, 404),
+            missing="response", params=(
+                Param("order", {"enum": ["asc", "desc"]}),
+                Param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LISTED_ITEMS}),
+                Param("after"))), methods=["GET"]),
     ]

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 
 from server.http.errors import APIError, bad_request
+from server.openai import responses_fields as fields
 from server.openai.schemas import FUNCTION_NAME_PATTERN, MAX_MESSAGES
 
 MAX_METADATA_PAIRS = 16
@@ -45,16 +46,20 @@ class _Strict(BaseModel):
         return data
 
 
-class ResponsesRequest(_Strict):
-    """The fields whose type pydantic checks; `input`, `tools`, `tool_choice` and `text` are checked below."""
+class ResponsesRequest(_Strict, title="ResponseCreate"):
+    """A Responses API request, answered over the chat completions path. Reasoning, background responses,
+    built-in tools, `include`, conversations, prompt templates and truncation are refused with 400.
+
+    pydantic checks the typed fields; `input`, `tools`, `tool_choice` and `text` are checked below.
+    """
 
     model: str | None = None
-    input: Any = None
+    input: Annotated[Any, WithJsonSchema(fields.INPUT)] = None
     instructions: str | None = None
-    tools: Any = None
-    tool_choice: Any = None
+    tools: Annotated[Any, WithJsonSchema(fields.TOOLS)] = None
+    tool_choice: Annotated[Any, WithJsonSchema(fields.TOOL_CHOICE)] = None
     parallel_tool_calls: bool = True
-    text: Any = None
+    text: Annotated[Any, WithJsonSchema(fields.TEXT)] = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)

@@ -14,25 +14,28 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from server.http import off_loop
 from server.http.errors import APIError, bad_request, from_validation_error, parse_json_body
+from server.http.routing import ApiRoute, Operation
+from server.openai.answers import DetokenizeResult, TokenizeResult, VersionInfo
 from server.openai.chat_template import apply_chat_template, render_messages
 from server.openai.schemas import FIELD_NAMES, MAX_MESSAGES, ChatMessage, _Tolerant
 from server.openai.unsupported import refuse_content_parts
 from server.state import ServerState
 from server.version import VERSION
 
+TAG = "vLLM"
 
-class TokenizeCompletion(_Tolerant):
+
+class TokenizeCompletion(_Tolerant, title="TokenizeCompletionRequest"):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
     return_token_strs: bool = False
 
 
-class TokenizeChat(_Tolerant):
+class TokenizeChat(_Tolerant, title="TokenizeChatRequest"):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     add_generation_prompt: bool = True
@@ -40,7 +43,7 @@ class TokenizeChat(_Tolerant):
     return_token_strs: bool = False
 
 
-class Detokenize(_Tolerant):
+class Detokenize(_Tolerant, title="DetokenizeRequest"):
     model: str | None = None
     tokens: list[int]
 
@@ -134,9 +137,14 @@ async def version(request: Request) -> Response:
     return JSONResponse({"version": VERSION})
 
 
-def tokenize_routes() -> list[BaseRoute]:
+def tokenize_routes() -> list[ApiRoute]:
     return [
-        Route("/tokenize", tokenize, methods=["POST"]),
-        Route("/detokenize", detokenize, methods=["POST"]),
-        Route("/version", version, methods=["GET"]),
+        ApiRoute("/tokenize", tokenize, Operation(
+            "Tokenize a prompt, or a conversation as chat completions render it (vLLM's shape)", TAG,
+            body=(TokenizeCompletion, TokenizeChat), response=TokenizeResult, errors=(400, 404, 503),
+            missing="model"), methods=["POST"]),
+        ApiRoute("/detokenize", detokenize, Operation(
+            "Turn token ids back into text (vLLM's shape)", TAG, body=Detokenize, response=DetokenizeResult,
+            errors=(400, 404, 503), missing="model"), methods=["POST"]),
+        ApiRoute("/version", version, Operation("Quiver's version", TAG, response=VersionInfo), methods=["GET"]),
     ]

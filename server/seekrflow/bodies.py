@@ -16,12 +16,12 @@ class FlowBody(BaseModel):
     model_config = ConfigDict(extra="allow")  # the SDK sends fields Quiver has no use for
 
 
-class ProjectCreate(FlowBody):
+class ProjectCreate(FlowBody, title="FlowProjectCreate"):
     name: str = Field(min_length=5, max_length=100)
     description: str = Field(min_length=5, max_length=1000)
 
 
-class DeploymentCreate(FlowBody):
+class DeploymentCreate(FlowBody, title="FlowDeploymentCreate"):
     name: str = Field(min_length=5, max_length=100)
     description: str = Field(min_length=5, max_length=1000)
     model_type: Literal["Fine-tuned Run", "Base Model"]
@@ -29,14 +29,14 @@ class DeploymentCreate(FlowBody):
     n_instances: int = Field(default=1, ge=1, le=50)
 
 
-class LoRAConfig(FlowBody):
+class LoRAConfig(FlowBody, title="FlowLoRAConfig"):
     r: int = Field(default=8, gt=0)
     alpha: float = Field(default=32, gt=0)
     dropout: float = Field(default=0.1, ge=0.0, le=1.0)
     bias: Literal["none"] = "none"
 
 
-class TrainingConfig(FlowBody):
+class TrainingConfig(FlowBody, title="FlowTrainingConfig"):
     training_files: list[str] = Field(min_length=1, max_length=1)
     model: str
     n_epochs: int = Field(ge=1)
@@ -65,13 +65,13 @@ class TrainingConfig(FlowBody):
         return hp
 
 
-class InfrastructureConfig(FlowBody):
+class InfrastructureConfig(FlowBody, title="FlowInfrastructureConfig"):
     accel_type: str
     n_accel: int = Field(ge=1)
     n_node: int = Field(default=1, ge=1)
 
 
-class FineTuneCreate(FlowBody):
+class FineTuneCreate(FlowBody, title="FlowFineTuneCreate"):
     project_id: int = Field(ge=SQL_MIN, le=SQL_MAX)
     training_config: TrainingConfig
     infrastructure_config: InfrastructureConfig

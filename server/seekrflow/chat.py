@@ -19,11 +19,12 @@ from typing import Any
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from engine.outputs import RequestDelta, TokenLogprob
 from server.http.errors import bad_request, parse_json_body
+from server.http.routing import ApiRoute, Operation
 from server.openai import pipeline, protocol
+from server.openai.answers import ChatCompletion, ChatCompletionChunk
 from server.openai.chat import check_chat, plan_chat, start_chat
 from server.openai.generation import ClientDisconnected
 from server.openai.protocol import ChoiceState, ResponseMeta
@@ -67,7 +68,7 @@ def _token_logprobs(entry: TokenLogprob, decoder: Any, offset: int, hidden: bool
     return body
 
 
-def chat_route(state: ServerState, store: Store, jobs: JobManager, deployments: Deployments) -> Route:
+def chat_route(state: ServerState, store: Store, jobs: JobManager, deployments: Deployments) -> ApiRoute:
     async def resolve(model: str | None) -> tuple[str | None, Deployment | None]:
         """(adapter or None for the base, the deployment whose tokens this request counts)."""
         if model:
@@ -113,7 +114,10 @@ def chat_route(state: ServerState, store: Store, jobs: JobManager, deployments: 
         await count(sum(len(s.token_ids) for s in states))
         return JSONResponse(_body(meta, states))
 
-    return Route("/v1/inference/chat/completions", endpoint, methods=["POST"])
+    return ApiRoute("/v1/inference/chat/completions", endpoint, Operation(
+        "Create a chat completion (`model` may also name a deployment or a fine-tune)", "SeekrFlow",
+        body=ChatCompletionRequest, response=ChatCompletion, stream=ChatCompletionChunk,
+        errors=(400, 404, 429, 503), missing="model", generation=True), methods=["POST"])
 
 
 def _body(meta: ResponseMeta, states: list[ChoiceState]) -> dict[str, Any]:

@@ -20,11 +20,24 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from server.finetune.routes import call_jobs, read_upload_form
 from server.http.errors import APIError, bad_request, parse_json_body
+from server.http.routing import ApiRoute, Operation, Param
 from server.seekrflow import shapes
+from server.seekrflow.answers import (
+    FlowDeployment,
+    FlowDeploymentList,
+    FlowFile,
+    FlowFileList,
+    FlowFileUpload,
+    FlowFineTune,
+    FlowFineTuneEventList,
+    FlowFineTuneList,
+    FlowModelList,
+    FlowProject,
+    FlowProjectList,
+)
 from server.seekrflow.bodies import (
     SQL_MAX,
     DeploymentCreate,
@@ -40,6 +53,15 @@ from training.job_record import fine_tuned_model_name
 from training.jobs import JobManager
 
 _ALL = 1 << 30
+TAG = "SeekrFlow"
+
+
+def _count(low: int) -> dict[str, Any]:
+    """An id, offset or count the store can bind (SQLite's INTEGER)."""
+    return {"type": "integer", "minimum": low, "maximum": SQL_MAX}
+
+
+_SKIP_LIMIT = (Param("skip", _count(0)), Param("limit", _count(1)))
 
 
 def _invalid(exc: ValidationError) -> APIError:
@@ -76,7 +98,7 @@ def _model_bytes(model: str) -> int | None:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
-def seekrai_routes(state: ServerState, store: Store, jobs: JobManager, deployments: Deployments) -> list[Route]:
+def seekrai_routes(state: ServerState, store: Store, jobs: JobManager, deployments: Deployments) -> list[ApiRoute]:
     def processor() -> str:
         device = getattr(getattr(state.engine, "config", None), "torch_device", None)
         return "NVIDIA" if getattr(device, "type", "cpu") == "cuda" else "XEON"
@@ -214,23 +236,55 @@ def seekrai_routes(state: ServerState, store: Store, jobs: JobManager, deploymen
         return JSONResponse({"object": "list", "data": data})
 
     flow = "/v1/flow"
+    project, fine_tune = flow + "/projects/{project_id:int}", flow + "/fine-tunes/{job_id}"
+    deployment = flow + "/deployments/{deployment_id}"
     return [
-        Route(f"{flow}/projects", list_projects, methods=["GET"]),
-        Route(f"{flow}/projects", create_project, methods=["POST"]),
-        Route(flow + "/projects/{project_id:int}", get_project, methods=["GET"]),
-        Route(f"{flow}/files", upload_file, methods=["PUT", "POST"]),
-        Route(f"{flow}/files", list_files, methods=["GET"]),
-        Route(flow + "/files/{file_id}", get_file, methods=["GET"]),
-        Route(f"{flow}/fine-tune", create_fine_tune, methods=["POST"]),
-        Route(f"{flow}/fine-tunes", list_fine_tunes, methods=["GET"]),
-        Route(flow + "/fine-tunes/{job_id}", get_fine_tune, methods=["GET"]),
-        Route(flow + "/fine-tunes/{job_id}/events", fine_tune_events, methods=["GET"]),
-        Route(flow + "/fine-tunes/{job_id}/cancel", cancel_fine_tune, methods=["PUT", "POST"]),
-        Route(f"{flow}/deployments", list_deployments, methods=["GET"]),
-        Route(f"{flow}/deployments", create_deployment, methods=["POST"]),
-        Route(flow + "/deployments/{deployment_id}", get_deployment, methods=["GET"]),
-        Route(flow + "/deployments/{deployment_id}/promote", promote, methods=["PUT", "POST"]),
-        Route(flow + "/deployments/{deployment_id}/demote", demote, methods=["PUT", "POST"]),
-        Route(f"{flow}/models", list_models, methods=["GET"]),
+        ApiRoute(f"{flow}/projects", list_projects, Operation(
+            "List projects", TAG, response=FlowProjectList, errors=(400,), params=_SKIP_LIMIT), methods=["GET"]),
+        ApiRoute(f"{flow}/projects", create_project, Operation(
+            "Create a project", TAG, body=ProjectCreate, response=FlowProject, errors=(400,)), methods=["POST"]),
+        ApiRoute(project, get_project, Operation(
+            "Describe one project", TAG, response=FlowProject, errors=(404,), missing="project",
+            params=(Param("project_id", _count(0), "path"),)), methods=["GET"]),
+        ApiRoute(f"{flow}/files", upload_file, Operation(
+            "Upload a fine-tuning file", TAG, form=FlowFileUpload, response=FlowFile, errors=(400, 413),
+            upload=True), methods=["PUT", "POST"]),
+        ApiRoute(f"{flow}/files", list_files, Operation(
+            "List files", TAG, response=FlowFileList, errors=(400,), params=(
+                Param("offset", _count(0)), Param("limit", _count(1)), Param("purpose"))), methods=["GET"]),
+        ApiRoute(flow + "/files/{file_id}", get_file, Operation(
+            "Describe one file", TAG, response=FlowFile, errors=(404,), missing="file"), methods=["GET"]),
+        ApiRoute(f"{flow}/fine-tune", create_fine_tune, Operation(
+            "Create a fine-tune in a project", TAG, body=FineTuneCreate, response=FlowFineTune, errors=(400, 404),
+            missing="project or file"), methods=["POST"]),
+        ApiRoute(f"{flow}/fine-tunes", list_fine_tunes, Operation(
+            "List fine-tunes", TAG, response=FlowFineTuneList), methods=["GET"]),
+        ApiRoute(fine_tune, get_fine_tune, Operation(
+            "Describe one fine-tune", TAG, response=FlowFineTune, errors=(404,), missing="fine-tune"),
+            methods=["GET"]),
+        ApiRoute(fine_tune + "/events", fine_tune_events, Operation(
+            "List a fine-tune's events, oldest first", TAG, response=FlowFineTuneEventList, errors=(404,),
+            missing="fine-tune"), methods=["GET"]),
+        ApiRoute(fine_tune + "/cancel", cancel_fine_tune, Operation(
+            "Cancel a fine-tune", TAG, response=FlowFineTune, errors=(404, 409), missing="fine-tune"),
+            methods=["PUT", "POST"]),
+        ApiRoute(f"{flow}/deployments", list_deployments, Operation(
+            "List deployments", TAG, response=FlowDeploymentList, errors=(400, 503), params=_SKIP_LIMIT),
+            methods=["GET"]),
+        ApiRoute(f"{flow}/deployments", create_deployment, Operation(
+            "Create a deployment of a fine-tune, adapter or the base model", TAG, body=DeploymentCreate,
+            response=FlowDeployment, errors=(400, 404, 503), missing="model"), methods=["POST"]),
+        ApiRoute(deployment, get_deployment, Operation(
+            "Describe one deployment", TAG, response=FlowDeployment, errors=(404, 503), missing="deployment"),
+            methods=["GET"]),
+        ApiRoute(deployment + "/promote", promote, Operation(
+            "Promote a deployment (pin its adapter)", TAG, response=FlowDeployment, errors=(404, 409, 503),
+            missing="deployment"), methods=["PUT", "POST"]),
+        ApiRoute(deployment + "/demote", demote, Operation(
+            "Demote a deployment (unpin its adapter)", TAG, response=FlowDeployment, errors=(404, 503),
+            missing="deployment"), methods=["PUT", "POST"]),
+        ApiRoute(f"{flow}/models", list_models, Operation(
+            "List the base model and its servable adapters", TAG, response=FlowModelList, errors=(503,)),
+            methods=["GET"]),
         chat_route(state, store, jobs, deployments),
     ]

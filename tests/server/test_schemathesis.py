@@ -1,14 +1,15 @@
-"""Requests generated from /openapi.json (valid and invalid ones): never a 5xx, every 4xx the error envelope.
+"""Requests generated from /openapi.json (valid and invalid ones): never a 5xx, every 4xx the error envelope,
+every success the body the document describes.
 
 One server mounts every route `quiver serve` does (OpenAI, adapter admin, files and fine-tuning,
 `/v1/flow`; see `tests.server.fuzzing`). The strategies come from schemathesis; hypothesis drives them directly because
-schemathesis' own pytest plugin does not support this pytest version.
+schemathesis' own pytest plugin does not support this pytest version. That the document lists exactly
+the routes the app mounts is checked without an engine, in `test_openapi.py`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import pytest
@@ -17,45 +18,25 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 
-from server.openai import routes as routes_openai  # noqa: E402
-from server.openapi import build_openapi  # noqa: E402
 from tests.server.conftest import MODEL_NAME, LiveServer  # noqa: E402
 from tests.server.fuzzing import GENERATION, MODES, Known, assert_not_a_server_error, cases  # noqa: E402
+from tests.server.spec_check import check_answer  # noqa: E402
 
 GENERATION_EXAMPLES = 30  # the OpenAI generation routes, where most of the validation lives
 EXAMPLES = 10
-# The spec itself, the Prometheus text, and the console's static files (a web page, not API: only
-# names from a fixed table are served, tests/server/test_console.py).
-UNDESCRIBED = {"GET /openapi.json", "GET /metrics", "GET /ui", "GET /ui/", "GET /ui/{name}"}
 
 
-def _openapi_path(path: str) -> str:
-    return re.sub(r"{([^}:]+):[^}]+}", r"{\1}", path)  # Starlette's `{name:convertor}` is OpenAPI's `{name}`
-
-
-def test_every_mounted_route_is_described(operations: dict[str, Any], fuzz_live: LiveServer) -> None:
-    mounted = {f"{method} {_openapi_path(route.path)}" for route in fuzz_live.app.routes
-               for method in route.methods - {"HEAD"}}
-    assert set(operations) == mounted - UNDESCRIBED
+@pytest.fixture(scope="module")
+def document(fuzz_live: LiveServer) -> dict[str, Any]:
+    with fuzz_live.http() as http:
+        return http.get("/openapi.json").json()
 
 
 def test_every_described_operation_is_fuzzed(operations: dict[str, Any]) -> None:
     assert {label for label, _ in CASES} == set(operations)
 
 
-def test_given_routes_only_those_are_described(fuzz_live: LiveServer) -> None:
-    openai_only = build_openapi(routes=routes_openai.routes)
-    assert set(openai_only["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}"}
-    admin = [r for r in fuzz_live.app.routes if r.path.startswith("/v1/adapters") and "DELETE" not in r.methods]
-    described = build_openapi(routes=admin)["paths"]
-    assert {path: set(ops) for path, ops in described.items()} == {
-        "/v1/adapters": {"get", "post"}, "/v1/adapters/{name}": {"get"}, "/v1/adapters/{name}/promote": {"post"},
-        "/v1/adapters/{name}/demote": {"post"}}
-
-
-def test_bodies_are_described_by_the_route_models(fuzz_live: LiveServer) -> None:
-    with fuzz_live.http() as http:
-        document = http.get("/openapi.json").json()
+def test_bodies_are_described_by_the_route_models(document: dict[str, Any]) -> None:
     schemas = document["components"]["schemas"]
     job = schemas["FineTuningJobCreate"]
     assert set(job["required"]) == {"model", "training_file"} and job["additionalProperties"] is False
@@ -76,8 +57,8 @@ CASES = [(label, mode) for label, modes in MODES.items() for mode in modes]
 
 
 @pytest.mark.parametrize(("label", "mode"), CASES)
-def test_no_server_errors(operations: dict[str, Any], fuzz_live: LiveServer, known: Known, label: str,
-                          mode: GenerationMode) -> None:
+def test_no_server_errors(operations: dict[str, Any], document: dict[str, Any], fuzz_live: LiveServer, known: Known,
+                          label: str, mode: GenerationMode) -> None:
     operation = operations[label]
 
     @given(case=cases(operation, mode, known))
@@ -85,8 +66,12 @@ def test_no_server_errors(operations: dict[str, Any], fuzz_live: LiveServer, kno
               derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     def check(case: Any) -> None:
         response = case.call(base_url=fuzz_live.base_url, timeout=30)
-        assert_not_a_server_error(response.status_code, response.text,
-                                  (case.path_parameters, case.query, case.body))
+        request = (case.path_parameters, case.query, case.body)
+        assert_not_a_server_error(response.status_code, response.text, request)
+        if response.status_code < 300:
+            content_type = response.headers.get("content-type") or [""]  # schemathesis: every value of a header
+            check_answer(document, operation.method, operation.path, response.status_code, content_type[0],
+                         response.text)
 
     check()
 
