@@ -139,15 +139,10 @@ class InProcessServer:
 
 
 def _admin_routes(state: Any) -> list[Any]:
-    """The adapter admin routes, mounted as `quiver serve` mounts them (when they exist)."""
-    import importlib.util
+    """The adapter admin routes, mounted as `quiver serve` mounts them."""
+    from server.admin.adapters import adapter_routes
 
-    if importlib.util.find_spec("server.routes_adapters") is None:
-        return []
-    from server import routes_adapters
-
-    factory = getattr(routes_adapters, "adapter_routes", None)
-    return list(factory(state)) if factory is not None else list(getattr(routes_adapters, "routes", []))
+    return list(adapter_routes(state))
 
 
 def serve_option_supported(flag: str) -> bool:

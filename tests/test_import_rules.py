@@ -57,7 +57,7 @@ def test_models_do_not_import_lora_or_adapters() -> None:
 
 
 # server/ by layer. The shared modules hold what every surface uses; the composition modules
-# (app, cli, lifespan, routes_adapters) put the surfaces together and are imported by none of them.
+# (app, cli, lifespan, wiring, openapi) put the surfaces together and are imported by none of them.
 SERVER_SHARED = {"server.state", "server.store", "server.limits", "server.version"}
 SERVER_LAYERS = {  # a part of server -> the parts of server it may import
     "server.http": {"server.http"},
