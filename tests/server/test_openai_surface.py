@@ -1,5 +1,6 @@
 """The OpenAI surface around generation: system_fingerprint, clear 400s for what is not supported,
-vLLM's /tokenize, /detokenize and /version, --max-logprobs, and opt-in CORS."""
+vLLM's /tokenize, /detokenize and /version, --max-logprobs, and opt-in CORS; in-process over the
+fake engine."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from tests.server.fake_engine import FakeEngine
 
 MESSAGES = [{"role": "user", "content": "Name three parts of an arrow."}]
 ADAPTER = ADAPTER_NAMES[3]
+
+
+@pytest.fixture
+def client(fake):
+    return fake.client()
 
 
 # ---- system_fingerprint ------------------------------------------------------------------------
@@ -63,12 +69,13 @@ def test_media_content_parts_are_refused_by_name(client, part):
     assert "more error" not in error["message"]
 
 
-def test_text_parts_still_work_and_other_part_types_are_named(client):
+def test_text_parts_still_work_and_other_part_types_are_named(fake, client):
     parts = [{"type": "text", "text": "Name three parts "}, {"type": "text", "text": "of an arrow."}]
-    joined = client.chat.completions.create(model=MODEL_NAME, max_tokens=6, temperature=0,
-                                            messages=[{"role": "user", "content": parts}])
-    plain = client.chat.completions.create(model=MODEL_NAME, max_tokens=6, temperature=0, messages=MESSAGES)
-    assert joined.choices[0].message.content == plain.choices[0].message.content
+    client.chat.completions.create(model=MODEL_NAME, max_tokens=6, temperature=0,
+                                   messages=[{"role": "user", "content": parts}])
+    client.chat.completions.create(model=MODEL_NAME, max_tokens=6, temperature=0, messages=MESSAGES)
+    joined, plain = fake.engine.requests
+    assert joined.prompt_token_ids == plain.prompt_token_ids
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL_NAME, max_tokens=4, messages=[
             {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}])
@@ -91,10 +98,12 @@ def test_completion_options_that_would_change_the_answer_are_400s(client, kwargs
     assert info.value.body["code"] == "unsupported_parameter"
 
 
-def test_best_of_one_is_accepted(client):
-    plain = client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4, temperature=0)
+def test_best_of_one_is_accepted(fake, client):
+    client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4, temperature=0)
     best = client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4, temperature=0, best_of=1)
-    assert best.choices[0].text == plain.choices[0].text
+    assert len(best.choices) == 1
+    plain, best_of_one = fake.engine.requests
+    assert best_of_one.params == plain.params and best_of_one.prompt_token_ids == plain.prompt_token_ids
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [
@@ -122,22 +131,23 @@ def test_chat_options_that_would_change_the_answer_are_400s(client, kwargs, para
     assert param.split("_")[0] in info.value.body["message"].lower()
 
 
-def test_options_that_change_nothing_are_accepted_and_ignored(client):
+def test_options_that_change_nothing_are_accepted_and_ignored(fake, client):
     kwargs: dict[str, Any] = dict(model=MODEL_NAME, messages=MESSAGES, max_tokens=8, temperature=0)
-    plain = client.chat.completions.create(**kwargs).choices[0].message.content
-    ignored = client.chat.completions.create(
+    client.chat.completions.create(**kwargs)
+    client.chat.completions.create(
         user="u-1", metadata={"team": "evals"}, store=False, service_tier="auto", safety_identifier="h-1",
         prompt_cache_key="k", prediction={"type": "content", "content": "an arrow"}, modalities=["text"],
         verbosity="medium", extra_body={"min_p": 0, "use_beam_search": False, "skip_special_tokens": True},
         **kwargs)
-    assert ignored.choices[0].message.content == plain
+    plain, ignored = fake.engine.requests
+    assert ignored.params == plain.params and ignored.prompt_token_ids == plain.prompt_token_ids
 
 
 # ---- --max-logprobs --------------------------------------------------------------------------------
 
 
-def test_max_logprobs_caps_top_logprobs_and_logprobs(live, client):
-    live.state.max_logprobs = 3
+def test_max_logprobs_caps_top_logprobs_and_logprobs(fake, client):
+    fake.state.max_logprobs = 3
     try:
         ok = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2, logprobs=True,
                                             top_logprobs=3)
@@ -156,20 +166,21 @@ def test_max_logprobs_caps_top_logprobs_and_logprobs(live, client):
             assert info.value.body["param"] == "prompt_logprobs"
             assert create(model=MODEL_NAME, max_tokens=2, extra_body={"prompt_logprobs": 3}, **kwargs)
     finally:
-        live.state.max_logprobs = 20
+        fake.state.max_logprobs = 20
     assert client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=2, logprobs=4).choices[0].logprobs
 
 
 # ---- /tokenize, /detokenize, /version --------------------------------------------------------------
 
 
-def test_tokenize_messages_counts_what_a_chat_completion_sees(live, client):
-    with live.http() as http:
+def test_tokenize_messages_counts_what_a_chat_completion_sees(fake, client):
+    with fake.http() as http:
         for model in (MODEL_NAME, ADAPTER):
             answer = http.post("/tokenize", json={"model": model, "messages": MESSAGES}).json()
             chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1)
             assert answer["count"] == chat.usage.prompt_tokens == len(answer["tokens"])
-            assert answer["max_model_len"] == live.engine.max_model_len
+            assert answer["max_model_len"] == fake.engine.max_model_len
+            assert answer["tokens"] == fake.engine.requests[-1].prompt_token_ids
         without = http.post("/tokenize", json={"model": MODEL_NAME, "messages": MESSAGES,
                                                "add_generation_prompt": False}).json()
         assert without["count"] < answer["count"] and answer["tokens"][:without["count"]] == without["tokens"]
@@ -177,13 +188,13 @@ def test_tokenize_messages_counts_what_a_chat_completion_sees(live, client):
         assert MESSAGES[0]["content"] in text and text.endswith("assistant\n")
 
 
-def test_tokenize_prompt_counts_what_a_completion_sees_and_round_trips(live, client):
+def test_tokenize_prompt_counts_what_a_completion_sees_and_round_trips(fake, client):
     prompt = "Déjà vu: 中文 🎯 and the quick brown fox."
-    with live.http() as http:
+    with fake.http() as http:
         answer = http.post("/tokenize", json={"model": ADAPTER, "prompt": prompt, "return_token_strs": True}).json()
         completion = client.completions.create(model=ADAPTER, prompt=prompt, max_tokens=1)
         assert answer["count"] == completion.usage.prompt_tokens == len(answer["tokens"])
-        assert answer["token_strs"] == live.engine.tokenizer.convert_ids_to_tokens(answer["tokens"])
+        assert answer["token_strs"] == fake.engine.tokenizer.convert_ids_to_tokens(answer["tokens"])
         assert http.post("/detokenize", json={"model": ADAPTER, "tokens": answer["tokens"]}).json() == {
             "prompt": prompt}
 
@@ -199,21 +210,21 @@ def test_tokenize_prompt_counts_what_a_completion_sees_and_round_trips(live, cli
     ("/detokenize", {"model": MODEL_NAME, "tokens": "1 2"}, 400, "tokens"),
     ("/detokenize", {"model": "no-such-model", "tokens": [1]}, 404, "model"),
 ])
-def test_tokenizer_routes_refuse_bad_requests_in_the_error_envelope(live, path, body, status, param):
-    with live.http() as http:
+def test_tokenizer_routes_refuse_bad_requests_in_the_error_envelope(fake, path, body, status, param):
+    with fake.http() as http:
         response = http.post(path, json=body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
 
 
-def test_version(live):
-    with live.http() as http:
+def test_version(fake):
+    with fake.http() as http:
         assert http.get("/version").json() == {"version": VERSION}
 
 
-def test_tokenizer_routes_need_the_api_key(start_server):
-    secured = start_server(api_key="sekret")
+def test_tokenizer_routes_need_the_api_key(fake_app):
+    secured = fake_app(api_key="sekret")
     with secured.http() as http:
         assert http.post("/tokenize", json={"prompt": "hi"}).status_code == 401
         assert http.post("/detokenize", json={"tokens": [1]}).status_code == 401
