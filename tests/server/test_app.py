@@ -1,8 +1,15 @@
-"""GET routes: /v1/models, /health, /ready, /openapi.json."""
+"""GET routes: /v1/models, /health, /ready, /openapi.json; in-process over the fake engine."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME
+
+
+@pytest.fixture
+def client(fake):
+    return fake.client()
 
 
 def test_models_list_base_first_then_adapters(client):
@@ -22,15 +29,15 @@ def test_retrieve_model(client):
     assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
 
 
-def test_health_and_ready(live):
-    with live.http() as http:
+def test_health_and_ready(fake):
+    with fake.http() as http:
         assert http.get("/health").json() == {"status": "ok"}
         ready = http.get("/ready")
         assert ready.status_code == 200 and ready.json()["model"] == MODEL_NAME
 
 
-def test_openapi_document_describes_the_routes(live):
-    with live.http() as http:
+def test_openapi_document_describes_the_routes(fake):
+    with fake.http() as http:
         document = http.get("/openapi.json").json()
     assert document["openapi"].startswith("3.")
     paths = document["paths"]
