@@ -166,8 +166,11 @@ class InProcessApp:
     through Starlette's TestClient; the app's lifespan runs: started when made, stopped by `close`."""
 
     def __init__(self, engine: FakeEngine | None = None, *, engine_factory: Callable[[], FakeEngine] | None = None,
-                 **app_options: Any) -> None:
+                 routes: Callable[[ServerState], list[Any]] | None = None, **app_options: Any) -> None:
+        """routes: what to mount besides the OpenAI routes, made from the app's state (`adapter_routes`)."""
         state = ServerState(engine_factory=engine_factory) if engine_factory else ServerState(engine)
+        if routes is not None:
+            app_options["extra_routes"] = routes(state)
         self.app = create_app(state, **app_options)
         self._http = TestClient(self.app, base_url=IN_PROCESS_URL)
         self._http.__enter__()
@@ -199,8 +202,8 @@ def fake_engine(**options: Any) -> FakeEngine:
 
 @pytest.fixture
 def fake_app() -> Iterator[Callable[..., InProcessApp]]:
-    """Make in-process apps: `fake_app(engine=None, engine_factory=None, **create_app_options)` (neither
-    engine: a `fake_engine()`); closed when the test ends."""
+    """Make in-process apps: `fake_app(engine=None, engine_factory=None, routes=None, **create_app_options)`
+    (neither engine: a `fake_engine()`); closed when the test ends."""
     made: list[InProcessApp] = []
 
     def make(engine: FakeEngine | None = None, engine_factory: Callable[[], FakeEngine] | None = None,

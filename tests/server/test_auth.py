@@ -1,10 +1,10 @@
-"""Bearer keys: the API key for inference, the admin key for adapters and fine-tuning, open probes."""
+"""Bearer keys: the API key for inference, the admin key for adapters and fine-tuning, open probes;
+in-process over the fake engine."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,23 +16,17 @@ from server.admin.adapters import adapter_routes
 from server.app import create_app
 from server.http.auth import bearer_token, is_admin_path
 from server.state import ServerState
-from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
+from tests.server.conftest import MODEL_NAME, InProcessApp
 
 API_KEY = "sk-inference-0123456789"
 ADMIN_KEY = "sk-admin-9876543210"
 CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
-@pytest.fixture(scope="module")
-def live(server_model_dir: Path, server_adapters: dict[str, Path]) -> Iterator[LiveServer]:
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(engine_config(server_model_dir), adapters=server_adapters, served_model_name=MODEL_NAME)
-    state = ServerState(engine)
-    server = LiveServer(create_app(state, api_key=API_KEY, admin_key=ADMIN_KEY,
-                                   extra_routes=adapter_routes(state))).start()
-    yield server
-    server.stop()
+@pytest.fixture
+def secured(fake_app: Callable[..., InProcessApp]) -> InProcessApp:
+    """Both keys set, with the admin routes mounted."""
+    return fake_app(api_key=API_KEY, admin_key=ADMIN_KEY, routes=adapter_routes)
 
 
 def _auth(key: str | None) -> dict[str, str]:
@@ -49,25 +43,24 @@ def _assert_401(response: httpx.Response) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("key", [None, "sk-wrong", API_KEY[:-1], API_KEY + "x", f"{API_KEY} {API_KEY}"])
-def test_inference_routes_refuse_a_missing_or_wrong_key(live: LiveServer, key: str | None) -> None:
-    with live.http() as http:
+def test_inference_routes_refuse_a_missing_or_wrong_key(secured: InProcessApp, key: str | None) -> None:
+    with secured.http() as http:
         _assert_401(http.post("/v1/chat/completions", json=CHAT, headers=_auth(key)))
         _assert_401(http.get("/v1/models", headers=_auth(key)))
 
 
-def test_inference_routes_accept_the_api_key_and_the_admin_key(live: LiveServer) -> None:
+def test_inference_routes_accept_the_api_key_and_the_admin_key(secured: InProcessApp) -> None:
     for key in (API_KEY, ADMIN_KEY):
-        client = openai.OpenAI(base_url=f"{live.base_url}/v1", api_key=key, max_retries=0)
-        assert client.chat.completions.create(**CHAT).choices[0].message.role == "assistant"
+        assert secured.client(api_key=key).chat.completions.create(**CHAT).choices[0].message.role == "assistant"
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{live.base_url}/v1", api_key="sk-wrong", max_retries=0).models.list()
-    with live.http() as http:  # the scheme is case-insensitive
+        secured.client(api_key="sk-wrong").models.list()
+    with secured.http() as http:  # the scheme is case-insensitive
         assert http.get("/v1/models", headers={"Authorization": f"bearer {API_KEY}"}).status_code == 200
         assert http.get("/v1/models", headers={"Authorization": f"Basic {API_KEY}"}).status_code == 401
 
 
-def test_admin_routes_need_the_admin_key(live: LiveServer) -> None:
-    with live.http() as http:
+def test_admin_routes_need_the_admin_key(secured: InProcessApp) -> None:
+    with secured.http() as http:
         for key in (None, "sk-wrong", API_KEY):
             error = _assert_401(http.get("/v1/adapters", headers=_auth(key)))
             _assert_401(http.post("/v1/adapters/lora-1/promote", headers=_auth(key)))
@@ -76,8 +69,8 @@ def test_admin_routes_need_the_admin_key(live: LiveServer) -> None:
         assert listed.status_code == 200 and len(listed.json()["data"]) == 8
 
 
-def test_probes_and_metrics_stay_open(live: LiveServer) -> None:
-    with live.http() as http:
+def test_probes_and_metrics_stay_open(secured: InProcessApp) -> None:
+    with secured.http() as http:
         assert http.get("/health").status_code == 200
         assert http.get("/ready").status_code == 200
         assert http.get("/openapi.json").status_code == 200
