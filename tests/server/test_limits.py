@@ -1,12 +1,11 @@
-"""Request limits: body size (413), prompt tokens and the max_tokens ceiling (400), concurrency (429)."""
+"""Request limits: body size (413), prompt tokens and the max_tokens ceiling (400), concurrency (429);
+in-process over the fake engine."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,19 +15,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.app import create_app
 from server.limits import Limits
 from server.state import ServerState
-from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
+from tests.eventually import eventually
+from tests.server.conftest import MODEL_NAME, InProcessApp
 
 LIMITS = Limits(max_request_bytes=4096, max_prompt_tokens=40, max_tokens=8, max_concurrent_requests=1)
 
 
-@pytest.fixture(scope="module")
-def live(server_model_dir: Path, server_adapters: dict[str, Path]) -> Iterator[LiveServer]:
-    from engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine(engine_config(server_model_dir), adapters=server_adapters, served_model_name=MODEL_NAME)
-    server = LiveServer(create_app(ServerState(engine), limits=LIMITS)).start()
-    yield server
-    server.stop()
+@pytest.fixture
+def live(fake_app: Callable[..., InProcessApp]) -> InProcessApp:
+    return fake_app(limits=LIMITS)
 
 
 def _chat(content: str = "hi", **extra: Any) -> dict[str, Any]:
@@ -42,7 +37,7 @@ def _error(response: httpx.Response, status: int) -> dict[str, Any]:
     return error
 
 
-def test_a_body_over_the_limit_is_refused_with_413(live: LiveServer) -> None:
+def test_a_body_over_the_limit_is_refused_with_413(live: InProcessApp) -> None:
     big = _chat("word " * 1000)  # > 4096 bytes
     with live.http() as http:
         error = _error(http.post("/v1/chat/completions", json=big), 413)
@@ -53,7 +48,7 @@ def test_a_body_over_the_limit_is_refused_with_413(live: LiveServer) -> None:
         assert http.post("/v1/chat/completions", json=_chat(max_tokens=2)).status_code == 200
 
 
-def test_a_prompt_over_the_limit_is_refused(live: LiveServer) -> None:
+def test_a_prompt_over_the_limit_is_refused(live: InProcessApp) -> None:
     with live.http() as http:
         error = _error(http.post("/v1/chat/completions", json=_chat("hello world " * 20, max_tokens=2)), 400)
         assert error["code"] == "prompt_too_long" and "at most 40 prompt tokens" in error["message"]
@@ -65,7 +60,7 @@ def test_a_prompt_over_the_limit_is_refused(live: LiveServer) -> None:
 @pytest.mark.parametrize(("path", "field"), [("/v1/chat/completions", "max_tokens"),
                                              ("/v1/chat/completions", "max_completion_tokens"),
                                              ("/v1/completions", "max_tokens")])
-def test_max_tokens_over_the_ceiling_is_refused(live: LiveServer, path: str, field: str) -> None:
+def test_max_tokens_over_the_ceiling_is_refused(live: InProcessApp, path: str, field: str) -> None:
     body = _chat(**{field: 9}) if "chat" in path else {"model": MODEL_NAME, "prompt": "hi", field: 9}
     with live.http() as http:
         error = _error(http.post(path, json=body), 400)
@@ -79,7 +74,7 @@ def test_max_tokens_over_the_ceiling_is_refused(live: LiveServer, path: str, fie
 @pytest.mark.parametrize(("path", "field"), [("/v1/chat/completions", "max_tokens"),
                                              ("/v1/chat/completions", "max_completion_tokens"),
                                              ("/v1/completions", "max_tokens")])
-def test_a_max_tokens_that_is_not_an_integer_is_refused_not_capped(live: LiveServer, path: str, field: str,
+def test_a_max_tokens_that_is_not_an_integer_is_refused_not_capped(live: InProcessApp, path: str, field: str,
                                                                    value: Any) -> None:
     body = _chat(**{field: value}) if "chat" in path else {"model": MODEL_NAME, "prompt": "hi", field: value}
     with live.http() as http:
@@ -87,10 +82,11 @@ def test_a_max_tokens_that_is_not_an_integer_is_refused_not_capped(live: LiveSer
     assert error["param"] == field and "integer" in error["message"], error
 
 
-def test_an_omitted_max_tokens_is_capped_to_the_ceiling(live: LiveServer) -> None:
+def test_an_omitted_max_tokens_is_capped_to_the_ceiling(live: InProcessApp) -> None:
     with live.http() as http:
         answer = http.post("/v1/chat/completions", json=_chat()).json()
         assert answer["usage"]["completion_tokens"] == 8 and answer["choices"][0]["finish_reason"] == "length"
+        assert live.engine.requests[-1].params.max_tokens == 8
         # min_tokens beyond the ceiling cannot be met.
         error = _error(http.post("/v1/chat/completions", json=_chat(min_tokens=20)), 400)
         assert "min_tokens" in error["message"]
@@ -104,38 +100,30 @@ def _in_flight(http: httpx.Client) -> float:
     return 0.0
 
 
-def test_requests_over_the_concurrency_limit_get_429_with_retry_after(live: LiveServer) -> None:
-    release = threading.Event()
+def test_requests_over_the_concurrency_limit_get_429_with_retry_after(live: InProcessApp) -> None:
     outcome: list[httpx.Response] = []
 
-    def slow_body() -> Iterator[bytes]:  # holds the request in flight until released
-        yield b'{"model": "lora-0", "max_tokens": 2, '
-        release.wait(20)
-        yield b'"messages": [{"role": "user", "content": "hi"}]}'
-
-    def send_slow() -> None:
+    def send_held() -> None:
         with live.http() as http:
-            outcome.append(http.post("/v1/chat/completions", content=slow_body()))
+            outcome.append(http.post("/v1/chat/completions", json=_chat(max_tokens=2)))
 
-    holder = threading.Thread(target=send_slow)
+    live.engine.gate.clear()  # the first request stays in flight until it opens
+    holder = threading.Thread(target=send_held)
     holder.start()
     try:
         with live.http() as http:
-            deadline = time.monotonic() + 10
-            while _in_flight(http) < 1:  # until the held request occupies the one slot
-                assert time.monotonic() < deadline, "the held request never arrived"
-                time.sleep(0.02)
+            eventually(lambda: _in_flight(http) == 1, 10, "the held request occupies the one slot")
             refused = http.post("/v1/chat/completions", json=_chat(max_tokens=1))
             error = _error(refused, 429)
             assert refused.headers["retry-after"] == "1"
             assert error["type"] == "rate_limit_error" and error["code"] == "too_many_concurrent_requests"
             assert http.get("/v1/models").status_code == 200  # only generation routes are limited
-            release.set()
+            live.engine.gate.set()
             holder.join(20)
             assert outcome[0].status_code == 200, outcome[0].text
             assert http.post("/v1/chat/completions", json=_chat(max_tokens=1)).status_code == 200
     finally:
-        release.set()
+        live.engine.gate.set()
         holder.join(20)
 
 
