@@ -13,8 +13,8 @@ more requests in flight than `max_num_seqs + max_waiting` (EngineOverloadedError
 (AdapterFailedError), and `gate` (cleared: every stream waits before its next delta, so a test can
 hold requests in flight). What each request asked for is kept in `requests`; aborted ids in `aborted`.
 
-The adapter registry behaves as the real one for the journal and deployments: names, sources,
-pins (`slots - 1` at most), failures.
+The adapter registry behaves as the real one with no adapter root for the journal and deployments:
+names and sources checked, pins (`slots - 1` at most), failures.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from adapters.registry import AdapterExistsError, PinLimitError
-from adapters.sources import validate_name
+from adapters.sources import source_from_request, validate_name
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import AdapterFailedError, EngineOverloadedError, UnknownAdapterError
 from engine.logits_processor import LogitsProcessor
@@ -223,6 +223,9 @@ class FakeEngine:
         return self.infos[name]
 
     async def register_adapter(self, name: str, source: str) -> dict[str, Any]:
+        """A client's source, checked as the real engine checks it (no adapter root: hub sources only)."""
+        validate_name(name)
+        source_from_request(source, None)
         return self._add(name, source)
 
     async def add_adapter(self, name: str, path: Path | str) -> int:

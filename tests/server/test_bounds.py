@@ -3,13 +3,16 @@
 Every number that reaches a tensor or an integer conversion is bounded, types are strict where
 OpenAI's are (no `"999"` for an int, no `"yes"` for a bool), and a body that is not text (UTF-8
 surrogates, raw or escaped) or holds NaN/infinity is refused before any route reads it.
+
+The refusals are checked in-process over the fake engine; values at the bounds, and a stream that
+bad requests must spare, go to the real engine and its sampler.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import pytest
 from server.admin.adapters import adapter_routes
 from server.app import create_app
 from server.state import ServerState
-from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
+from tests.server.conftest import MODEL_NAME, InProcessApp, LiveServer, engine_config
 from tests.server.helpers import MESSAGES
 
 CHAT = "/v1/chat/completions"
@@ -38,8 +41,14 @@ def live(server_model_dir: Path, server_adapters: dict[str, Path]) -> Iterator[L
     server.stop()
 
 
+@pytest.fixture
+def http(fake_app: Callable[..., InProcessApp]) -> Iterator[httpx.Client]:
+    with fake_app(routes=adapter_routes).http() as client:
+        yield client
+
+
 @pytest.fixture(scope="module")
-def http(live: LiveServer) -> Iterator[httpx.Client]:
+def live_http(live: LiveServer) -> Iterator[httpx.Client]:
     with live.http() as client:
         yield client
 
@@ -143,9 +152,9 @@ def test_completions_refuse_out_of_bound_and_wrongly_typed_values_naming_the_fie
     {"stop": ["x" * 1024]},
     {"temperature": None, "n": None, "stream": None},  # null means the default
 ], ids=repr)
-def test_legitimate_values_at_the_bounds_are_served(http, patch):
+def test_legitimate_values_at_the_bounds_are_served_by_the_real_sampler(live_http, patch):
     for path, body in ((CHAT, _chat(**patch)), (COMPLETIONS, _completion(**patch))):
-        response = http.post(path, json=body)
+        response = live_http.post(path, json=body)
         assert response.status_code == 200, (path, response.text)
         assert all(choice["finish_reason"] in ("length", "stop") for choice in response.json()["choices"])
 
@@ -197,7 +206,8 @@ def _victim_stream(live: LiveServer, started: threading.Event, result: dict[str,
     started.set()
 
 
-def test_huge_top_k_and_other_bad_values_are_400_and_spare_the_concurrent_stream(live, http):
+def test_huge_top_k_and_other_bad_values_are_400_and_spare_the_concurrent_stream(live, live_http):
+    http = live_http
     started, result = threading.Event(), {}
     victim = threading.Thread(target=_victim_stream, args=(live, started, result), daemon=True)
     victim.start()
