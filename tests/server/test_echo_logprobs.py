@@ -1,6 +1,6 @@
 """Prompt logprobs through the openai client: `echo` + `logprobs` on /v1/completions (OpenAI's
-legacy shape, what lm-eval style harnesses score with) and vLLM's `prompt_logprobs`, against
-transformers (+ peft) on the server's own model."""
+legacy shape, what lm-eval style harnesses score with) and vLLM's `prompt_logprobs`, end to end
+against transformers (+ peft) on the server's own model; the refusals in-process over the fake engine."""
 
 from __future__ import annotations
 
@@ -151,7 +151,8 @@ def test_vllm_prompt_logprobs_on_chat_completions(live, client):
     ("chat", {"prompt_logprobs": 21}, "prompt_logprobs"),
     ("chat", {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
 ])
-def test_bad_prompt_logprobs_are_400s_naming_the_field(client, route, body, param):
+def test_bad_prompt_logprobs_are_400s_naming_the_field(fake, route, body, param):
+    client = fake.client()
     with pytest.raises(openai.BadRequestError) as caught:
         if route == "chat":
             client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
@@ -164,13 +165,11 @@ def test_bad_prompt_logprobs_are_400s_naming_the_field(client, route, body, para
     assert caught.value.status_code == 400 and error["param"] == param
 
 
-def test_max_logprobs_caps_prompt_logprobs(live, client):
-    live.state.max_logprobs = 2
-    try:
-        with pytest.raises(openai.BadRequestError) as caught:
-            _complete(client, max_tokens=1, extra_body={"prompt_logprobs": 3})
-        assert json.loads(caught.value.response.text)["error"]["param"] == "prompt_logprobs"
-        scored = _complete(client, max_tokens=0, echo=True, logprobs=2).choices[0].logprobs
-        assert all(len(top) == 2 for top in scored.top_logprobs[1:])
-    finally:
-        live.state.max_logprobs = 20
+def test_max_logprobs_caps_prompt_logprobs(fake):
+    client = fake.client()
+    fake.state.max_logprobs = 2
+    with pytest.raises(openai.BadRequestError) as caught:
+        _complete(client, max_tokens=1, extra_body={"prompt_logprobs": 3})
+    assert json.loads(caught.value.response.text)["error"]["param"] == "prompt_logprobs"
+    scored = _complete(client, max_tokens=0, echo=True, logprobs=2).choices[0].logprobs
+    assert all(len(top) == 2 for top in scored.top_logprobs[1:])
