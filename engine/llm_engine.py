@@ -10,9 +10,11 @@ work of a step runs while the device computes the next one instead of leaving it
 n+1 is scheduled before the host knows step n's tokens: each sequence's newest token is a
 placeholder (engine/placeholders.py) that the runner reads from the device, and that is
 patched when step n's tokens arrive, before anything on the host reads it. A sequence that
-stopped at step n has computed one token too many, which is dropped. Requests whose sampling
-reads their own history on the host (penalties, logits processors) switch the engine to one
-step at a time while they run; so does tensor parallelism.
+stopped at step n has computed one token too many, which is dropped. When a row of step n+1
+samples from its own history on the host (penalties, a logits processor such as a grammar),
+only that step's sampling waits: its forward is launched first, step n is completed (which
+patches the placeholders and advances the grammars), then its sampling is launched, so the
+forward still overlaps the host's work. Tensor parallelism runs one step at a time.
 
 A request that asks for prompt logprobs takes no cached prefix blocks (its prefill must compute
 every prompt position); the prefill scores the prompt (engine/prompt_logprobs.py) and the scores
@@ -100,10 +102,11 @@ class _InFlight:
 
     batch: ScheduledBatch
     requests: list[_Request]
-    sample: PendingSample
+    sample: PendingSample | None  # None: launched without its sampling yet (`LLMEngine._sample`)
     # Per row: where the row's placeholder sits in its sequence's output, or -1 (not appended).
     token_index: list[int]
     prompt: dict[int, PendingPromptLogprobs] = field(default_factory=dict)  # row -> its prompt's scores
+    logits: torch.Tensor | None = None  # kept until the sampling is launched
 
 
 class LLMEngine:
@@ -179,7 +182,6 @@ class LLMEngine:
         self.sampler = Sampler()
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[int, _Request] = {}
-        self._history_readers = 0  # live requests with `reads_history`
         self._inflight: _InFlight | None = None
         self._failed: list[RequestDelta] = []  # error deltas for the next step() to return
         self.num_failed_steps = 0
@@ -318,7 +320,6 @@ class LLMEngine:
         self.scheduler.add(seq)
         self._requests[request_id] = request
         self._by_seq[seq.seq_id] = request
-        self._history_readers += request.reads_history
 
     def _take_adapter(self, name: str, lease: AdapterLease | None) -> tuple[int, AdapterRef | None]:
         """The adapter id for a request, and the registry reference taken here (None with a lease)."""
@@ -388,6 +389,12 @@ class LLMEngine:
             launched = self._launch(prev)
             if prev is not None:
                 deltas += self._complete(prev)  # while `launched` runs on the device
+            if launched is not None and launched.sample is None:
+                try:  # after step n: the tokens its rows read are known now
+                    launched.sample = self._sample(launched)
+                except Exception as exc:  # noqa: BLE001 - this batch fails; other requests go on
+                    self._fail_batch(launched.batch, exc)
+                    launched = None
             if launched is not None:
                 self._commit(launched)
                 if self._overlap():
@@ -400,7 +407,7 @@ class LLMEngine:
             raise
 
     def _overlap(self) -> bool:
-        return self.config.async_scheduling and self._tp is None and self._history_readers == 0
+        return self.config.async_scheduling and self._tp is None
 
     def _launch(self, prev: _InFlight | None) -> _InFlight | None:
         """Schedule and start a step; placeholders in it are read from `prev`'s tokens."""
@@ -414,13 +421,16 @@ class LLMEngine:
             return None
         try:
             return self._start(batch, prev)
-        except Exception as exc:
-            if self._tp is not None:  # the ranks may disagree on where the step stopped
-                raise  # noqa: BLE001 - this batch fails; the engine and other requests go on
-            log.exception("engine step failed; failing its %d requests", len(batch.seqs))
-            self.num_failed_steps += 1
-            self._fail([self._by_seq[s.seq_id] for s in batch.seqs if s.seq_id in self._by_seq], exc)
+        except Exception as exc:  # noqa: BLE001 - this batch fails; the engine and other requests go on
+            self._fail_batch(batch, exc)
             return None
+
+    def _fail_batch(self, batch: ScheduledBatch, exc: Exception) -> None:
+        if self._tp is not None:  # the ranks may disagree on where the step stopped
+            raise exc
+        log.exception("engine step failed; failing its %d requests", len(batch.seqs), exc_info=exc)
+        self.num_failed_steps += 1
+        self._fail([self._by_seq[s.seq_id] for s in batch.seqs if s.seq_id in self._by_seq], exc)
 
     def _start(self, batch: ScheduledBatch, prev: _InFlight | None) -> _InFlight:
         lora_slots = self.adapters.make_resident(
@@ -441,6 +451,15 @@ class LLMEngine:
             for r in requests:
                 if r.queue_time is None:
                     r.queue_time = now - r.arrived_at
+        step = _InFlight(batch, requests, None, [], prompt, logits)
+        if prev is None or not any(r.reads_history for r in requests):
+            step.sample = self._sample(step)
+        return step  # else `step()` samples it once `prev` is complete
+
+    def _sample(self, step: _InFlight) -> PendingSample:
+        """Launch the step's sampling (the host must know every token its rows read by now)."""
+        requests, logits = step.requests, step.logits
+        step.logits = None
         rows = [
             SamplerInput(
                 params=r.params,
@@ -453,10 +472,9 @@ class LLMEngine:
             for r in requests
         ]
         try:
-            sample = self.sampler.launch(logits, rows)
+            return self.sampler.launch(logits, rows)
         except Exception as exc:  # noqa: BLE001 - find the rows whose parameters cause it
-            sample = self._sample_without_bad_rows(logits, rows, requests, exc)
-        return _InFlight(batch, requests, sample, [], prompt)
+            return self._sample_without_bad_rows(logits, rows, requests, exc)
 
     def _sample_without_bad_rows(
         self, logits: torch.Tensor, rows: list[SamplerInput], requests: list[_Request], exc: Exception
@@ -555,8 +573,7 @@ class LLMEngine:
         )
 
     def _release(self, request: _Request) -> None:
-        if self._requests.pop(request.request_id, None) is not None:
-            self._history_readers -= request.reads_history
+        self._requests.pop(request.request_id, None)
         self._by_seq.pop(request.seq.seq_id, None)
         if request.seq.adapter_id != BASE_ADAPTER_ID:
             self.adapters.unhold(request.seq.adapter_id)

@@ -7,7 +7,8 @@ Order of work (per row, vectorized over the batch):
   3. frequency and presence penalties (OpenAI semantics, output tokens only);
   4. logit_bias (added);
   5. min_tokens: EOS and stop token ids set to -inf while the output is too short;
-     then the row's logits processor (constrained decoding), if any, edits its row;
+     then logits processors: grammar rows' allowed-token bitmasks, all applied at once on the
+     device (`BitmaskLogitsProcessor`), and any other processor on its own row;
   6. greedy rows take the argmax; the others are divided by their temperature, cut by
      top_k then top_p (one sort for all rows), and drawn by an exponential race.
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.logits_processor import LogitsProcessor
+from engine.logits_processor import BitmaskLogitsProcessor, LogitsProcessor
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -161,10 +162,34 @@ def process_logits(logits: torch.Tensor, rows: list[SamplerInput]) -> torch.Tens
         out.index_put_(index, torch.tensor(bias_values, dtype=out.dtype, device=out.device), accumulate=True)
     if ban_rows:
         out[_ints(ban_rows, out.device), _ints(ban_ids, out.device)] = float("-inf")
-    for i, row in enumerate(rows):
-        if row.logits_processor is not None:
-            row.logits_processor.apply(out[i])  # a view: edits land in `out`
+    masked = [(i, row.logits_processor) for i, row in enumerate(rows) if _has_bitmask(row.logits_processor)]
+    if masked:
+        _apply_bitmasks(out, masked)
+    for row_logits, row in zip(out, rows, strict=True):
+        if row.logits_processor is not None and not _has_bitmask(row.logits_processor):
+            row.logits_processor.apply(row_logits)  # a view: edits land in `out`
     return out
+
+
+def _has_bitmask(processor: LogitsProcessor | None) -> bool:
+    return processor is not None and hasattr(processor, "fill_bitmask")
+
+
+def _apply_bitmasks(out: torch.Tensor, masked: list[tuple[int, BitmaskLogitsProcessor]]) -> None:
+    """Every grammar row's allowed-token mask, filled on the host into one int32 array, crosses
+    in one copy and masks its row on the device; tokens past a mask's width are never allowed."""
+    words = max(processor.bitmask_words for _, processor in masked)
+    host = torch.zeros(len(masked), words, dtype=torch.int32, pin_memory=out.is_cuda)
+    for j, (_, processor) in enumerate(masked):
+        processor.fill_bitmask(host, j)
+    bits = host.to(out.device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=out.device)
+    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(1).bool()  # [rows, words * 32]
+    vocab = out.shape[1]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    index = _ints([i for i, _ in masked], out.device)
+    out.index_copy_(0, index, out.index_select(0, index).masked_fill_(~allowed[:, :vocab], float("-inf")))
 
 
 def sample_tokens(logits: torch.Tensor, rows: list[SamplerInput]) -> torch.Tensor:

@@ -40,6 +40,13 @@ class JSONLogitsProcessor:
         self._matcher = matcher
         self._vocab_size = vocab_size  # tokens the matcher knows; ids past it are never allowed
         self._shifts = torch.arange(32, dtype=torch.int32)
+        self.bitmask_words = (vocab_size + 31) // 32
+
+    def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
+        """Row `index` of the step's host bitmask (the engine applies all rows at once)."""
+        import llguidance.torch
+
+        llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, index)
 
     def allowed_mask(self) -> torch.Tensor:
         """Bool [vocab_size]: which tokens may come next."""

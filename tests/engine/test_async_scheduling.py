@@ -133,19 +133,69 @@ def test_first_step_only_launches(model):
         assert len(tokens) == 3 - first_call
 
 
-def test_history_readers_run_one_step_at_a_time(model):
-    """A request with penalties needs its previous token on the host before its next step:
-    while it runs the engine steps synchronously, and its output matches the reference."""
+def test_history_readers_keep_the_overlap_and_match_the_reference(model):
+    """Penalties read the previous token on the host: their step's forward is launched first and
+    its sampling once the step before is complete, so the engine keeps one step in flight and
+    every request (the penalised one too) matches the one-step-at-a-time engine."""
     sync = _engine(model, False)
     requests = _requests(_vocab(sync))
-    rid, prompt, params, adapter = requests[2]
-    requests[2] = (rid, prompt, replace(params, max_tokens=10, repetition_penalty=1.3, frequency_penalty=0.5),
-                   adapter)  # fmt: skip
+    for k in (2, 5):
+        rid, prompt, params, adapter = requests[k]
+        requests[k] = (rid, prompt, replace(params, max_tokens=10, repetition_penalty=1.3, frequency_penalty=0.5,
+                                            presence_penalty=0.4), adapter)  # fmt: skip
     want = _run(sync, requests)
     engine = _engine(model, True)
+    deferred = []
+    original = engine._sample
+    engine._sample = lambda step: deferred.append(step.sample is None) or original(step)
     got = _run(engine, requests)
     _assert_same(got, want)
-    assert engine._overlap(), "once the penalised request is gone the engine overlaps again"
+    assert engine._overlap()
+    assert len(deferred) > 0
+
+
+class _EvenTokensOnly:
+    """A logits processor that reads the engine's state: it allows only even ids, and after
+    every token checks that it was told about the previous one before its next row came."""
+
+    def __init__(self) -> None:
+        self.accepted: list[int] = []
+        self.applied_after: list[int] = []
+
+    def apply(self, logits) -> None:
+        self.applied_after.append(len(self.accepted))
+        logits[1::2] = float("-inf")
+
+    def accept(self, token_id: int) -> None:
+        self.accepted.append(token_id)
+
+    def is_finished(self) -> bool:
+        return False
+
+
+def test_a_logits_processor_sees_each_token_before_its_next_row_under_overlap(model):
+    engine = _engine(model, True)
+    processors = {}
+    for i in range(3):
+        processors[f"p{i}"] = _EvenTokensOnly()
+        engine.add_request(f"p{i}", [5 + i, 6, 7, 8], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                           None, logits_processor=processors[f"p{i}"])
+    engine.add_request("plain", [9, 10, 11], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    out = {rid: [] for rid in [*processors, "plain"]}
+    while engine.has_unfinished():
+        for delta in engine.step():
+            out[delta.request_id] += delta.token_ids
+        assert engine._overlap()
+    for rid, proc in processors.items():
+        assert len(out[rid]) == 8 and all(t % 2 == 0 for t in out[rid]), rid
+        assert proc.applied_after == list(range(8)), rid  # row k came after tokens 0..k-1 were accepted
+    sync = _engine(model, False)
+    sync.add_request("p0", [5, 6, 7, 8], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), None,
+                     logits_processor=_EvenTokensOnly())
+    want = []
+    while sync.has_unfinished():
+        want += [t for d in sync.step() for t in d.token_ids]
+    assert out["p0"] == want
 
 
 def test_abort_while_in_flight(model):

@@ -214,3 +214,48 @@ def test_logits_processor_edits_its_own_row_after_bias() -> None:
     out = Sampler()(logits, [constrained, row(temperature=0.0, top_logprobs=1)])
     assert seen == [[0.0, 5.0, 1.0, 10.0]]  # the processor sees the biased row
     assert out.token_ids == [2, 1]  # row 1 unconstrained
+
+
+class _Allowed:
+    """A bitmask processor allowing a fixed token set (its mask may be narrower than the vocab)."""
+
+    def __init__(self, allowed: set[int], width: int) -> None:
+        self.allowed, self.bitmask_words = allowed, (width + 31) // 32
+
+    def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
+        for t in self.allowed:
+            word = int(bitmask[index, t // 32]) | (1 << (t % 32))
+            bitmask[index, t // 32] = word - (1 << 32) if word >= 1 << 31 else word  # int32 two's complement
+
+    def apply(self, logits: torch.Tensor) -> None:  # never called for a bitmask processor
+        raise AssertionError("apply called on a bitmask processor")
+
+    def accept(self, token_id: int) -> None: ...
+
+    def is_finished(self) -> bool:
+        return False
+
+
+class _BanFirst:
+    def apply(self, logits: torch.Tensor) -> None:
+        logits[0] = float("-inf")
+
+    def accept(self, token_id: int) -> None: ...
+
+    def is_finished(self) -> bool:
+        return False
+
+
+def test_grammar_bitmasks_of_a_step_are_applied_together_and_other_processors_alone() -> None:
+    vocab = 70  # three mask words; the second mask covers only the first 40 tokens
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(3))
+    rows = [row(temperature=0.0) for _ in range(4)]
+    rows[0].logits_processor = _Allowed({1, 31, 33, 69}, vocab)
+    rows[1].logits_processor = _BanFirst()
+    rows[3].logits_processor = _Allowed({5, 39}, 40)
+    out = process_logits(logits, rows)
+    finite = [set(torch.nonzero(torch.isfinite(r)).flatten().tolist()) for r in out]
+    assert finite[0] == {1, 31, 33, 69} and finite[3] == {5, 39}
+    assert finite[1] == set(range(1, vocab)) and finite[2] == set(range(vocab))
+    assert torch.equal(out[0, [1, 31, 33, 69]], logits[0, [1, 31, 33, 69]])
+    assert torch.equal(out[2], logits[2])
