@@ -1,9 +1,11 @@
-"""GET /metrics: per-request metrics by adapter, engine state read at scrape time, label caps."""
+"""GET /metrics: per-request metrics by adapter and HTTP series (in-process over the fake engine), engine
+state read at scrape time (end to end: the real engine's core), label caps. MeteredEngine itself, which
+counts each generation, is tested in test_metered.py."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +14,13 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.errors import EngineOverloadedError
-from engine.outputs import RequestDelta
-from engine.sampling_params import SamplingParams
 from server.admin.adapters import adapter_routes
 from server.app import create_app
 from server.http.engine_view import EngineCollector, EngineView, _gpu_memory
 from server.http.metrics import OTHER, AdapterLabels, Metrics
-from server.limits import Limits
-from server.openai.metered import MeteredEngine
 from server.state import ServerState
-from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
+from tests.eventually import eventually
+from tests.server.conftest import MODEL_NAME, InProcessApp, LiveServer, engine_config
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -64,10 +62,15 @@ def _chat(http: httpx.Client, model: str, max_tokens: int = 5, **extra: Any) -> 
                                                    "messages": [{"role": "user", "content": "hi there"}], **extra})
 
 
-def test_requests_tokens_and_latencies_are_counted_per_adapter(live: LiveServer) -> None:
+@pytest.fixture
+def fake_admin(fake_app: Callable[..., InProcessApp]) -> InProcessApp:
+    return fake_app(routes=adapter_routes)
+
+
+def test_requests_tokens_and_latencies_are_counted_per_adapter(fake_admin: InProcessApp) -> None:
     sent = {"lora-0": 3, "lora-1": 2, MODEL_NAME: 1}
     usage: dict[str, list[dict[str, int]]] = {name: [] for name in sent}
-    with live.http() as http:
+    with fake_admin.http() as http:
         before = scrape(http)
         for name, count in sent.items():
             for i in range(count):
@@ -79,7 +82,7 @@ def test_requests_tokens_and_latencies_are_counted_per_adapter(live: LiveServer)
                                                           "ignore_eos": True, "stream": True}) as stream:
             assert stream.status_code == 200
             assert [line for line in stream.iter_lines() if line.startswith("data:")][-1] == "data: [DONE]"
-        usage["lora-1"].append({"prompt_tokens": len(live.engine.tokenizer.encode("hello")), "completion_tokens": 6})
+        usage["lora-1"].append({"prompt_tokens": len(fake_admin.engine.tokenizer.encode("hello")), "completion_tokens": 6})
         after = scrape(http)
 
     def delta(name: str, **labels: str) -> float:
@@ -141,16 +144,13 @@ def test_running_adapters_are_listed_while_they_generate(live: LiveServer) -> No
     assert value(samples, "vllm:num_requests_running") == 1
     usage = value(samples, "vllm:kv_cache_usage_perc")
     assert 0 < usage <= 1 and usage == value(samples, "vllm:gpu_cache_usage_perc")
-    with live.http() as http:
-        for _ in range(100):  # the abort lands within a step or two
-            after = scrape(http)
-            if value(after, "quiver_requests_total", adapter="lora-3", outcome="cancelled") == 1:
-                break
-        assert value(after, "quiver_requests_total", adapter="lora-3", outcome="cancelled") == 1
+    with live.http() as http:  # the abort lands within a step or two
+        eventually(lambda: value(scrape(http), "quiver_requests_total", adapter="lora-3", outcome="cancelled") == 1,
+                   10, "the stream the client left counted as cancelled")
 
 
-def test_unknown_routes_are_one_series(live: LiveServer) -> None:
-    with live.http() as http:
+def test_unknown_routes_are_one_series(fake_admin: InProcessApp) -> None:
+    with fake_admin.http() as http:
         for path in ("/nope", "/also/nope", "/v1/adapters/lora-5"):
             http.get(path)
         samples = scrape(http)
@@ -166,61 +166,6 @@ def test_adapter_labels_are_capped() -> None:
     assert [labels(n) for n in ("a", "b", "c", "a", "d", "b")] == ["a", "b", OTHER, "a", OTHER, "b"]
     with pytest.raises(ValueError):
         AdapterLabels(cap=0)
-
-
-class _FakeEngine:
-    """Yields `tokens` deltas per request, or raises `fail` before the first."""
-
-    model_name = "base"
-
-    def __init__(self, tokens: int = 3, fail: BaseException | None = None) -> None:
-        self.tokens, self.fail = tokens, fail
-
-    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams, adapter: str | None = None,
-                       logits_processor: Any = None) -> Any:
-        if self.fail is not None:
-            raise self.fail
-        for i in range(self.tokens):
-            yield RequestDelta(request_id, [i], "x", finish_reason="length" if i == self.tokens - 1 else None)
-
-
-def _drive(engine: Any, adapter: str | None, stop_after: int | None = None) -> None:
-    async def run() -> None:
-        stream = engine.generate("r", [1, 2, 3], SamplingParams(max_tokens=5), adapter=adapter)
-        try:
-            seen = 0
-            async for _ in stream:
-                seen += 1
-                if seen == stop_after:
-                    break
-        finally:
-            await stream.aclose()
-
-    asyncio.run(run())
-
-
-def test_outcomes_and_the_label_cap_through_the_metered_engine() -> None:
-    metrics = Metrics(max_adapter_labels=2)
-    engine = _FakeEngine()
-    metered = MeteredEngine(engine, Limits(), metrics)
-    for adapter in ("a", None, "c", "d"):
-        _drive(metered, adapter)
-    _drive(metered, "a", stop_after=1)
-    engine.fail = EngineOverloadedError("full")
-    with pytest.raises(EngineOverloadedError):
-        _drive(metered, "a")
-    engine.fail = RuntimeError("boom")
-    with pytest.raises(RuntimeError):
-        _drive(metered, "a")
-    assert engine.generate.__func__ is _FakeEngine.generate  # type: ignore[attr-defined]  # never patched
-    samples = parse(generate_latest(metrics.registry).decode())
-    assert value(samples, "quiver_requests_total", adapter="a", outcome="length") == 1
-    assert value(samples, "quiver_requests_total", adapter="base", outcome="length") == 1
-    assert value(samples, "quiver_requests_total", adapter=OTHER, outcome="length") == 2  # c and d
-    assert value(samples, "quiver_requests_total", adapter="a", outcome="cancelled") == 1
-    assert value(samples, "quiver_requests_total", adapter="a", outcome="rejected") == 1
-    assert value(samples, "quiver_requests_total", adapter="a", outcome="error") == 1
-    assert {labels["adapter"] for labels in series(samples, "quiver_requests_total")} == {"a", "base", OTHER}
 
 
 def test_each_app_has_its_own_registry_and_scrapes_before_the_model_loads() -> None:
