@@ -13,7 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
-from server.limits import Limits
+from server.http.errors import APIError
+from server.limits import Limits, budget
 from server.state import ServerState
 from tests.eventually import eventually
 from tests.server.conftest import MODEL_NAME, InProcessApp
@@ -151,3 +152,33 @@ def test_the_body_limit_also_holds_without_a_ceiling_reading_the_body_first() ->
     assert _error(asyncio.run(post(b"x" * 101)), 413)["code"] == "request_too_large"
     assert _error(asyncio.run(post(chunked())), 413)["code"] == "request_too_large"
     assert asyncio.run(post(b"{}")).status_code == 400  # under the limit: the route's own validation
+
+
+# ---- server/limits.py itself ---------------------------------------------------------------------
+
+
+def test_the_ceiling_refuses_only_integers_above_it_and_caps_an_omitted_budget() -> None:
+    limits = Limits(max_tokens=8)
+    refused = limits.over_ceiling("max_completion_tokens", 9)
+    assert refused is not None and refused.param == "max_completion_tokens" and refused.code == "max_tokens_exceeded"
+    assert limits.over_ceiling("max_tokens", 8) is None
+    assert limits.over_ceiling("max_tokens", True) is None and limits.over_ceiling("max_tokens", "9") is None
+    assert limits.capped(200) == 8 and limits.capped(3) == 3
+    assert Limits().over_ceiling("max_tokens", 10**9) is None and Limits().capped(200) == 200  # 0: no ceiling
+
+
+def test_the_prompt_limit_refuses_only_prompts_longer_than_it() -> None:
+    Limits(max_prompt_tokens=4).check_prompt(4)
+    Limits().check_prompt(10**6)
+    with pytest.raises(APIError) as refused:
+        Limits(max_prompt_tokens=4).check_prompt(5)
+    assert refused.value.status == 400 and refused.value.code == "prompt_too_long"
+
+
+def test_the_budget_is_the_rest_of_the_context_and_zero_only_scores_a_prompt_that_fits() -> None:
+    assert budget(None, 10, 32, "messages") == 22
+    assert budget(0, 32, 32, "prompt") == 0  # scoring a prompt that fills the context exactly
+    for wanted, prompt_len, param in ((1, 32, "prompt"), (None, 32, "prompt"), (23, 10, "max_tokens")):
+        with pytest.raises(APIError) as refused:
+            budget(wanted, prompt_len, 32, "prompt")
+        assert refused.value.code == "context_length_exceeded" and refused.value.param == param
