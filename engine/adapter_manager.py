@@ -1,12 +1,19 @@
-"""The adapter lifecycle on the engine side: request leases, host loads, GPU slots, promote/demote/delete.
+"""Adapter residency in the engine core: host loads, the host tier, GPU slots and pins, by id.
 
-Every method runs on the engine thread (between steps, so slot copies happen at step
-boundaries) except `names()`, `has()` and `refcounts()`. Disk and hub reads run in a job handed
-to `submit` (a loader thread pool); the job hands its result back through `post`, which runs it
-on the engine thread. Without an executor (the synchronous engine) jobs run inline.
+The core knows adapters only by the `AdapterRef`s it is handed (id, source, name for messages);
+names, refcounts and the failed state are the registry's (adapters/registry.py), which tells the
+core when a deleted adapter may go (`forget`) and is told when a load finds one invalid
+(`on_failed`). The host copies and what loads taught are the host tier's (engine/adapter_host.py);
+slots and pins are the slot table's (engine/adapter_slots.py); this module moves weights between
+them and answers the waiters.
 
-Invariants: an adapter with requests (refcount > 0) or a pin keeps its host copy; a slot used by a
-running sequence or pinned is never evicted; at most `num_slots - 1` adapters are pinned, and the
+Every method runs on the engine thread (between steps, so slot copies happen at step boundaries).
+Disk and hub reads run in a job handed to `submit` (a loader thread pool); the job hands its
+result back through `post`, which runs it on the engine thread. Without an executor (the
+synchronous engine) jobs run inline.
+
+Invariants: an adapter held by requests or pinned keeps its host copy; a slot used by a running
+sequence or pinned is never evicted; at most `num_slots - 1` adapters are pinned, and the
 scheduler's distinct-adapter cap is `num_slots - pinned adapters not running`, so a batch never
 needs more slots than exist.
 """
@@ -22,8 +29,8 @@ from typing import Any
 
 from adapters.errors import AdapterError
 from adapters.loader import LoadedAdapter, LoadPolicy, load_from_source
-from adapters.registry import AdapterEntry, AdapterExistsError, AdapterRegistry
-from adapters.sources import AdapterSource, validate_name
+from adapters.registry import AdapterRef, AdapterState, PinLimitError
+from engine.adapter_host import HostRecord, HostTier
 from engine.adapter_slots import AdapterSlotTable, SlotLoad
 from engine.errors import AdapterFailedError, AdapterUnavailableError, UnknownAdapterError
 from engine.load_times import LoadTimes
@@ -37,41 +44,42 @@ Future = concurrent.futures.Future
 
 
 class AdapterLease:
-    """A request's hold on an adapter from before its host load until the request owns it.
+    """A request's hold on an adapter's residency from before its host load until the request owns it.
 
-    Created by the caller (so a cancelled caller can always release it), filled by `acquire`.
+    Created by the caller (so a cancelled caller can always release it), filled by `hold`.
     """
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.entry: AdapterEntry | None = None
+    def __init__(self, ref: AdapterRef) -> None:
+        self.ref = ref
         self.ready: Future[None] = Future()
         self.held = False
 
 
 class AdapterManager:
-    """Owns the registry, the slot table and the load queue; the engine calls it at each step."""
+    """Owns the host tier, the slot table and the load queue; the engine calls it at each step."""
 
     def __init__(
         self,
         lora: LoraSlots,
-        registry: AdapterRegistry,
+        max_host: int,
         policy: LoadPolicy,
         running_ids: Callable[[], set[int]],
+        on_failed: Callable[[int, str], None] = lambda adapter_id, reason: None,
     ) -> None:
-        if registry.max_host < lora.num_slots:
+        if max_host < lora.num_slots:
             raise ValueError(
-                f"max_cpu_adapters ({registry.max_host}) must be >= the GPU adapter slots ({lora.num_slots}): "
+                f"max_cpu_adapters ({max_host}) must be >= the GPU adapter slots ({lora.num_slots}): "
                 "an adapter on the GPU keeps its host copy"
             )
         self.lora = lora
+        self.host = HostTier(max_host)
         self.slots = AdapterSlotTable(lora.num_slots)
-        self.registry = registry
         self.policy = policy
         self._running_ids = running_ids
+        self._on_failed = on_failed
         self._submit: Submit | None = None
         self._post: Submit | None = None
-        self._pending: deque[AdapterEntry] = deque()  # waiting for host room
+        self._pending: deque[HostRecord] = deque()  # waiting for host room
         self._load_waiters: dict[int, list[Future[None]]] = {}  # queued or loading
         self._pin_waiters: dict[int, list[Future[None]]] = {}
         self._load_retries: dict[int, int] = {}  # adapter id -> transient failures in a row
@@ -82,89 +90,60 @@ class AdapterManager:
         """Run loads via `submit(job)` off the engine thread; `post(fn)` runs `fn` on the engine thread."""
         self._submit, self._post = submit, post
 
-    # ------------------------------------------------------------------ any thread
-    def names(self) -> list[str]:
-        return self.registry.names()
-
-    def has(self, name: str) -> bool:
-        return self.registry.has(name)
-
-    def refcounts(self) -> dict[str, int]:
-        return {e.name: e.refcount for e in self.registry.live()}
-
-    # ---------------------------------------------------------------- registration
-    def register(self, name: str, source: AdapterSource, load: bool) -> Future[None] | None:
-        """Add `name`; a failed adapter of that name is replaced. With `load`, a future of the host load."""
-        validate_name(name)
-        existing = self.registry.get(name)
-        if existing is not None:
-            if existing.error is None:
-                raise AdapterExistsError(f"an adapter named {name!r} is already registered")
-            self._retire(existing)
-        entry = self.registry.register(name, source)
-        if not load:
-            return None
-        done: Future[None] = Future()
-        self._wait_load(entry, done)
-        return done
-
-    def lookup(self, name: str) -> AdapterEntry:
-        entry = self.registry.discover(name)
-        if entry is None:
-            raise UnknownAdapterError(name)
-        return entry
-
-    def info(self, name: str) -> dict[str, Any]:
-        return self.lookup(name).info()
-
-    def infos(self) -> list[dict[str, Any]]:
-        return [e.info() for e in sorted(self.registry.live(), key=lambda e: e.name)]
-
     # -------------------------------------------------------------------- requests
-    def acquire(self, lease: AdapterLease) -> None:
-        """Take a reference for a request; `lease.ready` resolves once the weights are in host memory."""
-        entry = self.lookup(lease.name)
-        if entry.error is not None:
-            raise AdapterFailedError(entry.name, entry.error)
-        entry.refcount += 1
-        entry.requests += 1
-        self.registry.touch(entry)
-        lease.entry, lease.held = entry, True
-        if entry.weights is not None:
+    def hold(self, lease: AdapterLease) -> None:
+        """Keep the adapter for a request; `lease.ready` resolves once its weights are in host memory."""
+        record = self.host.ensure(lease.ref)
+        record.holds += 1
+        self.host.touch(record)
+        lease.held = True
+        if record.weights is not None:
             _resolve([lease.ready], None)
         else:
-            self._wait_load(entry, lease.ready)
+            self._wait_load(record, lease.ready)
 
     def consume(self, lease: AdapterLease) -> int:
-        """Hand the lease's reference to a request about to be scheduled; returns the adapter id."""
-        entry = lease.entry
-        if not lease.held or entry is None:
-            raise RuntimeError(f"the lease on adapter {lease.name!r} was released")
+        """Hand the lease's hold to a request about to be scheduled; returns the adapter id."""
+        ref = lease.ref
+        record = self.host.get(ref.adapter_id)
+        if not lease.held or record is None:
+            raise RuntimeError(f"the lease on adapter {ref.name!r} was released")
         if not lease.ready.done():
-            raise AdapterUnavailableError(entry.name, "its weights are still loading")
+            raise AdapterUnavailableError(ref.name, "its weights are still loading")
         if lease.ready.exception() is not None:
             raise lease.ready.exception()  # type: ignore[misc]
-        if entry.weights is None:
-            raise AdapterUnavailableError(entry.name, "its weights are not in host memory")
+        if record.weights is None:
+            raise AdapterUnavailableError(ref.name, "its weights are not in host memory")
         lease.held = False
-        return entry.adapter_id
+        return ref.adapter_id
 
     def release(self, lease: AdapterLease) -> None:
         """Give back a lease no request took over; a no-op after `consume` or a second release."""
-        if lease.held and lease.entry is not None:
+        if lease.held:
             lease.held = False
-            self.unref(lease.entry.adapter_id)
+            self.unhold(lease.ref.adapter_id)
 
-    def unref(self, adapter_id: int) -> None:
-        entry = self.registry.by_id(adapter_id)
-        if entry is None:
+    def unhold(self, adapter_id: int) -> None:
+        """A request holding the adapter ended."""
+        record = self.host.get(adapter_id)
+        if record is None:
             return
-        entry.refcount -= 1
-        self.registry.touch(entry)
-        if entry.refcount == 0:
-            if entry.deleting:
-                self._finalize(entry)
+        record.holds -= 1
+        self.host.touch(record)
+        if record.holds == 0:
+            if record.retired:
+                self._drop(record)
             self._pump_loads()
+
+    def load(self, ref: AdapterRef) -> Future[None]:
+        """Load a newly registered adapter into host memory; the future resolves when it is there."""
+        record = self.host.ensure(ref)
+        done: Future[None] = Future()
+        if record.weights is not None:
+            _resolve([done], None)
+        else:
+            self._wait_load(record, done)
+        return done
 
     # ---------------------------------------------------------------- step boundary
     def scheduler_cap(self, running: set[int]) -> int:
@@ -180,46 +159,55 @@ class AdapterManager:
 
     def place_pinned(self, running: set[int]) -> None:
         """Copy pinned adapters that have host weights into a slot no running sequence needs."""
-        for entry in self.registry.pinned():
-            if entry.gpu_slot is None and entry.weights is not None:
-                load = self.slots.place(entry.adapter_id, running)
+        for adapter_id in sorted(self.slots.pinned):
+            record = self.host.get(adapter_id)
+            if self.slots.slot_of(adapter_id) is None and record is not None and record.weights is not None:
+                load = self.slots.place(adapter_id, running)
                 if load is not None:
                     self._copy(load)
-            if entry.gpu_slot is not None:
-                _resolve(self._pin_waiters.pop(entry.adapter_id, []), None)
+            if self.slots.slot_of(adapter_id) is not None:
+                _resolve(self._pin_waiters.pop(adapter_id, []), None)
 
     # ------------------------------------------------------------------------ admin
-    def promote(self, name: str) -> Future[None]:
-        """Pin `name`; the future resolves when it sits in a GPU slot (PinLimitError: 409)."""
-        entry = self.lookup(name)
-        if entry.error is not None:
-            raise AdapterFailedError(entry.name, entry.error)
-        self.registry.check_can_pin(entry, self.slots.num_slots)
-        entry.pinned = True
-        self.slots.pin(entry.adapter_id)
+    def promote(self, ref: AdapterRef) -> Future[None]:
+        """Pin the adapter; the future resolves when it sits in a GPU slot (PinLimitError: 409)."""
+        self._check_can_pin(ref)
+        record = self.host.ensure(ref)
+        self.slots.pin(ref.adapter_id)
         done: Future[None] = Future()
-        self._pin_waiters.setdefault(entry.adapter_id, []).append(done)
-        if entry.weights is None:
-            self._wait_load(entry, Future())  # a failure reaches `done` through the pin waiters
+        self._pin_waiters.setdefault(ref.adapter_id, []).append(done)
+        if record.weights is None:
+            self._wait_load(record, Future())  # a failure reaches `done` through the pin waiters
         self.place_pinned(self._running_ids())
         return done
 
-    def demote(self, name: str) -> None:
-        """Unpin `name` and move it off the GPU to host memory (at once unless a running sequence uses it)."""
-        entry = self.lookup(name)
-        self._unpin(entry, None)
-        self.registry.touch(entry)  # the most recent in host memory, not the next to go to disk
-        if entry.gpu_slot is not None and entry.adapter_id not in self._running_ids():
-            self.slots.remove(entry.adapter_id)
-            entry.gpu_slot = None
+    def demote(self, adapter_id: int) -> None:
+        """Unpin the adapter and move it off the GPU to host memory (at once unless a running sequence uses it)."""
+        self.unpin(adapter_id, None)
+        record = self.host.get(adapter_id)
+        if record is not None:
+            self.host.touch(record)  # the most recent in host memory, not the next to go to disk
+        if adapter_id not in self._running_ids():
+            self.slots.vacate(adapter_id)
         self._pump_loads()
 
-    def delete(self, name: str) -> int:
-        """Unregister `name` now (new requests miss); it is freed when its in-flight requests end."""
-        entry = self.lookup(name)
-        in_flight = entry.refcount
-        self._retire(entry)
-        return in_flight
+    def unpin(self, adapter_id: int, error: BaseException | None) -> None:
+        """Unpin; a promote still waiting for its slot is answered with `error` (None: done)."""
+        self.slots.unpin(adapter_id)
+        _resolve(self._pin_waiters.pop(adapter_id, []), error)
+
+    def forget(self, adapter_id: int) -> None:
+        """The adapter was deleted and its last request ended: free its host copy and slot."""
+        record = self.host.get(adapter_id)
+        name = record.name if record is not None else str(adapter_id)
+        self.unpin(adapter_id, UnknownAdapterError(name))
+        if record is None:
+            self.slots.remove(adapter_id)
+            return
+        record.retired = True
+        if record.holds == 0:
+            self._drop(record)
+        self._pump_loads()
 
     def abandon(self, error: BaseException) -> None:
         """Answer every waiter with `error` (the engine stopped; no load will finish)."""
@@ -229,12 +217,48 @@ class AdapterManager:
         self._pin_waiters.clear()
         self._pending.clear()
 
+    # ------------------------------------------------------------------------ reads
+    def residency(self, ref: AdapterRef) -> dict[str, Any]:
+        """Where the adapter is and what its loads taught (the registry adds identity for the admin API)."""
+        record = self.host.get(ref.adapter_id)
+        slot = self.slots.slot_of(ref.adapter_id)
+        pinned = self.slots.is_pinned(ref.adapter_id)
+        weights = record is not None and record.weights is not None
+        if slot is not None:
+            state = AdapterState.PINNED if pinned else AdapterState.GPU
+        elif record is not None and record.loading:
+            state = AdapterState.LOADING
+        else:
+            state = AdapterState.HOST if weights else AdapterState.REGISTERED
+        fetched = record is not None and record.path is not None
+        tier = "gpu" if slot is not None else "host" if weights else (
+            "hub" if ref.source.kind == "hub" and not fetched else "disk")
+        r = record or HostRecord(ref.adapter_id, ref.name, ref.source)
+        return {
+            "state": state.value, "tier": tier, "pinned": pinned, "rank": r.rank, "targets": list(r.targets),
+            "size_bytes": r.size_bytes, "base_model": r.base_model, "last_used": r.last_used, "loads": r.loads,
+            "gpu_loads": r.gpu_loads, "gpu_evictions": r.gpu_evictions, "host_evictions": r.host_evictions,
+            "load_ms": {tier: round(seconds * 1e3, 3) for tier, seconds in r.load_seconds.items()},
+            "warnings": list(r.warnings),
+        }
+
+    def loading_for_requests(self) -> set[int]:
+        """Ids whose host load a request is waiting for (they wait before the scheduler sees them)."""
+        return {r.adapter_id for r in self.host.members() if r.loading and r.holds > 0}
+
+    def totals(self) -> dict[str, float]:
+        return {
+            **self.host.totals(),
+            "adapters_gpu": len(self.slots.resident),
+            "adapters_pinned": len(self.slots.pinned),
+        }
+
     # ------------------------------------------------------------------------ loads
-    def _wait_load(self, entry: AdapterEntry, done: Future[None]) -> None:
-        waiters = self._load_waiters.get(entry.adapter_id)
+    def _wait_load(self, record: HostRecord, done: Future[None]) -> None:
+        waiters = self._load_waiters.get(record.adapter_id)
         if waiters is None:
-            waiters = self._load_waiters[entry.adapter_id] = []
-            self._pending.append(entry)
+            waiters = self._load_waiters[record.adapter_id] = []
+            self._pending.append(record)
         waiters.append(done)
         self._pump_loads()
 
@@ -244,20 +268,20 @@ class AdapterManager:
         self._pumping = True
         try:
             while self._pending:
-                entry = self._pending[0]
-                if self.registry.by_id(entry.adapter_id) is not entry:
+                record = self._pending[0]
+                if self.host.get(record.adapter_id) is not record:
                     self._pending.popleft()
                     continue
                 if not self._make_host_room():
                     return
                 self._pending.popleft()
-                entry.loading = True
-                self._start_load(entry)
+                record.loading = True
+                self._start_load(record)
         finally:
             self._pumping = False
 
-    def _start_load(self, entry: AdapterEntry) -> None:
-        name, source, path, policy, adapter_id = entry.name, entry.source, entry.path, self.policy, entry.adapter_id
+    def _start_load(self, record: HostRecord) -> None:
+        name, source, path, policy, adapter_id = record.name, record.source, record.path, self.policy, record.adapter_id
         post = self._post
 
         def job() -> None:
@@ -282,46 +306,46 @@ class AdapterManager:
         self, adapter_id: int, name: str, result: LoadedAdapter | BaseException, seconds: float = 0.0
     ) -> None:
         waiters = self._load_waiters.pop(adapter_id, [])
-        entry = self.registry.by_id(adapter_id)
-        if entry is None:  # deleted and drained while loading
+        record = self.host.get(adapter_id)
+        if record is None:  # deleted and drained while loading
             _resolve(waiters, UnknownAdapterError(name))
         elif isinstance(result, BaseException) and not _is_invalid(result):
             # Not the adapter's fault (a device or I/O error): retried, never marked failed.
-            entry.loading = False
+            record.loading = False
             retries = self._load_retries.get(adapter_id, 0)
             if retries < TRANSIENT_LOAD_RETRIES:
                 log.warning("adapter %r: transient load error, retrying: %s: %s", name, type(result).__name__, result)
                 self._load_retries[adapter_id] = retries + 1
                 for waiter in waiters:
-                    self._wait_load(entry, waiter)
+                    self._wait_load(record, waiter)
                 pin_waiters = self._pin_waiters.get(adapter_id)
                 if pin_waiters and adapter_id not in self._load_waiters:
-                    self._wait_load(entry, Future())
+                    self._wait_load(record, Future())
             else:
                 self._load_retries.pop(adapter_id, None)
                 log.error("adapter %r: load failed %d times: %s: %s", name, retries + 1, type(result).__name__, result)
                 error = AdapterUnavailableError(name, f"loading it failed ({type(result).__name__}); retry later")
                 _resolve(waiters, error)
-                self._unpin(entry, error)
+                self.unpin(adapter_id, error)
         elif isinstance(result, BaseException):
             reason = result.detail if isinstance(result, AdapterError) else f"{type(result).__name__}: {result}"
             log.warning("adapter %r failed to load: %s", name, reason)
-            self.slots.unpin(adapter_id)
-            self.registry.fail(entry, reason)
+            self.host.fail(record)
+            self._on_failed(adapter_id, reason)
             error = AdapterFailedError(name, reason)
             _resolve(waiters, error)
-            _resolve(self._pin_waiters.pop(adapter_id, []), error)
+            self.unpin(adapter_id, error)
         else:
             self._load_retries.pop(adapter_id, None)
             self.load_times.observe("disk", seconds)
-            self.registry.install(entry, result.weights, result.path, result.warnings, seconds)
+            self.host.install(record, result.weights, result.path, result.warnings, seconds)
             _resolve(waiters, None)
             self.place_pinned(self._running_ids())
         self._pump_loads()
 
     def _make_host_room(self) -> bool:
-        while len(self.registry.host_tier()) >= self.registry.max_host:
-            victim = self.registry.host_victim()
+        while len(self.host.members()) >= self.host.max_host:
+            victim = self.host.victim(self.slots.pinned, lambda adapter_id: self.slots.slot_of(adapter_id) is not None)
             if victim is None:
                 # Every host copy is in use. With a loader pool the load waits for a request to
                 # finish; the synchronous engine cannot wait, so it goes over the limit.
@@ -329,59 +353,58 @@ class AdapterManager:
             self._evict_host(victim)
         return True
 
-    def _evict_host(self, entry: AdapterEntry) -> None:
-        if entry.gpu_slot is not None:  # idle (refcount 0), so no running sequence uses the slot
-            self.slots.remove(entry.adapter_id)
-            entry.gpu_slot = None
-            self.registry.count(entry, "gpu_evictions")
-        entry.weights = None
-        self.registry.count(entry, "host_evictions")
+    def _evict_host(self, record: HostRecord) -> None:
+        if self.slots.vacate(record.adapter_id) is not None:  # idle, so no running sequence uses the slot
+            self.host.count(record, "gpu_evictions")
+        record.weights = None
+        self.host.count(record, "host_evictions")
 
     def _copy(self, load: SlotLoad) -> None:
         if load.evicted is not None:
-            victim = self.registry.by_id(load.evicted)
+            victim = self.host.get(load.evicted)
             if victim is not None:
-                victim.gpu_slot = None
-                self.registry.count(victim, "gpu_evictions")
-        entry = self.registry.by_id(load.adapter_id)
-        if entry is None or entry.weights is None:
-            self.slots.remove(load.adapter_id)
+                self.host.count(victim, "gpu_evictions")
+        record = self.host.get(load.adapter_id)
+        if record is None or record.weights is None:
+            self.slots.vacate(load.adapter_id)
             raise RuntimeError(f"adapter id {load.adapter_id} has no host weights to copy into a GPU slot")
         started = time.perf_counter()
         try:
-            self.lora.load(load.slot, entry.weights)
-            seconds = time.perf_counter() - started
-            self.load_times.observe("host", seconds)
-            entry.load_seconds["host"] = seconds
+            self.lora.load(load.slot, record.weights)
         except BaseException:
             # The slot holds part of a copy: forget it, so the next step copies the adapter again.
-            self.slots.remove(load.adapter_id)
-            if entry.pinned:
-                self.slots.pin(entry.adapter_id)
+            self.slots.vacate(load.adapter_id)
             raise
-        entry.gpu_slot = load.slot
-        self.registry.count(entry, "gpu_loads")
+        seconds = time.perf_counter() - started
+        self.load_times.observe("host", seconds)
+        record.load_seconds["host"] = seconds
+        self.host.count(record, "gpu_loads")
+
+    def _check_can_pin(self, ref: AdapterRef) -> None:
+        """One slot always stays unpinned, or adapters that are not pinned could never run."""
+        num_slots = self.slots.num_slots
+        others = self.slots.pinned - {ref.adapter_id}
+        if self.slots.is_pinned(ref.adapter_id) or len(others) + 1 <= num_slots - 1:
+            return
+        if num_slots == 1:
+            raise PinLimitError(
+                f"cannot promote {ref.name!r}: the server has a single GPU adapter slot, which must stay "
+                "free for unpinned adapters; restart with more GPU adapter slots to pin adapters"
+            )
+        names = sorted(r.name for r in map(self.host.get, others) if r is not None)
+        raise PinLimitError(
+            f"cannot promote {ref.name!r}: {len(others)} of the {num_slots} GPU adapter slots are pinned "
+            f"({', '.join(names)}) and one must stay free for unpinned adapters; demote one first"
+        )
 
     # --------------------------------------------------------------------- removal
-    def _unpin(self, entry: AdapterEntry, error: BaseException | None) -> None:
-        if entry.pinned:
-            entry.pinned = False
-            self.slots.unpin(entry.adapter_id)
-        _resolve(self._pin_waiters.pop(entry.adapter_id, []), error)
-
-    def _retire(self, entry: AdapterEntry) -> None:
-        self.registry.unname(entry)
-        self._unpin(entry, UnknownAdapterError(entry.name))
-        if entry.refcount == 0:
-            self._finalize(entry)
-        self._pump_loads()
-
-    def _finalize(self, entry: AdapterEntry) -> None:
-        self.registry.drop(entry)
-        self.slots.remove(entry.adapter_id)
-        if entry in self._pending:  # queued, not started: nobody else will answer its waiters
-            self._pending.remove(entry)
-            _resolve(self._load_waiters.pop(entry.adapter_id, []), UnknownAdapterError(entry.name))
+    def _drop(self, record: HostRecord) -> None:
+        self.host.drop(record.adapter_id)
+        self.slots.remove(record.adapter_id)
+        self._load_retries.pop(record.adapter_id, None)
+        if record in self._pending:  # queued, not started: nobody else will answer its waiters
+            self._pending.remove(record)
+            _resolve(self._load_waiters.pop(record.adapter_id, []), UnknownAdapterError(record.name))
 
 
 TRANSIENT_LOAD_RETRIES = 2

@@ -1,6 +1,8 @@
-"""Which adapter sits in which GPU LoRA slot, and which to evict (LRU, never one in use or pinned).
+"""Which adapter sits in which GPU LoRA slot, which are pinned, and which to evict (LRU, never one
+in use or pinned).
 
-Plain Python: the engine copies weights into the slot buffers at step boundaries.
+The one owner of an adapter's slot and pin: everything else asks here. Plain Python: the engine
+copies weights into the slot buffers at step boundaries.
 """
 
 from __future__ import annotations
@@ -47,14 +49,22 @@ class AdapterSlotTable:
     def pinned(self) -> frozenset[int]:
         return frozenset(self._pinned)
 
+    def is_pinned(self, adapter_id: int) -> bool:
+        return adapter_id in self._pinned
+
     def pin(self, adapter_id: int) -> None:
+        """Pinned: never evicted, and given a slot by `place` (a pin may wait for its slot)."""
         self._pinned.add(adapter_id)
 
     def unpin(self, adapter_id: int) -> None:
         self._pinned.discard(adapter_id)
 
+    def vacate(self, adapter_id: int) -> int | None:
+        """Free the adapter's slot (its weights left it), keeping any pin; returns the slot."""
+        return self._slot_of.pop(adapter_id, None)
+
     def remove(self, adapter_id: int) -> int | None:
-        """Forget an adapter (unloaded or deleted); returns the slot it held, if any."""
+        """Forget an adapter (deleted): its pin and its slot; returns the slot it held, if any."""
         self._pinned.discard(adapter_id)
         return self._slot_of.pop(adapter_id, None)
 

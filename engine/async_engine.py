@@ -5,6 +5,12 @@ to an inbox and get results through futures. Deltas reach each request's asyncio
 with one `call_soon_threadsafe` per step. Adapter weights are read by a small loader pool;
 a request for an adapter not yet in host memory waits for that load before it is queued,
 without holding up anyone else.
+
+Adapter identity is resolved here, on the event loop: a request takes a reference on its
+adapter's name (adapters/registry.py) and hands the engine thread only that reference, whose
+residency the core keeps (engine/adapter_manager.py). Nothing on the event loop reads the disk
+for a request: a name not registered yet is looked for under the adapter root on a worker thread.
+This side is what the API-server process keeps once the engine core runs in a process of its own.
 """
 
 from __future__ import annotations
@@ -21,10 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from adapters.config import AdapterConfig
-from adapters.sources import scan_root, source_from_operator, source_from_request, validate_name
+from adapters.registry import AdapterEntry, AdapterRef
+from adapters.sources import (
+    AdapterSource,
+    scan_root,
+    source_from_operator,
+    source_from_request,
+    validate_name,
+)
+from engine import adapter_names
 from engine.adapter_manager import AdapterLease
 from engine.config import EngineConfig
-from engine.errors import EngineDeadError, EngineOverloadedError
+from engine.errors import EngineDeadError, EngineOverloadedError, UnknownAdapterError
 from engine.llm_engine import LLMEngine
 from engine.logits_processor import LogitsProcessor
 from engine.outputs import RequestDelta
@@ -58,6 +72,8 @@ class AsyncEngine:
         self._core.adapters.use_executor(
             submit=self._loader.submit, post=lambda fn: self._post(lambda core: fn(), None)
         )
+        self._adapters = self._core.identity  # names and refcounts: used from the event loop
+        self._adapters.on_retired = lambda adapter_id: self._post(lambda core: core.adapters.forget(adapter_id), None)
         self.model_name = served_model_name or _default_name(config.model)
         self.tokenizer = self._core.tokenizer
         self.max_model_len = self._core.max_model_len
@@ -107,56 +123,82 @@ class AsyncEngine:
 
     # ----------------------------------------------------------------- adapters
     def adapter_names(self) -> list[str]:
-        return self._core.adapter_names()
+        return self._adapters.servable_names()
 
     def has_adapter(self, name: str) -> bool:
-        return self._core.has_adapter(name)
+        """Whether `name` is registered (memory only) or else found under the adapter root, which
+        reads the disk: for a name that is not registered, callers on the event loop should prefer
+        `find_adapter`."""
+        return self._adapters.has(name) or self._adapters.find(name) is not None
+
+    async def find_adapter(self, name: str) -> bool:
+        """`has_adapter` without reading the disk on the event loop (the root is looked at on a
+        worker thread, and only for a name not registered)."""
+        return self._adapters.has(name) or await asyncio.to_thread(self._adapters.discover, name) is not None
 
     async def add_adapter(self, name: str, path: Path | str) -> int:
         """Register an operator-named directory or hub id and load it; AdapterFailedError if invalid."""
-        source = source_from_operator(path)
-        await self._registered(name, source)
-        return await self.call(lambda core: core.adapters.lookup(name).adapter_id)
+        source = await asyncio.to_thread(source_from_operator, path)
+        return (await self._registered(name, source)).adapter_id
 
     async def register_adapter(self, name: str, source: str) -> dict[str, Any]:
         """Register a client-given source (`hf://org/repo[@rev]` or a directory under the adapter
         root) and load it to host memory; AdapterFailedError if invalid (it stays listed as failed)."""
         validate_name(name)
         parsed = await asyncio.to_thread(source_from_request, source, self.adapter_config.adapter_root)
-        await self._registered(name, parsed)
-        return await self.adapter_info(name)
+        entry = await self._registered(name, parsed)
+        return await self._info(entry)
 
-    async def _registered(self, name: str, source: Any) -> None:
-        done = await self.call(lambda core: core.adapters.register(name, source, load=True))
+    async def _registered(self, name: str, source: AdapterSource) -> AdapterEntry:
+        entry = self._adapters.register(name, source)
+        done = await self.call(lambda core: core.adapters.load(entry.ref))
         await asyncio.wrap_future(done)
+        return entry
 
     async def list_adapters(self) -> list[dict[str, Any]]:
         """Every registered adapter's info; directories added to the adapter root since are picked up."""
-        found = await asyncio.to_thread(scan_root, self.adapter_config.adapter_root)
-
-        def collect(core: LLMEngine) -> list[dict[str, Any]]:
-            core.adapters.registry.add_discovered(found)
-            return core.adapters.infos()
-
-        return await self.call(collect)
+        self._adapters.add_discovered(await asyncio.to_thread(scan_root, self.adapter_config.adapter_root))
+        entries = sorted(self._adapters.live(), key=lambda e: e.name)
+        return await self.call(lambda core: core.adapter_infos(entries))
 
     async def adapter_info(self, name: str) -> dict[str, Any]:
-        return await self.call(lambda core: core.adapters.info(name))
+        return await self._info(await self._named(name))
 
     async def promote_adapter(self, name: str) -> dict[str, Any]:
         """Load to a GPU slot and pin; waits for the slot. PinLimitError when no slot may be pinned."""
-        done = await self.call(lambda core: core.adapters.promote(name))
+        entry = await self._named(name, serving=True)
+        done = await self.call(lambda core: core.adapters.promote(entry.ref))
         await asyncio.wrap_future(done)
-        return await self.adapter_info(name)
+        return await self._info(entry)
 
     async def demote_adapter(self, name: str) -> dict[str, Any]:
-        await self.call(lambda core: core.adapters.demote(name))
-        return await self.adapter_info(name)
+        entry = await self._named(name)
+        await self.call(lambda core: core.adapters.demote(entry.adapter_id))
+        return await self._info(entry)
 
     async def delete_adapter(self, name: str) -> dict[str, Any]:
         """Unregister now; in-flight requests finish first. Returns how many were in flight."""
-        in_flight = await self.call(lambda core: core.adapters.delete(name))
+        await self._named(name)  # registers a root adapter first, so that it is not rediscovered
+        entry = self._adapters.unname(name)
+        if entry is None:
+            raise UnknownAdapterError(name)
+        in_flight = entry.refcount
+        await self.call(lambda core: core.adapters.unpin(entry.adapter_id, UnknownAdapterError(name)))
         return {"id": name, "object": "adapter", "deleted": True, "in_flight": in_flight}
+
+    async def _named(self, name: str, serving: bool = False) -> AdapterEntry:
+        """The live adapter `name`; one under the adapter root is registered first (off the loop)."""
+        if not self._adapters.has(name):
+            await asyncio.to_thread(self._adapters.discover, name)
+        return adapter_names.named(self._adapters, name, serving=serving)
+
+    async def _acquire(self, name: str) -> AdapterRef:
+        if not self._adapters.has(name):
+            await asyncio.to_thread(self._adapters.discover, name)
+        return adapter_names.acquire(self._adapters, name)
+
+    async def _info(self, entry: AdapterEntry) -> dict[str, Any]:
+        return (await self.call(lambda core: core.adapter_infos([entry])))[0]
 
     # ---------------------------------------------------------------- requests
     async def generate(
@@ -179,11 +221,13 @@ class AsyncEngine:
         stream: asyncio.Queue[RequestDelta] = asyncio.Queue()
         self._streams[request_id] = stream
         finished = False
-        # Made here, so that however this coroutine ends, the release below finds it.
-        lease = AdapterLease(adapter) if adapter else None
+        ref: AdapterRef | None = None
+        lease: AdapterLease | None = None
         try:
-            if lease is not None:
-                await self.call(lambda core: core.adapters.acquire(lease))
+            if adapter:
+                ref = await self._acquire(adapter)
+                lease = AdapterLease(ref)
+                await self.call(lambda core: core.adapters.hold(lease))
                 await asyncio.wrap_future(lease.ready)  # the host load, off the engine thread
             await self.call(
                 lambda core: core.add_request(
@@ -192,16 +236,22 @@ class AsyncEngine:
             )
             while True:
                 delta = await stream.get()
-                yield delta
                 if delta.finished:
                     finished = True
+                    if ref is not None:  # the core is done with it: its count drops before the last delta
+                        self._adapters.release(ref)
+                        ref = None
+                yield delta
+                if finished:
                     return
         finally:
             self._streams.pop(request_id, None)
-            if lease is not None:  # a no-op once the request took the reference over
+            if lease is not None:  # a no-op once the request took the hold over
                 self._post(lambda core: core.adapters.release(lease), None)
             if not finished:
                 self.abort(request_id)
+            if ref is not None:  # after the abort: a deleted adapter's residency goes after its request
+                self._adapters.release(ref)
 
     def abort(self, request_id: str) -> None:
         """Thread-safe and idempotent; frees the request's KV blocks at the next step boundary."""
@@ -220,7 +270,7 @@ class AsyncEngine:
         return dict(self._stats, num_streams=len(self._streams))
 
     def adapter_refcounts(self) -> dict[str, int]:
-        return self._core.adapter_refcounts()
+        return self._adapters.refcounts()
 
     def adapter_counters(self) -> dict[str, int]:
         """Registry totals (loads, evictions, residency) as of the last step."""

@@ -32,14 +32,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from adapters.config import AdapterConfig
 from adapters.loader import LoadPolicy, base_names
-from adapters.registry import AdapterRegistry
+from adapters.registry import AdapterEntry, AdapterRef, AdapterRegistry
 from adapters.sources import scan_root, source_from_operator
+from engine import adapter_names
 from engine.adapter_manager import AdapterLease, AdapterManager, gpu_slots_for_budget
 from engine.config import EngineConfig
 from engine.cuda_graphs import CAPTURE_LOCK
@@ -79,6 +81,7 @@ class _Request:
     arrived_at: float = 0.0
     queue_time: float | None = None  # seconds from arrival to its first scheduled step
     scores_prompt: bool = False  # prompt logprobs asked for and not computed yet
+    adapter_ref: AdapterRef | None = None  # the registry reference this engine took for it, if any
 
     @property
     def reads_history(self) -> bool:
@@ -184,7 +187,8 @@ class LLMEngine:
         self.num_failed_steps = 0
         self._next_seq_id = 0
         self.num_preemptions = 0
-        self.adapters = self._adapter_manager(adapters)
+        self.identity = self._adapter_registry(adapters)
+        self.adapters = self._adapter_manager()
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (idempotent; nothing to do on one device)."""
@@ -192,13 +196,25 @@ class LLMEngine:
             self._tp.close()
 
     # ----------------------------------------------------------------- adapters
-    def _adapter_manager(self, adapters: Mapping[str, Path | str]) -> AdapterManager:
-        cfg = self.adapter_config
-        num_slots = self.lora.num_slots
-        registry = AdapterRegistry(cfg.max_cpu_adapters or max(64, num_slots), cfg.adapter_root)
+    def _adapter_registry(self, adapters: Mapping[str, Path | str]) -> AdapterRegistry:
+        """Adapter identity: the operator's adapters and those under the adapter root, by name.
+
+        The synchronous engine answers names itself; the async bridge resolves them on the event
+        loop and hands this core only references (ids)."""
+        root = self.adapter_config.adapter_root
+        registry = AdapterRegistry(root)
         model_path = Path(self.config.model)
         registry.reserve({n for n in (self.config.served_model_name, self.config.model,
                                       model_path.name if model_path.exists() else None) if n})
+        for name, source in adapters.items():
+            registry.register(name, source_from_operator(source))
+        registry.add_discovered(scan_root(root))
+        return registry
+
+    def _adapter_manager(self) -> AdapterManager:
+        """Adapter residency: host tier, GPU slots and pins, by id."""
+        cfg = self.adapter_config
+        num_slots = self.lora.num_slots
         policy = LoadPolicy(
             expected_shapes=self.lora.expected_shapes(),
             num_layers=self.lora.num_layers,
@@ -217,10 +233,9 @@ class LLMEngine:
             allow_dora=self._tp is None,
             hub_cache_dir=cfg.hub_cache_dir,
         )
-        manager = AdapterManager(self.lora, registry, policy, self.scheduler.running_adapter_ids)
-        for name, source in adapters.items():
-            manager.register(name, source_from_operator(source), load=False)
-        registry.add_discovered(scan_root(cfg.adapter_root))
+        manager = AdapterManager(self.lora, cfg.max_cpu_adapters or max(64, num_slots), policy,
+                                 self.scheduler.running_adapter_ids, on_failed=self.identity.fail)
+        self.identity.on_retired = manager.forget
         return manager
 
     def add_adapter(self, name: str, path: Path | str) -> int:
@@ -228,20 +243,28 @@ class LLMEngine:
 
         The synchronous engine loads inline and raises AdapterFailedError if it is invalid.
         """
-        done = self.adapters.register(name, source_from_operator(path), load=True)
-        if done is not None and done.done() and done.exception() is not None:
+        entry = self.identity.register(name, source_from_operator(path))
+        done = self.adapters.load(entry.ref)
+        if done.done() and done.exception() is not None:
             raise done.exception()  # type: ignore[misc]
-        return self.adapters.lookup(name).adapter_id
+        return entry.adapter_id
 
     def adapter_names(self) -> list[str]:
         """Adapters a request may name: registered and not failed (what /v1/models lists)."""
-        return self.adapters.registry.servable_names()
+        return self.identity.servable_names()
 
     def has_adapter(self, name: str) -> bool:
-        return self.adapters.has(name)
+        """Whether `name` is registered or found under the adapter root (which reads the disk)."""
+        return self.identity.has(name) or self.identity.find(name) is not None
 
     def adapter_refcounts(self) -> dict[str, int]:
-        return self.adapters.refcounts()
+        return self.identity.refcounts()
+
+    def adapter_infos(self, entries: list[AdapterEntry] | None = None) -> list[dict[str, Any]]:
+        """The admin view of `entries` (default: every live adapter, by name): identity and residency."""
+        if entries is None:
+            entries = sorted(self.identity.live(), key=lambda e: e.name)
+        return [entry.info(self.adapters.residency(entry.ref)) for entry in entries]
 
     # ----------------------------------------------------------------- requests
     def add_request(
@@ -253,8 +276,8 @@ class LLMEngine:
         logits_processor: LogitsProcessor | None = None,
         lease: AdapterLease | None = None,
     ) -> None:
-        """Queue a request. `lease` (from `adapters.acquire`) carries an adapter already loaded
-        off the engine thread; without one the adapter is loaded here (inline) if needed."""
+        """Queue a request. `lease` (from `adapters.hold`) carries an adapter its caller resolved and
+        loaded off the engine thread; without one the name is resolved and loaded here (inline)."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -270,7 +293,7 @@ class LLMEngine:
                 f"requested {total} tokens ({len(prompt_token_ids)} in the prompt, {params.max_tokens} "
                 "for the completion). Please reduce the prompt or max_tokens."
             )
-        adapter_id = self._take_adapter(adapter, lease) if adapter else BASE_ADAPTER_ID
+        adapter_id, adapter_ref = self._take_adapter(adapter, lease) if adapter else (BASE_ADAPTER_ID, None)
         seq = Sequence(
             seq_id=self._next_seq_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -293,22 +316,27 @@ class LLMEngine:
             eos_ids=eos + list(params.stop_token_ids),
             arrived_at=time.monotonic(),
             scores_prompt=params.prompt_logprobs is not None,
+            adapter_ref=adapter_ref,
         )
         self.scheduler.add(seq)
         self._requests[request_id] = request
         self._by_seq[seq.seq_id] = request
 
-    def _take_adapter(self, name: str, lease: AdapterLease | None) -> int:
+    def _take_adapter(self, name: str, lease: AdapterLease | None) -> tuple[int, AdapterRef | None]:
+        """The adapter id for a request, and the registry reference taken here (None with a lease)."""
         if lease is not None:
-            if lease.name != name:
-                raise ValueError(f"the lease is for adapter {lease.name!r}, not {name!r}")
-            return self.adapters.consume(lease)
-        lease = AdapterLease(name)
-        self.adapters.acquire(lease)
+            if lease.ref.name != name:
+                raise ValueError(f"the lease is for adapter {lease.ref.name!r}, not {name!r}")
+            return self.adapters.consume(lease), None
+        self.identity.discover(name)  # the synchronous engine may read the disk for a root adapter
+        ref = adapter_names.acquire(self.identity, name)
+        lease = AdapterLease(ref)
         try:
-            return self.adapters.consume(lease)
+            self.adapters.hold(lease)  # loads inline when it is not in host memory
+            return self.adapters.consume(lease), ref
         except BaseException:
             self.adapters.release(lease)
+            self.identity.release(ref)
             raise
 
     def abort(self, request_id: str) -> bool:
@@ -341,7 +369,8 @@ class LLMEngine:
             "num_free_blocks": bm.num_free_blocks,
             "num_total_blocks": self.num_kv_blocks,
             "num_requests": len(self._requests),
-            **self.adapters.registry.totals(),
+            **self.identity.totals(),
+            **self.adapters.totals(),
         }
 
     # --------------------------------------------------------------------- step
@@ -548,7 +577,10 @@ class LLMEngine:
         self._requests.pop(request.request_id, None)
         self._by_seq.pop(request.seq.seq_id, None)
         if request.seq.adapter_id != BASE_ADAPTER_ID:
-            self.adapters.unref(request.seq.adapter_id)
+            self.adapters.unhold(request.seq.adapter_id)
+        if request.adapter_ref is not None:
+            self.identity.release(request.adapter_ref)
+            request.adapter_ref = None
 
 
 def _prompt_logprobs_wanted(batch: ScheduledBatch, requests: list[_Request]) -> list[tuple[int, int]]:

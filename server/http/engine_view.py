@@ -48,20 +48,18 @@ class EngineView:
 
 
 def _core_view(core: Any) -> dict[str, Any]:
-    """Runs on the engine thread: the scheduler's queues and the registry, as plain data."""
-    registry = core.adapters.registry
-    names = {entry.adapter_id: entry.name for entry in registry.entries()}
+    """Runs on the engine thread: the scheduler's queues and the adapters, as plain data."""
+    names = {entry.adapter_id: entry.name for entry in core.identity.entries()}
 
-    def adapter_names(seqs: Any) -> set[str]:
-        return {names[s.adapter_id] for s in seqs if s.adapter_id != BASE_ADAPTER_ID and s.adapter_id in names}
+    def adapter_names(ids: Any) -> set[str]:
+        return {names[i] for i in ids if i != BASE_ADAPTER_ID and i in names}
 
-    live = registry.live()
-    waiting = adapter_names(core.scheduler.waiting)
+    waiting = adapter_names(s.adapter_id for s in core.scheduler.waiting)
     # A request whose adapter is still loading into host memory waits too, before the scheduler sees it.
-    waiting |= {entry.name for entry in live if entry.loading and entry.refcount > 0}
+    waiting |= adapter_names(core.adapters.loading_for_requests())
     return {
-        "adapters": [(entry.name, entry.state.value, entry.tier) for entry in live],
-        "running_adapters": sorted(adapter_names(core.scheduler.running)),
+        "adapters": [(info["id"], info["state"], info["tier"]) for info in core.adapter_infos()],
+        "running_adapters": sorted(adapter_names(s.adapter_id for s in core.scheduler.running)),
         "waiting_adapters": sorted(waiting),
         "preempted_waiting": sum(1 for s in core.scheduler.waiting if s.num_preemptions > 0),
         "preemptions": int(core.num_preemptions),

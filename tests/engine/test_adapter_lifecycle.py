@@ -79,14 +79,16 @@ def _watch_invariants(engine: AsyncEngine) -> list[str]:
 
     def checked_step():
         deltas = step()
-        host = manager.registry.host_tier()
+        host = manager.host.members()
         if len(host) > HOST_SLOTS:
             violations.append(f"{len(host)} adapters in host memory")
         if len(manager.slots.resident) > GPU_SLOTS:
             violations.append(f"{len(manager.slots.resident)} adapters in GPU slots")
-        for entry in manager.registry.pinned():
-            if entry.gpu_slot is None or entry.gpu_evictions or entry.host_evictions:
-                violations.append(f"pinned {entry.name} left the GPU")
+        for adapter_id in manager.slots.pinned:
+            record = manager.host.get(adapter_id)
+            if (manager.slots.slot_of(adapter_id) is None or record is None or record.weights is None
+                    or record.gpu_evictions or record.host_evictions):
+                violations.append(f"pinned adapter {adapter_id} left the GPU or host memory")
         for seq in core.scheduler.running:
             if seq.adapter_id and manager.slots.slot_of(seq.adapter_id) is None:
                 violations.append(f"running adapter {seq.adapter_id} has no slot")
