@@ -1,11 +1,17 @@
-"""Small helpers the server tests share: raw SSE reading and stream reassembly."""
+"""Small helpers the server tests share: raw SSE reading, stream reassembly, and waiting for a
+`quiver serve` child process to serve."""
 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+
+from tests.eventually import eventually
 
 MESSAGES = [{"role": "user", "content": "Hello world! Tell me about the quick brown fox."}]
 
@@ -35,3 +41,27 @@ def joined_stream(chunks: list[Any]) -> dict[int, str]:
 
 def logprob_bytes(entries: list[Any]) -> bytes:
     return b"".join(bytes(entry.bytes) for entry in entries)
+
+
+def wait_until_serving(base_url: str, process: subprocess.Popen, timeout: float = 60.0,
+                       log: Callable[[], str] = lambda: "") -> str:
+    """`base_url` once its /ready answers 200; fails at once, with `log()`, if `process` exits first."""
+
+    def ready() -> bool:
+        assert process.poll() is None, f"the server exited before it was ready:\n{log()}"
+        try:
+            return httpx.get(f"{base_url}/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    eventually(ready, timeout, f"{base_url}/ready answers 200", interval=0.1)
+    return base_url
+
+
+def refuses_connections(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:`port` any more."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except ConnectionRefusedError:
+        return True
+    return False

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,7 @@ import openai
 import pytest
 
 from server import cli
+from tests.server.helpers import wait_until_serving
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -121,7 +121,7 @@ def test_serve_launches_a_working_server(server_model_dir, server_adapters, tmp_
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        base_url = _wait_ready(process, port)
+        base_url = wait_until_serving(f"http://127.0.0.1:{port}", process, log=lambda: _output(process))
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["cli-base", adapter]
         answer = client.chat.completions.create(model=adapter, messages=[{"role": "user", "content": "hi"}],
@@ -236,7 +236,7 @@ def test_vllm_spellings_launch_a_working_server(server_model_dir, server_adapter
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        base_url = _wait_ready(process, port)
+        base_url = wait_until_serving(f"http://127.0.0.1:{port}", process, log=lambda: _output(process))
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["cli-base", first, second]
         messages = [{"role": "user", "content": "hi"}]
@@ -265,16 +265,5 @@ def test_vllm_spellings_launch_a_working_server(server_model_dir, server_adapter
     assert process.returncode == 0
 
 
-def _wait_ready(process: subprocess.Popen, port: int) -> str:
-    """The base URL of a `quiver serve` child once /ready answers 200 (fails if it exits or takes 60 s)."""
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None, process.stdout.read() if process.stdout else ""
-        assert time.monotonic() < deadline, "the server never became ready"
-        try:
-            if httpx.get(f"{base_url}/ready", timeout=1).status_code == 200:
-                return base_url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+def _output(process: subprocess.Popen) -> str:
+    return process.stdout.read() if process.stdout else ""

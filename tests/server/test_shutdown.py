@@ -16,6 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.eventually import eventually
+from tests.server.helpers import refuses_connections, wait_until_serving
+
 REPO = Path(__file__).resolve().parents[2]
 TOKENS = 800  # about a second of decoding on CPU: the stream is still running when the signal lands
 CUT_TOKENS = 2000  # seconds of decoding: far past the 1 s shutdown timeout the cut test sets
@@ -47,29 +50,10 @@ class Server:
              "--device", "cpu", "--max-model-len", "2048", "--log-format", "json", *flags],
             cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, self.log()
-            assert time.monotonic() < deadline, "the server never became ready"
-            try:
-                if httpx.get(f"{self.base_url}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_until_serving(self.base_url, self.process, log=self.log)
 
     def log(self) -> str:
         return self.log_path.read_text()
-
-    def refuses_connections(self, within: float = 5.0) -> bool:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-            except ConnectionRefusedError:
-                return True
-            time.sleep(0.02)
-        return False
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -108,7 +92,7 @@ def test_sigterm_lets_the_stream_in_flight_finish_and_exits_zero(start: Callable
         payloads = _payloads(stream.iter_lines())
         first = json.loads(next(payloads))
         server.process.send_signal(signal.SIGTERM)
-        assert server.refuses_connections(), "the listening socket stayed open after SIGTERM"
+        eventually(lambda: refuses_connections(server.port), 5, "the listening socket closed after SIGTERM")
         assert server.process.poll() is None, "the server exited with a stream in flight"
         rest = list(payloads)
     assert rest[-1] == "[DONE]"
