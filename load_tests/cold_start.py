@@ -69,7 +69,7 @@ async def first_token_ms(engine: AsyncEngine, rid: str, prompt: list[int], adapt
 
 def timed_slot_copy(core: Any, name: str, slot: int) -> float:
     """Engine thread: copy `name`'s host weights into a free slot, wait for the device; ms."""
-    entry = core.adapters.lookup(name)
+    entry = core.adapters.host.get(core.identity.get(name).adapter_id)
     sync = torch.cuda.synchronize if core.device.type == "cuda" else (lambda: None)
     sync()
     started = time.perf_counter()
@@ -107,9 +107,9 @@ async def measure_tiers(engine: AsyncEngine, root: Path, config: dict, rng: rand
             host.append(ms)
         base = [(await first_token_ms(engine, f"{kind}-base{j}", prompt, None))[0] for j in range(5)]
         copies = [await engine.call(lambda core, n=names[0]: timed_slot_copy(core, n, 7)) for _ in range(20)]
-        size = await engine.call(lambda core, n=names[0]: core.adapters.lookup(n).info().get("size_bytes"))
+        size = (await engine.adapter_info(names[0])).get("size_bytes")
         # Each adapter's disk -> host memory load (read, validate, fold, page-lock, plan), ms.
-        load_ms = [await engine.call(lambda core, n=n: core.adapters.lookup(n).info().get("load_ms")) for n in names]
+        load_ms = [(await engine.adapter_info(n)).get("load_ms") for n in names]
         out[kind] = {
             "size_bytes": size,
             "promote_host_to_gpu_ms": {"p50": statistics.median(copies), "min": min(copies), "max": max(copies)},
@@ -230,8 +230,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         tiers = await measure_tiers(engine, root, config, rng, args.trials)
         # Cold thrash: every adapter on disk at the start.
         for name in thrash_names:
-            await engine.call(lambda core, n=name: core.adapters.register(
-                n, _source(thrash_dir / n), load=False))
+            await engine.call(lambda core, n=name: core.identity.register(n, _source(thrash_dir / n)))
         cold = await thrash(engine, thrash_names, args.thrash_seconds, args.rate, seed=1)
         print("thrash cold", json.dumps(cold), flush=True)
         # Host-warm thrash: all 64 in host memory, 8 GPU slots. The cold run touched only the

@@ -103,7 +103,7 @@ def test_on_demand_adapters_under_load_match_each_request_alone(churn_setup):
             burst = await asyncio.gather(*(_one(engine, rid, p, a) for rid, p, a in work))
             core = engine._core
             runner = core.runner
-            totals = core.adapters.registry.totals()
+            totals = core.adapters.totals()
             lora_version = runner.graphs.lora_version
             repeat = await asyncio.gather(*(_one(engine, rid + "-again", p, a) for rid, p, a in work))
             hits = core.scheduler.block_manager.num_cache_hits
