@@ -55,6 +55,18 @@ class LiveServer:
             raise RuntimeError("the test server did not start: its thread ended")
         return self
 
+    def until_ready(self, timeout: float = 60.0) -> LiveServer:
+        """This server once /ready answers 200 (its engine built in the background); fails at once if the
+        engine failed to load."""
+
+        def ready() -> bool:
+            assert self.state.load_error is None, self.state.load_error
+            with self.http() as http:
+                return http.get("/ready").status_code == 200
+
+        eventually(ready, timeout, "/ready answers 200", interval=0.05)
+        return self
+
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(15)

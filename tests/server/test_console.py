@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -162,12 +161,7 @@ def console_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSer
                               base_model=str(demo.model_dir), model_name=DEMO_MODEL_NAME, poll_interval=0.1,
                               env={"OMP_NUM_THREADS": "1"})
     live = LiveServer(create_app(state, stateful=stateful, api_key=API_KEY, admin_key=ADMIN_KEY)).start()
-    deadline = time.monotonic() + 60
-    with live.http() as client:
-        while client.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline and live.state.load_error is None, live.state.load_error
-            time.sleep(0.05)
-    yield live
+    yield live.until_ready()
     live.stop()
 
 

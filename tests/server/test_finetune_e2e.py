@@ -7,7 +7,6 @@ worker thread after the server listens, and every call goes through the real ope
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from server.admin.adapters import adapter_routes
 from server.app import create_app
 from server.state import ServerState
 from server.wiring import build_stateful
+from tests.eventually import eventually
 from tests.server.conftest import LiveServer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "training" / "examples" / "json_answers.jsonl"
@@ -41,13 +41,13 @@ def _start(jobs_dir: Path) -> LiveServer:
     state = ServerState(engine_factory=build)
     stateful = build_stateful(state, adapter_routes(state), jobs_dir=jobs_dir, base_model=str(demo.model_dir),
                               model_name=DEMO_MODEL_NAME, poll_interval=0.1, env={"OMP_NUM_THREADS": "1"})
-    live = LiveServer(create_app(state, stateful=stateful)).start()
-    deadline = time.monotonic() + 60
-    with live.http() as http:
-        while http.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline and live.state.load_error is None, live.state.load_error
-            time.sleep(0.05)
-    return live
+    return LiveServer(create_app(state, stateful=stateful)).start().until_ready()
+
+
+def _finished(client: OpenAI, job_id: str) -> object:
+    """The job once it ended (succeeded, failed or cancelled), else None."""
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    return job if job.status in ("succeeded", "failed", "cancelled") else None
 
 
 def _answer(client: OpenAI, model: str, question: str) -> str:
@@ -85,11 +85,7 @@ def trained(server: Callable[[], LiveServer]) -> dict[str, object]:
         uploaded = client.files.create(file=handle, purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=DEMO_MODEL_NAME, training_file=uploaded.id, seed=1,
                                          hyperparameters=HYPERPARAMETERS)  # type: ignore[arg-type]
-    deadline = time.monotonic() + 150
-    while job.status not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, f"job still {job.status}"
-        time.sleep(0.2)
-        job = client.fine_tuning.jobs.retrieve(job.id)
+    job = eventually(lambda: _finished(client, job.id), 150, "the job finished", interval=0.2)
     assert job.status == "succeeded", job.error
     return {"live": live, "client": client, "job": job}
 

@@ -19,21 +19,22 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from engine.demo import default_cache_dir, ensure_demo_bundle
+from tests.eventually import eventually
+from tests.server.helpers import wait_until_serving
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "training" / "examples" / "json_answers.jsonl"
 
+# Run by the seekrai interpreter after the text of tests/eventually.py, whose `eventually` it polls with.
 CLIENT = r'''
-import json, sys, time
+import json, sys
 from seekrai import SeekrFlow
 from seekrai.error import InvalidRequestError
 from seekrai.types import InfrastructureConfig, LoRAConfig, TrainingConfig
@@ -56,11 +57,13 @@ if phase == "train":
                                    infrastructure_config=InfrastructureConfig(accel_type="H100", n_accel=1))
     out["created_status"] = ft.status.value
     seen = [ft.status.value]
-    deadline = time.monotonic() + 120
-    while ft.status.value not in ("completed", "failed", "cancelled") and time.monotonic() < deadline:
-        time.sleep(0.3)
-        ft = client.fine_tuning.retrieve(ft.id)
+
+    def finished(ft_id=ft.id):
+        ft = client.fine_tuning.retrieve(ft_id)
         seen.append(ft.status.value)
+        return ft if ft.status.value in ("completed", "failed", "cancelled") else None
+
+    ft = eventually(finished, 120, "the fine-tune finished", interval=0.3)
     out.update(statuses=seen, fine_tune=ft.model_dump(mode="json"), events=events(ft.id))
     # SeekrFlow's loss-plot snippet, as its documentation writes it (less the plotting library).
     events = client.fine_tuning.list_events(ft.id).data
@@ -160,16 +163,7 @@ class _Server:
         log = open(self.home / "server.log", "ab")  # noqa: SIM115 - the child owns it while it runs
         self._proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        deadline = time.monotonic() + 90
-        while True:
-            assert self._proc.poll() is None, f"the server exited:\n{self.log()}"
-            assert time.monotonic() < deadline, f"the server did not become ready:\n{self.log()}"
-            try:
-                if httpx.get(f"{self.base_url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_until_serving(self.base_url, self._proc, 90, self.log)
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -196,7 +190,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Server]:
 
 def _run(python: str, phase: str, server: _Server, tmp_path: Path, state: dict[str, Any]) -> dict[str, Any]:
     script, state_file = tmp_path / "flow.py", tmp_path / f"{phase}-state.json"
-    script.write_text(CLIENT)
+    script.write_text((REPO / "tests" / "eventually.py").read_text() + CLIENT)
     state_file.write_text(json.dumps(state))
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), "SEEKR_DISABLE_TQDM": "1"}
     done = subprocess.run([python, str(script), phase, server.base_url, str(EXAMPLES), str(state_file)],
@@ -301,11 +295,9 @@ def test_the_seekrflow_loss_plot_snippet_reads_a_finished_jobs_events(
         upload = manager.files.add("train.jsonl", io.BytesIO(f"{row}\n".encode() * 8), "fine-tune")
         job = manager.create_job(model="tiny", training_file=upload.id,
                                  hyperparameters={"n_epochs": 2, "batch_size": 4, "save_total_limit": 0})
-        deadline = time.monotonic() + 90
-        while manager.get_job(job["id"])["status"] not in ("succeeded", "failed", "cancelled"):
-            assert time.monotonic() < deadline, manager.get_job(job["id"])
-            time.sleep(0.05)
-        assert manager.get_job(job["id"])["status"] == "succeeded", manager.get_job(job["id"])["error"]
+        ended = eventually(lambda: (j := manager.get_job(job["id"]))["status"] in ("succeeded", "failed", "cancelled")
+                           and j, 90, "the job finished", interval=0.05)
+        assert ended["status"] == "succeeded", ended["error"]
         newest_first, _ = manager.list_events(job["id"], None, 1000)
     finally:
         manager.close()
