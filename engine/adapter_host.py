@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters.registry import AdapterRef
+from adapters.registry import AdapterRef, AdapterState
 from adapters.sources import AdapterSource
 
 _tick = itertools.count(1)
@@ -118,6 +118,25 @@ class HostTier:
         if not idle:
             return None
         return min(idle, key=lambda r: (on_gpu(r.adapter_id), r.lru))
+
+    def residency(self, ref: AdapterRef, slot: int | None, pinned: bool) -> dict[str, Any]:
+        """The adapter's state, tier and what its loads taught, given its `slot` and pin (the slot table's)."""
+        r = self._records.get(ref.adapter_id) or HostRecord(ref.adapter_id, ref.name, ref.source)
+        if slot is not None:
+            state = AdapterState.PINNED if pinned else AdapterState.GPU
+        elif r.loading:
+            state = AdapterState.LOADING
+        else:
+            state = AdapterState.HOST if r.weights is not None else AdapterState.REGISTERED
+        tier = "gpu" if slot is not None else "host" if r.weights is not None else (
+            "hub" if ref.source.kind == "hub" and r.path is None else "disk")
+        return {
+            "state": state.value, "tier": tier, "pinned": pinned, "rank": r.rank, "targets": list(r.targets),
+            "size_bytes": r.size_bytes, "base_model": r.base_model, "last_used": r.last_used, "loads": r.loads,
+            "gpu_loads": r.gpu_loads, "gpu_evictions": r.gpu_evictions, "host_evictions": r.host_evictions,
+            "load_ms": {tier: round(seconds * 1e3, 3) for tier, seconds in r.load_seconds.items()},
+            "warnings": list(r.warnings),
+        }
 
     def totals(self) -> dict[str, float]:
         return {

@@ -29,7 +29,7 @@ from typing import Any
 
 from adapters.errors import AdapterError
 from adapters.loader import LoadedAdapter, LoadPolicy, load_from_source
-from adapters.registry import AdapterRef, AdapterState, PinLimitError
+from adapters.registry import AdapterRef
 from engine.adapter_host import HostRecord, HostTier
 from engine.adapter_slots import AdapterSlotTable, SlotLoad
 from engine.errors import AdapterFailedError, AdapterUnavailableError, UnknownAdapterError
@@ -171,7 +171,7 @@ class AdapterManager:
     # ------------------------------------------------------------------------ admin
     def promote(self, ref: AdapterRef) -> Future[None]:
         """Pin the adapter; the future resolves when it sits in a GPU slot (PinLimitError: 409)."""
-        self._check_can_pin(ref)
+        self.slots.check_can_pin(ref.adapter_id, ref.name, self._name_of)
         record = self.host.ensure(ref)
         self.slots.pin(ref.adapter_id)
         done: Future[None] = Future()
@@ -199,8 +199,7 @@ class AdapterManager:
     def forget(self, adapter_id: int) -> None:
         """The adapter was deleted and its last request ended: free its host copy and slot."""
         record = self.host.get(adapter_id)
-        name = record.name if record is not None else str(adapter_id)
-        self.unpin(adapter_id, UnknownAdapterError(name))
+        self.unpin(adapter_id, UnknownAdapterError(self._name_of(adapter_id)))
         if record is None:
             self.slots.remove(adapter_id)
             return
@@ -220,27 +219,7 @@ class AdapterManager:
     # ------------------------------------------------------------------------ reads
     def residency(self, ref: AdapterRef) -> dict[str, Any]:
         """Where the adapter is and what its loads taught (the registry adds identity for the admin API)."""
-        record = self.host.get(ref.adapter_id)
-        slot = self.slots.slot_of(ref.adapter_id)
-        pinned = self.slots.is_pinned(ref.adapter_id)
-        weights = record is not None and record.weights is not None
-        if slot is not None:
-            state = AdapterState.PINNED if pinned else AdapterState.GPU
-        elif record is not None and record.loading:
-            state = AdapterState.LOADING
-        else:
-            state = AdapterState.HOST if weights else AdapterState.REGISTERED
-        fetched = record is not None and record.path is not None
-        tier = "gpu" if slot is not None else "host" if weights else (
-            "hub" if ref.source.kind == "hub" and not fetched else "disk")
-        r = record or HostRecord(ref.adapter_id, ref.name, ref.source)
-        return {
-            "state": state.value, "tier": tier, "pinned": pinned, "rank": r.rank, "targets": list(r.targets),
-            "size_bytes": r.size_bytes, "base_model": r.base_model, "last_used": r.last_used, "loads": r.loads,
-            "gpu_loads": r.gpu_loads, "gpu_evictions": r.gpu_evictions, "host_evictions": r.host_evictions,
-            "load_ms": {tier: round(seconds * 1e3, 3) for tier, seconds in r.load_seconds.items()},
-            "warnings": list(r.warnings),
-        }
+        return self.host.residency(ref, self.slots.slot_of(ref.adapter_id), self.slots.is_pinned(ref.adapter_id))
 
     def loading_for_requests(self) -> set[int]:
         """Ids whose host load a request is waiting for (they wait before the scheduler sees them)."""
@@ -380,22 +359,9 @@ class AdapterManager:
         record.load_seconds["host"] = seconds
         self.host.count(record, "gpu_loads")
 
-    def _check_can_pin(self, ref: AdapterRef) -> None:
-        """One slot always stays unpinned, or adapters that are not pinned could never run."""
-        num_slots = self.slots.num_slots
-        others = self.slots.pinned - {ref.adapter_id}
-        if self.slots.is_pinned(ref.adapter_id) or len(others) + 1 <= num_slots - 1:
-            return
-        if num_slots == 1:
-            raise PinLimitError(
-                f"cannot promote {ref.name!r}: the server has a single GPU adapter slot, which must stay "
-                "free for unpinned adapters; restart with more GPU adapter slots to pin adapters"
-            )
-        names = sorted(r.name for r in map(self.host.get, others) if r is not None)
-        raise PinLimitError(
-            f"cannot promote {ref.name!r}: {len(others)} of the {num_slots} GPU adapter slots are pinned "
-            f"({', '.join(names)}) and one must stay free for unpinned adapters; demote one first"
-        )
+    def _name_of(self, adapter_id: int) -> str:
+        record = self.host.get(adapter_id)
+        return record.name if record is not None else str(adapter_id)
 
     # --------------------------------------------------------------------- removal
     def _drop(self, record: HostRecord) -> None:

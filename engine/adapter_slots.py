@@ -8,7 +8,10 @@ copies weights into the slot buffers at step boundaries.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from adapters.registry import PinLimitError
 
 
 class NoFreeSlotError(RuntimeError):
@@ -51,6 +54,23 @@ class AdapterSlotTable:
 
     def is_pinned(self, adapter_id: int) -> bool:
         return adapter_id in self._pinned
+
+    def check_can_pin(self, adapter_id: int, name: str, name_of: Callable[[int], str]) -> None:
+        """PinLimitError unless one slot stays unpinned after pinning `adapter_id` (named `name`):
+        else adapters that are not pinned could never run. `name_of` names the pinned ones."""
+        others = self._pinned - {adapter_id}
+        if adapter_id in self._pinned or len(others) + 1 <= self.num_slots - 1:
+            return
+        if self.num_slots == 1:
+            raise PinLimitError(
+                f"cannot promote {name!r}: the server has a single GPU adapter slot, which must stay "
+                "free for unpinned adapters; restart with more GPU adapter slots to pin adapters"
+            )
+        pinned = ", ".join(sorted(map(name_of, others)))
+        raise PinLimitError(
+            f"cannot promote {name!r}: {len(others)} of the {self.num_slots} GPU adapter slots are pinned "
+            f"({pinned}) and one must stay free for unpinned adapters; demote one first"
+        )
 
     def pin(self, adapter_id: int) -> None:
         """Pinned: never evicted, and given a slot by `place` (a pin may wait for its slot)."""

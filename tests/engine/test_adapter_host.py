@@ -68,3 +68,20 @@ def test_counters_are_per_adapter_and_survive_its_record() -> None:
     totals = host.totals()
     assert totals["adapter_loads"] == 1 and totals["adapter_gpu_loads"] == 1 and totals["adapter_load_failures"] == 1
     assert totals["adapter_load_seconds"] == 0.5 and totals["adapters_host"] == 0
+
+
+def test_residency_follows_the_record_and_the_slot_it_is_given() -> None:
+    host = HostTier(max_host=4)
+    hub = AdapterRef("h", 7, AdapterSource("hub", "org/h"))
+    assert host.residency(hub, None, False)["state"] == "registered", "a record is not needed"
+    assert host.residency(hub, None, False)["tier"] == "hub"
+    record = host.ensure(hub)
+    record.loading = True
+    assert (host.residency(hub, None, False)["state"], host.get(7)) == ("loading", record)
+    host.install(record, _weights(), Path("/cache/h"), [], seconds=0.002)
+    assert [host.residency(hub, slot, pinned)["state"] for slot, pinned in ((None, False), (0, False), (0, True))] \
+        == ["host", "gpu", "pinned"]
+    record.weights = None
+    residency = host.residency(hub, None, True)
+    assert (residency["state"], residency["tier"], residency["pinned"]) == ("registered", "disk", True)
+    assert residency["rank"] == 4 and residency["load_ms"] == {"disk": 2.0}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from adapters.registry import PinLimitError
 from engine.adapter_slots import AdapterSlotTable, NoFreeSlotError, SlotLoad
 
 
@@ -38,3 +39,16 @@ def test_a_pin_waits_for_its_slot_and_survives_a_vacated_one() -> None:
     table.pin(6)
     table.unpin(6)
     assert table.pinned == frozenset() and table.remove(6) is None
+
+
+def test_pinning_always_leaves_one_slot_unpinned() -> None:
+    table = AdapterSlotTable(4)
+    names = {1: "a", 2: "b", 3: "c", 4: "d"}
+    for adapter_id in (1, 2, 3):
+        table.check_can_pin(adapter_id, names[adapter_id], names.__getitem__)
+        table.pin(adapter_id)
+    table.check_can_pin(1, "a", names.__getitem__)  # already pinned: fine
+    with pytest.raises(PinLimitError, match=r"cannot promote 'd': 3 of the 4 GPU adapter slots are pinned \(a, b, c\)"):
+        table.check_can_pin(4, "d", names.__getitem__)
+    with pytest.raises(PinLimitError, match="single GPU adapter slot"):
+        AdapterSlotTable(1).check_can_pin(1, "a", names.__getitem__)
