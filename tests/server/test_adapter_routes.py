@@ -212,10 +212,15 @@ def test_promote_demote_delete_under_traffic(env: Env) -> None:
     names = [*GOOD, None]
     deleted_at: list[float] = []
 
+    victim_served = threading.Event()
+
     def one(i: int) -> tuple[str | None, float, httpx.Response]:
         name = victim if i % 3 == 0 else names[i % len(names)]
         started = time.monotonic()
-        return name, started, _complete(env.http, name)
+        response = _complete(env.http, name)
+        if name == victim and response.status_code == 200:
+            victim_served.set()
+        return name, started, response
 
     with ThreadPoolExecutor(6) as pool:
         traffic = [pool.submit(one, i) for i in range(48)]
@@ -226,7 +231,7 @@ def test_promote_demote_delete_under_traffic(env: Env) -> None:
         refused = env.http.post("/v1/adapters/good-2/promote")
         assert refused.status_code == 409
         assert "2 of the 3 GPU adapter slots are pinned (good-0, good-1)" in refused.json()["error"]["message"]
-        time.sleep(0.1)
+        assert victim_served.wait(30), "the victim never served"  # the delete lands in the victim's traffic
         deleted = env.http.delete(f"/v1/adapters/{victim}")
         deleted_at.append(time.monotonic())
         assert deleted.status_code == 200 and deleted.json()["deleted"] is True

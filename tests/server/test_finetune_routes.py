@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from server.app import create_app
 from server.finetune.routes import FORM_OVERHEAD_BYTES, finetune_routes
 from server.state import ServerState
 from server.wiring import build_stateful
+from tests.eventually import eventually
 from tests.server.conftest import LiveServer
 from training.jobs import JobManager
 
@@ -134,10 +134,9 @@ def test_a_job_from_upload_to_adapter(client, live) -> None:
                                                                           "lora_rank": 2}}},
     )
     assert job.status == "validating_files" and job.hyperparameters.n_epochs == 2
-    deadline = time.monotonic() + 90
-    while job.status not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
-        time.sleep(0.1)
-        job = client.fine_tuning.jobs.retrieve(job.id)
+    job = eventually(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed",
+                                                                                         "cancelled") and j,
+                     90, "the job finished", interval=0.1)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft-{job.id}" and job.trained_tokens and job.finished_at
     assert job.method.supervised.hyperparameters.batch_size == 2
