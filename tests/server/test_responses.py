@@ -1,7 +1,8 @@
-"""POST /v1/responses (and retrieve, delete, input items) through the real `openai` client against a live
-server: answers equal the chat path's for the same conversation, streamed events come in the order the
-SDK's accumulator expects, stored responses continue conversations (also after a restart), and what is
-not supported is a 400 naming it."""
+"""POST /v1/responses (and retrieve, delete, input items) through the real `openai` client: answers equal
+the chat path's for the same conversation, streamed events come in the order the SDK's accumulator
+expects, stored responses continue conversations (also after a restart), and what is not supported is a
+400 naming it. Refusals, budgets and stored items are checked in-process over the fake engine (its store
+a file per test); answers, formats and tools against a live server on the real engine."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from server.openai.responses_output import ResponseBuilder, ResponseDraft
 from server.state import ServerState
 from server.store import Store
 from tests.eventually import eventually
-from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME, LiveServer, engine_config
+from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME, InProcessApp, LiveServer, engine_config
 
 PROMPT = "Hello world! Tell me about the quick brown fox."
 
@@ -62,6 +63,19 @@ def live(start_responses_server: Callable[..., LiveServer], tmp_path_factory: py
 @pytest.fixture(scope="module")
 def client(live: LiveServer) -> openai.OpenAI:
     return live.client()
+
+
+@pytest.fixture
+def fake_responses(fake_app: Callable[..., InProcessApp], tmp_path: Path) -> Iterator[InProcessApp]:
+    """The Responses routes over a store, in-process over the fake engine."""
+    store = Store(tmp_path / "state.sqlite3")
+    yield fake_app(routes=lambda state: responses_routes(store))
+    store.close()
+
+
+@pytest.fixture
+def fake_client(fake_responses: InProcessApp) -> openai.OpenAI:
+    return fake_responses.client()
 
 
 def _create(client: openai.OpenAI, **kwargs: Any) -> Response:
@@ -120,17 +134,17 @@ def test_adapters_and_item_lists_render_as_chat(client: openai.OpenAI, model: st
     assert base.output_text != adapted.output_text
 
 
-def test_max_output_tokens_cuts_to_incomplete(client: openai.OpenAI) -> None:
-    response = _create(client, input=PROMPT, max_output_tokens=2)
+def test_max_output_tokens_cuts_to_incomplete(fake_client: openai.OpenAI) -> None:
+    response = _create(fake_client, input=PROMPT, max_output_tokens=2)
     assert response.status == "incomplete"
     assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
     assert response.usage.output_tokens == 2 and response.output[0].status == "incomplete"
 
 
-def test_metadata_and_user_are_echoed(client: openai.OpenAI) -> None:
-    response = _create(client, input=PROMPT, metadata={"team": "archery"}, user="u-1", max_output_tokens=1)
+def test_metadata_and_user_are_echoed(fake_client: openai.OpenAI) -> None:
+    response = _create(fake_client, input=PROMPT, metadata={"team": "archery"}, user="u-1", max_output_tokens=1)
     assert response.metadata == {"team": "archery"} and response.user == "u-1"
-    assert client.responses.retrieve(response.id).metadata == {"team": "archery"}
+    assert fake_client.responses.retrieve(response.id).metadata == {"team": "archery"}
 
 
 # ---- structured outputs --------------------------------------------------------------------
@@ -162,9 +176,9 @@ def test_json_object_format_is_chats_json_object(client: openai.OpenAI) -> None:
     assert _create(client, input=PROMPT, max_output_tokens=24).output_text != text
 
 
-def test_bad_schema_names_text_format(client: openai.OpenAI) -> None:
+def test_bad_schema_names_text_format(fake_client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as error:
-        _create(client, input=PROMPT, text={"format": {"type": "json_schema", "name": "bad",
+        _create(fake_client, input=PROMPT, text={"format": {"type": "json_schema", "name": "bad",
                                                        "schema": {"type": "strin"}}})
     assert error.value.body["param"] == "text.format"
 
@@ -250,33 +264,33 @@ def test_previous_response_id_continues_the_conversation(client: openai.OpenAI) 
     assert third.output_text == text
 
 
-def test_retrieve_input_items_and_delete(client: openai.OpenAI) -> None:
-    response = _create(client, input=[{"role": "user", "content": "one"}, {"role": "user", "content": "two"}])
-    assert client.responses.retrieve(response.id).model_dump() == response.model_dump()
-    items = client.responses.input_items.list(response.id, order="asc")
+def test_retrieve_input_items_and_delete(fake_client: openai.OpenAI) -> None:
+    response = _create(fake_client, input=[{"role": "user", "content": "one"}, {"role": "user", "content": "two"}])
+    assert fake_client.responses.retrieve(response.id).model_dump() == response.model_dump()
+    items = fake_client.responses.input_items.list(response.id, order="asc")
     assert [item.content[0].text for item in items.data] == ["one", "two"]
     assert all(item.id.startswith("msg_") and item.type == "message" for item in items.data)
-    newest = client.responses.input_items.list(response.id, limit=1)
+    newest = fake_client.responses.input_items.list(response.id, limit=1)
     assert [item.content[0].text for item in newest.data] == ["two"] and newest.has_more
-    client.responses.delete(response.id)
+    fake_client.responses.delete(response.id)
     with pytest.raises(openai.NotFoundError):
-        client.responses.retrieve(response.id)
+        fake_client.responses.retrieve(response.id)
     with pytest.raises(openai.NotFoundError) as error:
-        _create(client, input="again", previous_response_id=response.id)
+        _create(fake_client, input="again", previous_response_id=response.id)
     assert error.value.body["param"] == "previous_response_id"
 
 
-def test_store_false_is_not_kept(client: openai.OpenAI) -> None:
-    response = _create(client, input=PROMPT, store=False, max_output_tokens=1)
+def test_store_false_is_not_kept(fake_client: openai.OpenAI) -> None:
+    response = _create(fake_client, input=PROMPT, store=False, max_output_tokens=1)
     assert response.store is False
     with pytest.raises(openai.NotFoundError):
-        client.responses.retrieve(response.id)
+        fake_client.responses.retrieve(response.id)
 
 
 @pytest.mark.parametrize("call", ["retrieve", "delete", "input_items"])
-def test_unknown_id_is_404_in_the_envelope(live: LiveServer, call: str) -> None:
+def test_unknown_id_is_404_in_the_envelope(fake_responses: InProcessApp, call: str) -> None:
     path = "/v1/responses/resp_missing" + ("/input_items" if call == "input_items" else "")
-    with live.http() as http:
+    with fake_responses.http() as http:
         answer = http.delete(path) if call == "delete" else http.get(path)
     assert answer.status_code == 404
     error = answer.json()["error"]
@@ -324,29 +338,30 @@ def test_stored_responses_survive_a_restart(start_responses_server: Callable[...
     ({"max_output_tokens": 10_000}, "max_output_tokens"),
     ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
 ])
-def test_unsupported_or_invalid_fields_are_400s_naming_them(live: LiveServer, fields: dict[str, Any],
+def test_unsupported_or_invalid_fields_are_400s_naming_them(fake_responses: InProcessApp, fields: dict[str, Any],
                                                             param: str) -> None:
     body = {"model": MODEL_NAME, "input": PROMPT, "max_output_tokens": 4, **fields}
-    with live.http() as http:
+    with fake_responses.http() as http:
         answer = http.post("/v1/responses", json=body)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param
 
 
-def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+def test_unknown_model_is_404(fake_client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as error:
-        _create(client, model="no-such-adapter", input=PROMPT)
+        _create(fake_client, model="no-such-adapter", input=PROMPT)
     assert error.value.body["code"] == "model_not_found"
 
 
-def test_max_output_tokens_over_the_ceiling_is_refused(start_responses_server: Callable[..., LiveServer],
-                                                       tmp_path: Path) -> None:
-    capped = start_responses_server(tmp_path / "state.sqlite3", limits=Limits(max_tokens=4))
+def test_max_output_tokens_over_the_ceiling_is_refused(fake_app: Callable[..., InProcessApp], tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.sqlite3")
+    capped = fake_app(routes=lambda state: responses_routes(store), limits=Limits(max_tokens=4))
     with pytest.raises(openai.BadRequestError) as error:
         _create(capped.client(), input=PROMPT, max_output_tokens=5)
     assert error.value.body["param"] == "max_output_tokens"
     assert _create(capped.client(), input=PROMPT, max_output_tokens=4).usage.output_tokens <= 4
-    capped.stop()
+    assert capped.engine.requests[-1].params.max_tokens == 4
+    store.close()
 
 
 # ---- the builder's failure events ----------------------------------------------------------
