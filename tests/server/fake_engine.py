@@ -2,7 +2,7 @@
 calls (server/state.py), with no weights and no engine thread.
 
 It generates: each model answers a fixed sentence (an adapter's starts with its name in brackets,
-so a test sees which model answered), one token per delta, through the engine's own incremental
+so a test sees which model answered; `answers` sets another text per model), one token per delta, through the engine's own incremental
 detokenizer (stop strings and held-back text behave as the real engine's), then the EOS token
 (`finish_reason` "stop"), or "length" at `max_tokens` or the end of the context. Logprobs are
 made up but well formed (the chosen token first among its alternatives, sorted, all below 0).
@@ -82,6 +82,7 @@ class FakeEngine:
         self.fail_message = "the device fell over"
         self.gate = threading.Event()
         self.gate.set()
+        self.answers: dict[str | None, str] = {}  # model (None: the base) -> what it answers instead
         self.requests: list[FakeRequest] = []
         self.aborted: list[str] = []
         self.started = False
@@ -134,7 +135,8 @@ class FakeEngine:
                                prompt_logprobs=prompt_scores)
             return
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params.stop)
-        answer = list(self.tokenizer.encode(answer_of(adapter), add_special_tokens=False))
+        text = self.answers.get(adapter, answer_of(adapter))
+        answer = list(self.tokenizer.encode(text, add_special_tokens=False))
         terminal = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         eos = min(self.eos_token_ids)
         produced = 0

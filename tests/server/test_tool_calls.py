@@ -1,4 +1,6 @@
-"""Tool calling on /v1/chat/completions through the real `openai` client against a live server."""
+"""Tool calling on /v1/chat/completions through the real `openai` client. What reaches the chat template,
+refusals, and answers parsed into calls are checked in-process over the fake engine; calls forced by a
+grammar, and agents that use them, against a live server on the real engine."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from server.openai.schemas import ChatCompletionRequest
 from server.openai.tools import parser_for, plan_tools
 from server.state import ServerState
 from tests.factories import build_tokenizer
-from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME, LiveServer, engine_config
+from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME, LiveServer, engine_config, fake_engine
 
 WEATHER_PARAMETERS = {
     "type": "object",
@@ -157,7 +159,14 @@ def _bad_request(client, **kwargs):
     return caught.value
 
 
-def test_bad_tool_requests_are_400s_naming_the_problem(client):
+@pytest.fixture
+def fake_tools(fake_app):
+    """In-process over the fake engine, with room for the tools' system prompt (the tiny tokenizer is wordy)."""
+    return fake_app(fake_engine(max_model_len=2048))
+
+
+def test_bad_tool_requests_are_400s_naming_the_problem(fake_tools):
+    client = fake_tools.client()
     error = _bad_request(client, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_mood"}})
     assert error.status_code == 400 and "get_mood" in error.message and error.body["param"] == "tool_choice"
     error = _bad_request(client, tool_choice="required")
@@ -175,27 +184,20 @@ def test_bad_tool_requests_are_400s_naming_the_problem(client):
     assert "messages[1].tool_calls[0].function.arguments" in error.message
 
 
-def _recorded_prompts(live, monkeypatch):
-    prompts: list[str] = []
-    generate = live.engine.generate
-
-    def recording(request_id, prompt_token_ids, *args, **kwargs):
-        prompts.append(live.engine.tokenizer.decode(prompt_token_ids))
-        return generate(request_id, prompt_token_ids, *args, **kwargs)
-
-    monkeypatch.setattr(live.engine, "generate", recording)
-    return prompts
+def _prompts(app) -> list[str]:
+    """The prompts the engine was asked to continue, as text."""
+    return [app.engine.tokenizer.decode(request.prompt_token_ids) for request in app.engine.requests]
 
 
-def test_tool_calls_and_results_in_the_conversation_reach_the_template(live, client, monkeypatch):
-    prompts = _recorded_prompts(live, monkeypatch)
+def test_tool_calls_and_results_in_the_conversation_reach_the_template(fake_tools):
+    client = fake_tools.client()
     history = [*MESSAGES,
                {"role": "assistant", "content": None, "tool_calls": [
                    {"id": "call_7", "type": "function",
                     "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
                {"role": "tool", "tool_call_id": "call_7", "content": '{"forecast": "sunny"}'}]
     client.chat.completions.create(model=MODEL_NAME, messages=history, tools=TOOLS, max_tokens=3)
-    (prompt,) = prompts
+    (prompt,) = _prompts(fake_tools)
     # The tiny model's ChatML template takes no tools: they come in the fallback system prompt, the
     # earlier call in the Hermes format and its result as a tool response.
     assert prompt.startswith("<|im_start|>system\n# Tools") and '"name": "get_time"' in prompt
@@ -204,13 +206,35 @@ def test_tool_calls_and_results_in_the_conversation_reach_the_template(live, cli
     assert '<|im_start|>user\n<tool_response>\n{"forecast": "sunny"}\n</tool_response><|im_end|>' in prompt
 
 
-def test_none_offers_no_tools_and_never_yields_calls(live, client, monkeypatch):
-    prompts = _recorded_prompts(live, monkeypatch)
-    response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice="none",
-                                              max_tokens=20, seed=0)
-    assert "get_weather" not in prompts[0] and "<tool_call>" not in prompts[0]
-    assert response.choices[0].message.tool_calls is None
-    assert response.choices[0].finish_reason in ("stop", "length")
+def test_none_offers_no_tools_and_never_yields_calls(fake_tools):
+    fake_tools.engine.answers[None] = HERMES_CALL  # even an answer that looks like a call stays text
+    response = fake_tools.client().chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS,
+                                                           tool_choice="none", max_tokens=200, seed=0)
+    (prompt,) = _prompts(fake_tools)
+    assert "get_weather" not in prompt and "<tool_call>" not in prompt
+    assert response.choices[0].message.tool_calls is None and response.choices[0].message.content == HERMES_CALL
+    assert response.choices[0].finish_reason == "stop"
+
+
+HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+
+
+def test_an_answer_in_the_models_call_format_becomes_tool_calls_whole_and_streamed(fake_tools):
+    fake_tools.engine.answers[None] = f"Let me look.\n{HERMES_CALL}"
+    client = fake_tools.client()
+    kwargs = dict(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, max_tokens=200)
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content.strip() == "Let me look."
+    (call,) = whole.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    assert chunks[0].choices[0].delta.content is None  # with tools offered, the opening has no content
+    deltas = [d for c in chunks for ch in c.choices for d in (ch.delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Paris", "unit": "celsius"}
+    assert "".join(ch.delta.content or "" for c in chunks for ch in c.choices).strip() == "Let me look."
+    assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["tool_calls"]
 
 
 NATIVE_TEMPLATE = (
