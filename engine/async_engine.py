@@ -132,8 +132,8 @@ class AsyncEngine:
         return self._adapters.has(name) or self._adapters.find(name) is not None
 
     async def find_adapter(self, name: str) -> bool:
-        """`has_adapter` without reading the disk on the event loop (the root is looked at on a
-        worker thread, and only for a name not registered)."""
+        """`has_adapter` without reading the disk on the event loop: a name not registered is looked
+        for under the adapter root on a worker thread (and registered when found there)."""
         return self._adapters.has(name) or await asyncio.to_thread(self._adapters.discover, name) is not None
 
     async def add_adapter(self, name: str, path: Path | str) -> int:
