@@ -1,7 +1,7 @@
 """One host load: fetch an adapter's files, validate them against the base model, fold the weights.
 
 Runs on a loader thread (it reads disk or the network); the result is handed to the engine
-thread, which alone changes the registry.
+thread, which alone changes what is resident (engine/adapter_host.py, engine/adapter_slots.py).
 """
 
 from __future__ import annotations
