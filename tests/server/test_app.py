@@ -66,21 +66,9 @@ def _assert_refs_resolve(node, document) -> None:
             _assert_refs_resolve(value, document)
 
 
-def test_health_fails_when_the_engine_thread_has_died():
-    import asyncio
-    from types import SimpleNamespace
-
-    import httpx
-
-    from server.app import create_app
-    from server.state import ServerState
-
-    async def probe(failure):
-        state = ServerState(engine=SimpleNamespace(failure=failure))  # not started: no lifespan here
-        app = create_app(state)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
-            return await http.get("/health")
-
-    assert asyncio.run(probe(None)).status_code == 200
-    dead = asyncio.run(probe("WorkerDiedError: tensor-parallel worker 1 exited"))
+def test_health_fails_when_the_engine_thread_has_died(fake):
+    with fake.http() as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        fake.engine.died = "WorkerDiedError: tensor-parallel worker 1 exited"
+        dead = http.get("/health")
     assert dead.status_code == 503 and "worker 1" in dead.json()["reason"]
