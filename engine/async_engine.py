@@ -131,6 +131,10 @@ class AsyncEngine:
         `find_adapter`."""
         return self._adapters.has(name) or self._adapters.find(name) is not None
 
+    def is_registered(self, name: str) -> bool:
+        """Whether `name` is registered: memory only, never the disk."""
+        return self._adapters.has(name)
+
     async def find_adapter(self, name: str) -> bool:
         """`has_adapter` without reading the disk on the event loop: a name not registered is looked
         for under the adapter root on a worker thread (and registered when found there)."""

@@ -62,6 +62,10 @@ class EngineClient(Protocol):
 
     def has_adapter(self, name: str) -> bool: ...
 
+    def is_registered(self, name: str) -> bool: ...
+
+    async def find_adapter(self, name: str) -> bool: ...
+
     async def add_adapter(self, name: str, path: Path | str) -> int: ...
 
     async def register_adapter(self, name: str, source: str) -> dict[str, Any]: ...
@@ -145,11 +149,25 @@ class ServerState:
             raise not_ready()
         return self.engine
 
+    async def discover(self, requested: object) -> None:
+        """Register `requested` if it names an adapter copied into the adapter root since it was
+        last read (the lookup reads the disk, on a worker thread). Call before `resolve_model`."""
+        engine = self.engine
+        if engine is None or not isinstance(requested, str) or not requested or requested == engine.model_name:
+            return
+        if not engine.is_registered(requested):
+            await engine.find_adapter(requested)
+
+    async def discover_in(self, body: object) -> None:
+        """`discover` for the `model` field of a parsed JSON body, if it has one."""
+        await self.discover(body.get("model") if isinstance(body, dict) else None)
+
     def resolve_model(self, requested: str | None) -> str | None:
-        """The adapter a `model` field names, None for the base; 404 for anything else."""
+        """The adapter a `model` field names, None for the base; 404 for anything else. Reads
+        memory only: an adapter new under the root is registered by `discover` first."""
         engine = self.require_engine()
         if not requested or requested == engine.model_name:
             return None
-        if engine.has_adapter(requested):
+        if engine.is_registered(requested):
             return requested
         raise model_not_found(requested)

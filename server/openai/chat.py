@@ -88,7 +88,9 @@ def _plan(state: ServerState, body: dict[str, Any]) -> ChatPlan:
 
 async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.quiver
-    plan = await pipeline.prepared(request, _plan, state, await parse_json_body(request))
+    body = await parse_json_body(request)
+    await state.discover_in(body)
+    plan = await pipeline.prepared(request, _plan, state, body)
     try:
         started = await start_chat(request, state, plan)
     except ClientDisconnected:

@@ -103,7 +103,9 @@ def _body(req: CompletionRequest, meta: ResponseMeta, states: list[ChoiceState])
 
 async def completions(request: Request) -> Response:
     state: ServerState = request.app.state.quiver
-    plan = await pipeline.prepared(request, _plan, state, await parse_json_body(request))
+    body = await parse_json_body(request)
+    await state.discover_in(body)
+    plan = await pipeline.prepared(request, _plan, state, body)
     req, prompts = plan.req, plan.prompts
     engine = state.require_engine()
     completion_id = protocol.new_id("cmpl")

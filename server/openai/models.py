@@ -23,6 +23,7 @@ async def retrieve_model(request: Request) -> Response:
     engine = state.require_engine()
     name = request.path_params["model"]
     base = engine.model_name
+    await state.discover(name)
     state.resolve_model(name)  # 404 for unknown names
     parent = None if name == base else base
     return JSONResponse(protocol.model_card(name, state.created, base, parent))

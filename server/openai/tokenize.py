@@ -120,6 +120,7 @@ def _detokenize(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
 async def _answer(request: Request, work: Any) -> Response:
     raw = await request.body()
     body = await parse_json_body(request)
+    await _state(request).discover_in(body)
     if off_loop.is_large(raw):  # tokenizing megabytes would stall every other request
         return JSONResponse(await off_loop.run_off_loop(work, _state(request), body))
     return JSONResponse(work(_state(request), body))

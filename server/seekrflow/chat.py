@@ -87,6 +87,7 @@ def chat_route(state: ServerState, store: Store, jobs: JobManager, deployments: 
                     raise bad_request(f"Fine-tune {model} is {job['status']}; it has no model to serve yet.",
                                       param="model", code="fine_tune_not_completed")
                 model = job["fine_tuned_model"]
+        await state.discover(model)
         adapter = state.resolve_model(model)
         return adapter, await deployments.find_serving(adapter)
 

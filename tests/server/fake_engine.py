@@ -213,6 +213,12 @@ class FakeEngine:
     def has_adapter(self, name: str) -> bool:
         return name in self.infos
 
+    def is_registered(self, name: str) -> bool:
+        return name in self.infos
+
+    async def find_adapter(self, name: str) -> bool:
+        return name in self.infos
+
     def adapter_names(self) -> list[str]:
         return list(self.infos)
 

@@ -379,3 +379,20 @@ def test_cli_adapter_flags() -> None:
     too_few = cli.build_parser().parse_args(["serve", "--max-gpu-adapters", "6", "--max-cpu-adapters", "4"])
     with pytest.raises(ValueError, match="must be at least --max-loras"):
         cli.adapter_config(too_few)
+
+
+def test_an_adapter_copied_into_the_root_is_served_on_its_first_request(env: Env, server_model_dir: Path) -> None:
+    """Found by the off-loop lookup (ServerState.discover), on every route that names a model."""
+    dims = model_dims(server_model_dir)
+    for i, path in enumerate(("/v1/completions", "/v1/chat/completions", "/v1/models/{name}")):
+        name = f"late-{i}"
+        write_lora_dir(env.root / name, dims, seed=900 + i, scale=1.5)
+        if path == "/v1/completions":
+            response = _complete(env.http, name)
+        elif path == "/v1/chat/completions":
+            response = env.http.post(path, json={"model": name, "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+        else:
+            response = env.http.get(path.format(name=name))
+        assert response.status_code == 200, (path, response.text)
+    assert _complete(env.http, "never-there").status_code == 404
