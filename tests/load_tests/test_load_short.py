@@ -14,6 +14,7 @@ from load_tests import run_load
 from load_tests.client import DriverConfig, run_workload
 from load_tests.local_server import InProcessServer
 from load_tests.workload import LengthRange, PlannedRequest, WorkloadSpec, build_workload
+from tests.eventually import eventually
 from tests.load_tests.conftest import MODEL_NAME, NUM_ADAPTERS
 
 
@@ -27,13 +28,16 @@ def model_of(server: InProcessServer):
 
 
 def wait_idle(server: InProcessServer, timeout_s: float = 5.0) -> dict[str, int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    """The engine's stats once idle (no request, every KV block free), or as they are at the timeout
+    (the caller's assertions then say what is left)."""
+    def idle() -> dict[str, int] | None:
         stats = server.engine.stats()
-        idle = stats["num_requests"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"]
-        if idle or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
+        return stats if stats["num_requests"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"] else None
+
+    try:
+        return eventually(idle, timeout_s, "the engine is idle", interval=0.05)
+    except AssertionError:
+        return server.engine.stats()
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])

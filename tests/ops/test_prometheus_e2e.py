@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from server.admin.adapters import adapter_routes
 from server.app import create_app
 from server.http.metrics import Metrics
 from server.state import ServerState
+from tests.eventually import eventually
 from tests.server.conftest import MODEL_NAME, LiveServer, engine_config
 from training.jobs import JobManager
 
@@ -73,16 +73,14 @@ class Prometheus:
         self._wait(lambda: httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200, "Prometheus ready")
 
     def _wait(self, check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def ready() -> bool:
             assert self.process.poll() is None, self.log_path.read_text()
             try:
-                if check():
-                    return
+                return bool(check())
             except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.2)
+                return False
+
+        eventually(ready, timeout, what, interval=0.2)
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         body = httpx.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=5).json()

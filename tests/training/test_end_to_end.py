@@ -8,7 +8,6 @@ process, on the CPU.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from server.finetune.routes import finetune_routes
 from server.http.errors import EXCEPTION_HANDLERS
+from tests.eventually import eventually
 from tests.server.conftest import LiveServer
 from training.jobs import JobManager
 
@@ -60,10 +60,11 @@ def test_a_fine_tuning_job_teaches_json_answers(tmp_path: Path) -> None:
             hyperparameters={"n_epochs": 30, "batch_size": 8, "learning_rate_multiplier": 25,
                              "save_total_limit": 1},
         )
-        deadline = time.monotonic() + 150
-        while job.status not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
-            time.sleep(0.25)
-            job = client.fine_tuning.jobs.retrieve(job.id)
+        def ended():
+            current = client.fine_tuning.jobs.retrieve(job.id)
+            return current if current.status in ("succeeded", "failed", "cancelled") else None
+
+        job = eventually(ended, 150, f"job {job.id} ends", interval=0.25)
         assert job.status == "succeeded", job.error
         events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.eventually import eventually
 from tests.training.test_jobs import _fake_python
 from training.checkpoints import check_servable
 from training.job_record import TERMINAL
@@ -96,10 +97,7 @@ def _manager(root: Path, python: str, registry: SlowRegistry, **options) -> JobM
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
+    eventually(predicate, timeout, what, interval=0.02)
 
 
 def _create(manager: JobManager, limit: int) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.eventually import eventually
 from training.errors import ConflictError, InvalidRequestError, NotFoundError
 from training.job_record import TERMINAL
 from training.jobs import JobManager
@@ -34,13 +35,9 @@ def _upload(manager: JobManager, text: str, name: str = "train.jsonl") -> str:
 
 
 def _wait(manager: JobManager, job_id: str, until, timeout: float = 90.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = manager.get_job(job_id)
-        if until(job):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} stuck in {manager.get_job(job_id)['status']}")
+    """The job once `until(job)` holds."""
+    return eventually(lambda: (lambda job: job if until(job) else None)(manager.get_job(job_id)), timeout,
+                      f"job {job_id} leaves {manager.get_job(job_id)['status']}", interval=0.05)
 
 
 def _events(manager: JobManager, job_id: str) -> list[dict]:
@@ -107,7 +104,7 @@ def test_a_cancelled_job_stops_its_process(runs) -> None:
     assert job["status"] == "cancelled" and job["fine_tuned_model"] is None
     log = Path(runs["root"], "jobs", job["id"], "output", "events.jsonl")
     size = log.stat().st_size
-    time.sleep(0.5)
+    time.sleep(0.5)  # an absence over a window (nothing may write), not a wait for a condition
     assert log.stat().st_size == size  # nothing trains any more
     with pytest.raises(ConflictError, match="already cancelled"):
         manager.cancel_job(job["id"])

@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.eventually import eventually
 from training.cli import main as train_main
 from training.jobs import PROCESS_RECORD, JobManager
 from training.run_guard import LOCK_NAME, end_orphan, hold_output, is_held, write_process_record
@@ -23,13 +22,6 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pr
 REPO = Path(__file__).resolve().parents[2]
 CHAT = json.dumps({"messages": [{"role": "user", "content": "Hello world!"},
                                 {"role": "assistant", "content": "The lazy dog."}]}) + "\n"
-
-
-def _eventually(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
 
 
 def _gone(pid: int) -> bool:
@@ -97,8 +89,8 @@ def test_a_killed_job_runner_takes_its_trainer_with_it(tmp_path, tiny_model_fact
 
         runner.send_signal(signal.SIGKILL)
         runner.wait(10)
-        _eventually(lambda: _gone(trainer), 15, f"the trainer {trainer} exits with its runner")
-        _eventually(lambda: not is_held(output), 5, "the job's lock is free")
+        eventually(lambda: _gone(trainer), 15, f"the trainer {trainer} exits with its runner", interval=0.05)
+        eventually(lambda: not is_held(output), 5, "the job's lock is free", interval=0.05)
     finally:
         if runner.poll() is None:
             runner.kill()
