@@ -43,6 +43,7 @@ from engine.llm_engine import LLMEngine
 from engine.logits_processor import LogitsProcessor
 from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
+from engine.state_view import engine_state
 from engine.token_text import TokenText
 from engine.tp_driver import WorkerDiedError
 
@@ -268,6 +269,11 @@ class AsyncEngine:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._post(fn, future)
         return await asyncio.wrap_future(future)
+
+    async def engine_state(self) -> dict[str, Any]:
+        """Plain data on the scheduler queues, adapters, slots and device memory (engine/state_view.py),
+        read on the engine thread between two steps."""
+        return await self.call(engine_state)
 
     def stats(self) -> dict[str, int]:
         """A snapshot taken after the last step (no lock on the hot path)."""

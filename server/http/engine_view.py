@@ -2,10 +2,10 @@
 
 Gauges of engine state (sequences, KV blocks, adapters by state and tier, LoRA slots, GPU
 memory, fine-tuning jobs) are read when Prometheus scrapes, never on the request path:
-one lock-free `engine.stats()` snapshot, plus one small read on the engine thread
-(`engine.call`, between two steps) for what stats() does not carry. If that read does not
-answer in time (a long step, an engine that died) the scrape still answers, without those
-families.
+one lock-free `engine.stats()` snapshot, plus `engine.engine_state()` (plain data read on
+the engine thread between two steps, engine/state_view.py) for what stats() does not carry.
+If that read does not answer in time (a long step, an engine that died) the scrape still
+answers, without those families.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from scheduler.sequence import BASE_ADAPTER_ID
 from training.job_record import STATUSES as JOB_STATUSES
 
 logger = logging.getLogger(__name__)
@@ -47,39 +46,6 @@ class EngineView:
     gpu_memory: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> kind -> bytes
 
 
-def _core_view(core: Any) -> dict[str, Any]:
-    """Runs on the engine thread: the scheduler's queues and the adapters, as plain data."""
-    names = {entry.adapter_id: entry.name for entry in core.identity.entries()}
-
-    def adapter_names(ids: Any) -> set[str]:
-        return {names[i] for i in ids if i != BASE_ADAPTER_ID and i in names}
-
-    waiting = adapter_names(s.adapter_id for s in core.scheduler.waiting)
-    # A request whose adapter is still loading into host memory waits too, before the scheduler sees it.
-    waiting |= adapter_names(core.adapters.loading_for_requests())
-    return {
-        "adapters": [(info["id"], info["state"], info["tier"]) for info in core.adapter_infos()],
-        "running_adapters": sorted(adapter_names(s.adapter_id for s in core.scheduler.running)),
-        "waiting_adapters": sorted(waiting),
-        "preempted_waiting": sum(1 for s in core.scheduler.waiting if s.num_preemptions > 0),
-        "preemptions": int(core.num_preemptions),
-        "max_lora": int(core.lora.num_slots),
-        "load_times": core.adapters.load_times.snapshot(),
-    }
-
-
-def _gpu_memory(engine: Any) -> dict[str, dict[str, int]]:
-    device = getattr(getattr(engine, "config", None), "torch_device", None)
-    if device is None or getattr(device, "type", None) != "cuda":
-        return {}
-    import torch
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    free, total = torch.cuda.mem_get_info(index)
-    return {f"cuda:{index}": {"used": total - free, "total": total, "allocated": torch.cuda.memory_allocated(index),
-                              "reserved": torch.cuda.memory_reserved(index)}}
-
-
 def _job_counts(manager: Any) -> dict[str, int]:
     jobs, _ = manager.list_jobs(None, 1 << 30)
     counts = dict.fromkeys(JOB_STATUSES, 0)
@@ -102,16 +68,12 @@ async def read_view(state: Any, job_manager: Any | None = None) -> EngineView:
     view.ready = True
     try:
         view.stats = dict(engine.stats())
-        core = await asyncio.wait_for(engine.call(_core_view), ENGINE_READ_TIMEOUT_S)
+        core = await asyncio.wait_for(engine.engine_state(), ENGINE_READ_TIMEOUT_S)
     except Exception:  # noqa: BLE001 - a busy or dead engine still gets what was read exported
         logger.debug("engine state not read for /metrics", exc_info=True)
     else:
         for key, value in core.items():
             setattr(view, key, value)
-    try:
-        view.gpu_memory = _gpu_memory(engine)
-    except Exception:  # noqa: BLE001
-        logger.debug("GPU memory not read for /metrics", exc_info=True)
     return view
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -183,8 +183,8 @@ class FakeEngine:
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    async def call(self, fn: Callable[[Any], Any]) -> Any:
-        raise RuntimeError("the fake engine has no engine core to run a call on")
+    async def engine_state(self) -> dict[str, Any]:
+        raise RuntimeError("the fake engine has no engine core to read")
 
     def stats(self) -> dict[str, int]:
         return {"num_streams": len(self._streams), "num_requests": len(self._streams),

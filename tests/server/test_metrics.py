@@ -14,9 +14,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.state_view import gpu_memory
 from server.admin.adapters import adapter_routes
 from server.app import create_app
-from server.http.engine_view import EngineCollector, EngineView, _gpu_memory
+from server.http.engine_view import EngineCollector, EngineView
 from server.http.metrics import OTHER, AdapterLabels, Metrics
 from server.state import ServerState
 from tests.eventually import eventually
@@ -204,13 +205,7 @@ def test_gpu_memory_is_exported_for_a_cuda_engine(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 40 << 30)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 45 << 30)
 
-    class Config:
-        torch_device = torch.device("cuda")
-
-    class CudaEngine:
-        config = Config()
-
-    memory = _gpu_memory(CudaEngine())
+    memory = gpu_memory(torch.device("cuda"))
     assert memory == {"cuda:1": {"used": 50 << 30, "total": 80 << 30, "allocated": 40 << 30, "reserved": 45 << 30}}
     collector = EngineCollector(AdapterLabels())
     collector.view = EngineView(ready=True, gpu_memory=memory)
@@ -219,4 +214,4 @@ def test_gpu_memory_is_exported_for_a_cuda_engine(monkeypatch: pytest.MonkeyPatc
     samples = parse(generate_latest(registry).decode())
     assert value(samples, "quiver_gpu_memory_used_bytes", device="cuda:1") == 50 << 30
     assert value(samples, "quiver_gpu_memory_total_bytes", device="cuda:1") == 80 << 30
-    assert _gpu_memory(type("CpuEngine", (), {"config": type("C", (), {"torch_device": torch.device("cpu")})()})()) == {}
+    assert gpu_memory(torch.device("cpu")) == {}
