@@ -212,9 +212,12 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         adapter: str | None = None,
-        logits_processor: LogitsProcessor | None = None,
+        grammar: str | None = None,
     ) -> AsyncIterator[RequestDelta]:
-        """Yield deltas until the one with a finish_reason; closing early aborts the request."""
+        """Yield deltas until the one with a finish_reason; closing early aborts the request.
+
+        `grammar`: llguidance grammar text constraining the output (engine/grammar.py), given as
+        data and compiled here on a worker thread."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped: {self._dead}")
         if len(self._streams) >= self.config.max_waiting + self.config.max_num_seqs:
@@ -228,7 +231,10 @@ class AsyncEngine:
         finished = False
         ref: AdapterRef | None = None
         lease: AdapterLease | None = None
+        logits_processor: LogitsProcessor | None = None
         try:
+            if grammar is not None:
+                logits_processor = await asyncio.to_thread(self._core.grammars.processor, grammar)
             if adapter:
                 ref = await self._acquire(adapter)
                 lease = AdapterLease(ref)

@@ -47,6 +47,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import CAPTURE_LOCK
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import RequestTooLongError
+from engine.grammar import Grammars
 from engine.logits_processor import LogitsProcessor
 from engine.lora.slots import FUSED_NAMES, LoraSlots
 from engine.model_runner import ModelRunner
@@ -143,6 +144,7 @@ class LLMEngine:
         self.model_dir = loaded.model_dir
         self.tokenizer = load_tokenizer(self.model_dir)
         self.eos_token_ids: set[int] = eos_token_ids(self.model_dir, self.hf_config, self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.eos_token_ids)  # constrained decoding, from grammar text
         self.max_model_len = min(config.max_model_len, _model_max_len(self.hf_config))
 
         num_slots = config.max_loras
@@ -275,9 +277,12 @@ class LLMEngine:
         adapter: str | None = None,
         logits_processor: LogitsProcessor | None = None,
         lease: AdapterLease | None = None,
+        grammar: str | None = None,
     ) -> None:
         """Queue a request. `lease` (from `adapters.hold`) carries an adapter its caller resolved and
-        loaded off the engine thread; without one the name is resolved and loaded here (inline)."""
+        loaded off the engine thread; without one the name is resolved and loaded here (inline).
+        `grammar` (llguidance grammar text) is compiled here, inline: `AsyncEngine` compiles it on a
+        worker thread and passes the processor instead."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -293,6 +298,8 @@ class LLMEngine:
                 f"requested {total} tokens ({len(prompt_token_ids)} in the prompt, {params.max_tokens} "
                 "for the completion). Please reduce the prompt or max_tokens."
             )
+        if grammar is not None:
+            logits_processor = self.grammars.processor(grammar)
         adapter_id, adapter_ref = self._take_adapter(adapter, lease) if adapter else (BASE_ADAPTER_ID, None)
         seq = Sequence(
             seq_id=self._next_seq_id,

@@ -20,7 +20,6 @@ from server.limits import MAX_TOP_LOGPROBS, Limits
 if TYPE_CHECKING:  # types only: holding the engine needs neither torch nor the engine's modules
     from pathlib import Path
 
-    from engine.logits_processor import LogitsProcessor
     from engine.outputs import RequestDelta
     from engine.sampling_params import SamplingParams
 
@@ -45,7 +44,7 @@ class EngineClient(Protocol):
     async def shutdown(self) -> None: ...
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 adapter: str | None = None, logits_processor: LogitsProcessor | None = None,
+                 adapter: str | None = None, grammar: str | None = None,
                  ) -> AsyncIterator[RequestDelta]: ...
 
     def abort(self, request_id: str) -> None: ...

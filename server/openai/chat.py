@@ -24,7 +24,7 @@ from server.openai.generation import ChoiceRequest, ClientDisconnected
 from server.openai.params import build_sampling_params, check_chat_request
 from server.openai.schemas import ChatCompletionRequest, validated
 from server.openai.streaming import ChatChunks, sse_response, stream_events
-from server.openai.tools import ToolPlan, apply_to_completion, forced_call_processors, parser_for, plan_tools
+from server.openai.tools import ToolPlan, apply_to_completion, forced_call_grammar, parser_for, plan_tools
 from server.openai.unsupported import check_logprobs_cap, refuse_unsupported_chat
 from server.state import ServerState
 
@@ -66,13 +66,13 @@ async def start_chat(request: Request, state: ServerState, plan: ChatPlan) -> pi
     """The plan's engine requests, started (structured outputs and forced tool calls set up first)."""
     req = plan.req
     engine = state.require_engine()
-    processors = await pipeline.format_processors(state, engine, req.response_format, req.n)
+    grammar = await pipeline.format_grammar(state, engine, req.response_format)
     tool_grammar = plan.tools.grammar()
     if tool_grammar is not None:
         structured = pipeline.structured_outputs(state, engine)
-        processors = await asyncio.to_thread(forced_call_processors, structured, tool_grammar, req.n)
+        grammar = await asyncio.to_thread(forced_call_grammar, structured, tool_grammar)
     completion_id = protocol.new_id("chatcmpl")
-    choices = [ChoiceRequest(i, f"{completion_id}-{i}", plan.prompt_ids, plan.params[i], plan.adapter, processors[i])
+    choices = [ChoiceRequest(i, f"{completion_id}-{i}", plan.prompt_ids, plan.params[i], plan.adapter, grammar)
                for i in range(req.n)]
     meta = pipeline.new_meta(completion_id, plan.model, engine, plan.params, len(plan.prompt_ids),
                              top_logprobs=plan.top_logprobs, include_usage=req.include_usage())

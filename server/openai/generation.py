@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 import anyio
 from starlette.requests import Request
 
-from engine.logits_processor import LogitsProcessor
 from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
 from server.http.errors import APIError
@@ -44,7 +43,7 @@ class ChoiceRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: str | None = None
-    logits_processor: LogitsProcessor | None = None
+    grammar: str | None = None  # llguidance grammar text (response_format, forced tool calls)
 
 
 class ClientDisconnected(Exception):
@@ -87,7 +86,7 @@ class MergedGeneration:
         try:
             stream = self._engine.generate(
                 choice.request_id, choice.prompt_token_ids, choice.params,
-                adapter=choice.adapter, logits_processor=choice.logits_processor,
+                adapter=choice.adapter, grammar=choice.grammar,
             )
             if inspect.isawaitable(stream):
                 stream = await stream

@@ -68,13 +68,12 @@ def structured_outputs(state: ServerState, engine: Any) -> StructuredOutputs:
     return state.structured
 
 
-async def format_processors(state: ServerState, engine: Any, response_format: ResponseFormat | None,
-                            count: int) -> list[Any]:
-    """Per choice, the logits processor a `response_format` asks for (None: free text)."""
+async def format_grammar(state: ServerState, engine: Any, response_format: ResponseFormat | None) -> str | None:
+    """The grammar text a `response_format` asks for (None: free text), checked off the event loop."""
     schema = StructuredOutputs.schema_of(response_format)
     if schema is None:
-        return [None] * count
-    return await asyncio.to_thread(structured_outputs(state, engine).processors, schema, count)
+        return None
+    return await asyncio.to_thread(structured_outputs(state, engine).grammar_of, schema)
 
 
 async def run(request: Request, state: ServerState, choices: Sequence[ChoiceRequest], meta: ResponseMeta,

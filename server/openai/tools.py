@@ -22,7 +22,7 @@ from typing import Any
 
 from server.http.errors import bad_request
 from server.openai.schemas import ChatCompletionRequest, FunctionDefinition
-from server.openai.structured import WHITESPACE_PATTERN, JSONLogitsProcessor, StructuredOutputs
+from server.openai.structured import WHITESPACE_PATTERN, StructuredOutputs
 from server.openai.tool_parsers import StreamingToolParser, ToolParser, detect_parser, parser_named
 
 TOOL_RESPONSE_START = "<tool_response>\n"
@@ -201,16 +201,14 @@ def _with_system_prompt(messages: list[dict[str, Any]], instructions: str) -> li
 # ---- decoding and the answer -----------------------------------------------------------
 
 
-def forced_call_processors(structured: StructuredOutputs, grammar: str, count: int) -> list[JSONLogitsProcessor]:
-    """One grammar matcher per choice; 400 naming `tools` when a schema cannot be compiled.
-
-    Slow for big schemas (llguidance releases the GIL): call it from a worker thread.
-    """
+def forced_call_grammar(structured: StructuredOutputs, grammar: str) -> str:
+    """The checked grammar text of a forced call (what the engine is given); 400 naming `tools`
+    when a schema cannot be compiled. Slow for big schemas: call it from a worker thread."""
     import llguidance
 
     compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
-    matcher = structured.matcher(compiled, "Unsupported JSON schema in tools", "tools")
-    return structured.processors_for(matcher, count)
+    structured.matcher(compiled, "Unsupported JSON schema in tools", "tools")
+    return compiled
 
 
 def finish_reason(reason: str | None, made_calls: bool) -> str | None:

@@ -31,7 +31,6 @@ from adapters.registry import AdapterExistsError, PinLimitError
 from adapters.sources import source_from_request, validate_name
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import AdapterFailedError, EngineOverloadedError, UnknownAdapterError
-from engine.logits_processor import LogitsProcessor
 from engine.outputs import RequestDelta, TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.token_text import TokenText
@@ -56,7 +55,7 @@ class FakeRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: str | None
-    logits_processor: LogitsProcessor | None
+    grammar: str | None  # the grammar text the server passed (a structured or forced-call request)
 
 
 class FakeEngine:
@@ -102,10 +101,10 @@ class FakeEngine:
 
     # ---------------------------------------------------------------- requests
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       adapter: str | None = None, logits_processor: LogitsProcessor | None = None,
+                       adapter: str | None = None, grammar: str | None = None,
                        ) -> AsyncIterator[RequestDelta]:
         """Yield deltas until the one with a finish_reason; closing early aborts the request."""
-        self.requests.append(FakeRequest(request_id, list(prompt_token_ids), params, adapter, logits_processor))
+        self.requests.append(FakeRequest(request_id, list(prompt_token_ids), params, adapter, grammar))
         if self.refuse_with is not None:
             raise self.refuse_with
         if len(self._streams) >= self.config.max_num_seqs + self.config.max_waiting:

@@ -112,10 +112,19 @@ def test_terminal_ids_are_the_eos_and_stop_token_ids_unless_eos_is_ignored() -> 
     assert pipeline.terminal_ids(engine, SamplingParams(stop_token_ids=[7], ignore_eos=True)) == {7}
 
 
-def test_without_a_response_format_no_choice_gets_a_logits_processor() -> None:
+def test_a_response_format_becomes_checked_grammar_text_and_free_text_none() -> None:
+    from engine.grammar import Grammars
+    from server.openai.schemas import ResponseFormat
+
     engine = FakeEngine()
-    processors = _served(engine, lambda state: pipeline.format_processors(state, engine, None, 3))
-    assert processors == [None, None, None]
+    assert _served(engine, lambda state: pipeline.format_grammar(state, engine, None)) is None
+    wanted = ResponseFormat.model_validate({"type": "json_schema",
+                                            "json_schema": {"name": "x", "schema": {"enum": ["yes", "no"]}}})
+    grammar = _served(engine, lambda state: pipeline.format_grammar(state, engine, wanted))
+    assert isinstance(grammar, str)
+    processor = Grammars(engine.tokenizer).processor(grammar)  # what the engine makes of it
+    first = engine.tokenizer.encode('"', add_special_tokens=False)[0]
+    assert processor.allowed_mask()[first] and processor.allowed_mask().sum() < len(engine.tokenizer) // 2
 
 
 @pytest.mark.parametrize(("size", "off_loop"), [(10, False), (OFF_LOOP_BYTES, True)])

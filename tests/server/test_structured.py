@@ -8,7 +8,8 @@ import jsonschema
 import pytest
 import torch
 
-from server.openai.structured import MAX_INDENT_SPACES, JSONLogitsProcessor, StructuredOutputs
+from engine.grammar import Grammars
+from server.openai.structured import MAX_INDENT_SPACES, StructuredOutputs
 from tests.factories import build_tokenizer
 from tests.server.conftest import ADAPTER_NAMES, MODEL_NAME
 from tests.server.helpers import joined_stream
@@ -111,40 +112,9 @@ def test_bad_schema_is_400(live, schema):
     assert response.json()["error"]["param"] == "response_format"
 
 
-# ---- the processor on its own ------------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()
-
-
-def test_processor_masks_and_finishes(tokenizer):
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    [processor] = StructuredOutputs(tokenizer, {eos}).processors({"enum": ["over"]}, 1)
-    assert isinstance(processor, JSONLogitsProcessor)
-    target = tokenizer.encode('"over"', add_special_tokens=False)
-    vocab = len(tokenizer) + 7  # model vocabularies are often padded past the tokenizer's
-    for token_id in target:
-        logits = torch.zeros(vocab)
-        processor.apply(logits)
-        allowed = torch.isfinite(logits)
-        assert allowed[token_id] and not allowed[len(tokenizer):].any()
-        assert allowed.sum() < len(tokenizer) // 2
-        assert not processor.is_finished()
-        processor.accept(token_id)
-    logits = torch.zeros(vocab)
-    processor.apply(logits)
-    assert processor.is_finished() or torch.isfinite(logits).nonzero().flatten().tolist() == [eos]
-
-
-def test_processors_for_n_choices_are_independent(tokenizer):
-    first, second = StructuredOutputs(tokenizer).processors({"enum": ["ab", "cd"]}, 2)
-    first.accept(tokenizer.convert_tokens_to_ids('"'))
-    logits_first, logits_second = torch.zeros(len(tokenizer)), torch.zeros(len(tokenizer))
-    first.apply(logits_first)
-    second.apply(logits_second)
-    assert not torch.equal(torch.isfinite(logits_first), torch.isfinite(logits_second))
 
 
 # ---- whitespace: what a model was trained to write -----------------------------------------
@@ -183,7 +153,7 @@ def test_grammar_bounds_whitespace(tokenizer, text):
 
 def test_indentation_bound_is_a_mask(tokenizer):
     space = tokenizer.convert_tokens_to_ids("Ġ")
-    [processor] = StructuredOutputs(tokenizer).processors({"type": "object"}, 1)
+    processor = Grammars(tokenizer).processor(StructuredOutputs(tokenizer).grammar_of({"type": "object"}))
     for token_id in tokenizer.encode('{"a":\n', add_special_tokens=False) + [space] * MAX_INDENT_SPACES:
         logits = torch.zeros(len(tokenizer))
         processor.apply(logits)
