@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-TOP_LOGPROBS = 5  # alternatives asked for per position (the legacy endpoint allows at most 5)
+# Alternatives asked for per position: as many as each endpoint allows, so a divergence on a flat
+# distribution (random weights: hundreds of tokens within a tenth of a nat) can still be judged.
+TOP_LOGPROBS = 20  # chat's limit
+COMPLETION_TOP_LOGPROBS = 5  # the legacy endpoint's limit
 
 
 @dataclass(frozen=True)
@@ -117,5 +120,5 @@ def steps_of(endpoint: str, logprobs: Any) -> list[Step]:
 def logprob_args(endpoint: str) -> dict[str, Any]:
     """Request arguments that ask for the chosen tokens' logprobs and their top alternatives."""
     return (
-        {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if endpoint == "chat" else {"logprobs": TOP_LOGPROBS}
+        {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if endpoint == "chat" else {"logprobs": COMPLETION_TOP_LOGPROBS}
     )

@@ -85,5 +85,5 @@ def test_chat_and_legacy_logprobs_give_the_same_steps() -> None:
     want = [Step("Hi", -0.1, {"Hi": -0.1, "Yo": -2.0}), Step("</s>", -0.3, {"</s>": -0.3, "!": -1.4})]
     assert chat_steps(chat) == want and completion_steps(legacy) == want
     assert chat_steps(None) == [] and completion_steps(None) == []
-    assert logprob_args("chat") == {"logprobs": True, "top_logprobs": 5}
+    assert logprob_args("chat") == {"logprobs": True, "top_logprobs": 20}  # as many as each endpoint allows
     assert logprob_args("completions") == {"logprobs": 5}
