@@ -35,6 +35,10 @@ class EngineConfig:
                          config's shape, for benchmarks: only config.json is read).
     async_scheduling:    keep one step in flight: schedule and launch step n+1 before reading
                          step n's tokens, so host work overlaps device work (engine/llm_engine.py).
+    mixed_steps:         a step that admits prompts also decodes every running sequence (one-token
+                         rows of the prefill), so a burst of prompts does not pause running streams
+                         (scheduler/scheduler.py). Off by default: such steps run eagerly, and their
+                         cost against graph-replayed decodes is not measured yet.
     """
 
     model: str
@@ -59,6 +63,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     load_format: str = "auto"
     async_scheduling: bool = True
+    mixed_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:

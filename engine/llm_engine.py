@@ -179,6 +179,7 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
                 max_adapters_per_batch=num_slots,
                 enable_prefix_caching=config.enable_prefix_caching,
+                mixed_steps=config.mixed_steps,
             )
         )
         self.sampler = Sampler()

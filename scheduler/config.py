@@ -14,7 +14,10 @@ class SchedulerConfig:
     how many prefill steps a request blocked only by that cap may be passed over by
     later requests for adapters that are already active. `enable_prefix_caching` lets
     a prefill reuse computed KV blocks of an identical (adapter, prefix); the engine's
-    prefill must then start at each sequence's `num_computed_tokens`.
+    prefill must then start at each sequence's `num_computed_tokens`. `mixed_steps` lets a
+    step that admits prompts also carry one decode token for every running sequence, so a
+    burst of prompts does not pause the streams already running (off by default until its
+    cost on the GPU, eager mixed steps against graph-replayed decodes, is measured).
     """
 
     num_blocks: int
@@ -25,12 +28,14 @@ class SchedulerConfig:
     max_adapters_per_batch: int = 8
     starvation_steps: int = 32
     enable_prefix_caching: bool = False
+    mixed_steps: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        for flag in ("enable_prefix_caching", "mixed_steps"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         for f in fields(self):
-            if f.name == "enable_prefix_caching":
+            if f.name in ("enable_prefix_caching", "mixed_steps"):
                 continue
             value = getattr(self, f.name)
             # bool is an int subclass; `block_size=True` is a mistake, not a 1.

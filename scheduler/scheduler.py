@@ -2,7 +2,10 @@
 
 A step is all prefill or all decode. Waiting sequences are admitted oldest first while
 they fit; otherwise every running sequence decodes one token, and sequences are
-preempted by recompute (newest arrival first) when KV blocks run out.
+preempted by recompute (newest arrival first) when KV blocks run out. With `mixed_steps`
+a step that admits prompts also carries the running sequences' decode tokens (as one-token
+rows of the prefill), so a burst of prompts does not pause the streams already running; a
+step that had to preempt then admits nothing (the victims would come straight back).
 
 Admission is FIFO on size (a request short of blocks or tokens is never overtaken) but
 not on adapters: a request held back only by the adapter cap may be passed over by
@@ -145,11 +148,23 @@ class Scheduler:
         one can never fit (it outgrew the block pool or the token budget); the engine
         has to finish or abort it.
         """
-        admitted = self._admit()
+        if self.config.mixed_steps and self._running:
+            return self._schedule_mixed()
+        admitted = self._admit(self.config.max_num_batched_tokens)
         if admitted:
-            num_new = [s.num_tokens - s.num_computed_tokens for s in admitted]
-            return ScheduledBatch(admitted, is_prefill=True, num_new_tokens=num_new)
+            return ScheduledBatch(admitted, is_prefill=True, num_new_tokens=_prefill_lengths(admitted))
         return self._schedule_decode()
+
+    def _schedule_mixed(self) -> ScheduledBatch:
+        """Every running sequence's decode token, then the prompts that fit in the rest of the budget."""
+        decode = self._schedule_decode()
+        if decode.preempted or not self._waiting:
+            return decode
+        admitted = self._admit(self.config.max_num_batched_tokens - len(decode.seqs))
+        if not admitted:
+            return decode
+        return ScheduledBatch(decode.seqs + admitted, is_prefill=True,
+                              num_new_tokens=decode.num_new_tokens + _prefill_lengths(admitted))
 
     def update(self, batch: ScheduledBatch, sampled_token_ids: list[int]) -> None:
         """Append each sequence's sampled token; its KV is computed next step.
@@ -166,10 +181,9 @@ class Scheduler:
             seq.num_computed_tokens = seq.num_tokens - 1
             self.block_manager.publish_computed(seq)
 
-    def _admit(self) -> list[Sequence]:
-        """Move the waiting sequences that fit this step to running, oldest first."""
+    def _admit(self, budget: int) -> list[Sequence]:
+        """Move the waiting sequences that fit this step (`budget` tokens) to running, oldest first."""
         cfg = self.config
-        budget = cfg.max_num_batched_tokens
         active = self.running_adapter_ids()
         admitted: list[Sequence] = []
         skipped: list[Sequence] = []  # held back by the adapter cap, in queue order
@@ -253,3 +267,7 @@ class Scheduler:
         # Victims are taken newest first, so the front ends up oldest first.
         self._waiting.appendleft(seq)
         preempted.append(seq)
+
+
+def _prefill_lengths(admitted: list[Sequence]) -> list[int]:
+    return [s.num_tokens - s.num_computed_tokens for s in admitted]

@@ -180,6 +180,12 @@ def add_serve_parser(subparsers: Any) -> None:
         help="Run one engine step at a time (default: the next step is scheduled and launched while the "
              f"device computes the current one). [env {env_name('--no-async-scheduling')}]",
     )
+    parser.add_argument(
+        "--mixed-steps", action="store_true",
+        default=os.environ.get(env_name("--mixed-steps"), "").lower() in ("1", "true", "yes"),
+        help="Let a step that admits prompts also decode the running sequences, so a burst of prompts does "
+             f"not pause running streams (such steps run without CUDA graphs). [env {env_name('--mixed-steps')}]",
+    )
     env_adapters = [item for item in os.environ.get("QUIVER_ADAPTERS", "").split(",") if item.strip()]
     try:
         adapter_defaults = [_parse_adapter(item) for item in env_adapters]
@@ -243,6 +249,7 @@ def engine_config(args: argparse.Namespace, model: str) -> Any:
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_waiting=args.max_waiting,
         seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
         async_scheduling=not args.no_async_scheduling,
+        mixed_steps=args.mixed_steps,
     )
 
 

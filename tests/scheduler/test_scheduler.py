@@ -17,7 +17,8 @@ def test_config_defaults_are_valid():
 
 
 @pytest.mark.parametrize(
-    "name", [f.name for f in dataclasses.fields(SchedulerConfig) if f.name != "enable_prefix_caching"]
+    "name", [f.name for f in dataclasses.fields(SchedulerConfig) if f.name not in ("enable_prefix_caching",
+                                                                                 "mixed_steps")]
 )
 @pytest.mark.parametrize("bad", [0, -3, True, 2.5])
 def test_config_fields_must_be_positive_ints(name, bad):
@@ -293,3 +294,37 @@ def test_waiting_and_running_views_are_read_only():
     with pytest.raises(AttributeError):
         sched.waiting.append(make_seq())  # type: ignore[attr-defined]
     assert sched.num_waiting == 1
+
+
+def test_a_mixed_step_decodes_the_running_and_admits_prompts_in_the_rest_of_the_budget():
+    sched = Scheduler(make_config(num_blocks=64, block_size=4, max_num_batched_tokens=16, max_model_len=16,
+                                  mixed_steps=True))
+    running = [make_seq(3, max_tokens=8) for _ in range(3)]
+    for seq in running:
+        sched.add(seq)
+    first = sched.schedule()
+    assert first.is_prefill and first.seqs == running  # nothing ran yet: a plain prefill
+    sched.update(first, [7, 7, 7])
+    fits, too_big = make_seq(13, max_tokens=2), make_seq(4, max_tokens=2)
+    sched.add(fits)
+    sched.add(too_big)
+    mixed = sched.schedule()
+    # Three decode rows first, then the prompt that fits the 13 tokens left; the next waits (FIFO on size).
+    assert mixed.is_prefill and mixed.seqs == [*running, fits] and mixed.num_new_tokens == [1, 1, 1, 13]
+    assert list(sched.waiting) == [too_big]
+    sched.update(mixed, [8, 8, 8, 9])
+    assert all(s.num_computed_tokens == s.num_tokens - 1 for s in mixed.seqs)
+    nxt = sched.schedule()
+    assert nxt.seqs == [*running, fits, too_big] and nxt.num_new_tokens == [1, 1, 1, 1, 4]
+
+
+def test_a_mixed_step_that_preempts_admits_nothing():
+    sched = Scheduler(make_config(num_blocks=4, block_size=4, max_num_batched_tokens=16, max_model_len=16,
+                                  mixed_steps=True))
+    a, b = make_seq(8, max_tokens=8), make_seq(8, max_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    sched.update(sched.schedule(), [3, 3])  # both fill their two blocks: the pool is full
+    sched.add(make_seq(1, max_tokens=1))
+    step = sched.schedule()
+    assert step.preempted == [b] and not step.is_prefill and step.seqs == [a]

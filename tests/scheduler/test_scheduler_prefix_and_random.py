@@ -92,8 +92,9 @@ def _check_and_fake_compute(batch, sched, kv):
             kv[slot(p)] = (seq.adapter_id, tuple(tokens[: p + 1]))
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["prefill_or_decode", "mixed_steps"])
 @pytest.mark.parametrize("prefix_caching", [False, True])
-def test_random_traffic_keeps_every_invariant_and_leaks_nothing(prefix_caching):
+def test_random_traffic_keeps_every_invariant_and_leaks_nothing(prefix_caching, mixed):
     rng = random.Random(20240611)
     cfg = make_config(
         num_blocks=24,
@@ -104,6 +105,7 @@ def test_random_traffic_keeps_every_invariant_and_leaks_nothing(prefix_caching):
         max_adapters_per_batch=2,
         starvation_steps=4,
         enable_prefix_caching=prefix_caching,
+        mixed_steps=mixed,
     )
     sched = Scheduler(cfg)
     bm = sched.block_manager
@@ -111,7 +113,7 @@ def test_random_traffic_keeps_every_invariant_and_leaks_nothing(prefix_caching):
     prefixes = [[rng.randint(0, 3) for _ in range(16)] for _ in range(3)]
     kv: dict[int, tuple] = {}
     known: list[Sequence] = []
-    num_preempted = num_aborted = num_finished = num_reused = 0
+    num_preempted = num_aborted = num_finished = num_reused = num_mixed = 0
     for _ in range(1500):
         for _ in range(rng.choice((0, 0, 1, 2))):
             prompt = rng.choice(prefixes)[: rng.randint(1, 16)] + [
@@ -121,13 +123,21 @@ def test_random_traffic_keeps_every_invariant_and_leaks_nothing(prefix_caching):
             sched.add(seq)
             known.append(seq)
 
+        running_before = set(sched.running)
         batch = sched.schedule()
         num_preempted += len(batch.preempted)
         assert not any(s.is_finished for s in batch.seqs)
         assert len(set(batch.seqs)) == len(batch.seqs)
         if batch.is_prefill:
             assert batch.num_batched_tokens <= cfg.max_num_batched_tokens
-            for seq in batch.seqs:
+            decoding = [s for s in batch.seqs if s in running_before]  # one-token rows of a mixed step
+            assert not decoding or mixed
+            assert not (batch.preempted and len(decoding) < len(batch.seqs)), "admitted in a step that preempted"
+            num_mixed += bool(decoding)
+            for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+                if seq in running_before:
+                    assert num_new == 1
+                    continue
                 assert seq.num_computed_tokens % cfg.block_size == 0
                 num_reused += seq.num_computed_tokens
         else:
@@ -167,6 +177,7 @@ def test_random_traffic_keeps_every_invariant_and_leaks_nothing(prefix_caching):
 
     # The run exercised every path it is meant to check.
     assert num_preempted > 0 and num_aborted > 0 and num_finished > 0
+    assert (num_mixed > 0) == mixed
     assert (num_reused > 0) == prefix_caching
     for s in known:
         sched.abort(s.seq_id)
