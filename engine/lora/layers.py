@@ -35,6 +35,8 @@ from torch import nn
 
 from engine.context import LoraContext, get_context, get_lora_context
 from engine.kernels.lora_ref import lora_bgmv, lora_shrink_expand_sgmv
+from engine.lora import slot_plan
+from engine.lora.slot_plan import flat_source
 
 
 @dataclass
@@ -65,23 +67,19 @@ class SlotWrite:
             ranks[slot] = rank
 
 
-# Largest adapter staged on the device in one copy (see `_staged_sources`); bigger ones are
-# copied tensor by tensor, so a load never needs a large free block of device memory.
-STAGE_MAX_BYTES = 128 << 20
-
-
 def _staged_sources(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor] | None:
     """When every source is a view of one page-locked buffer (`adapters.loader.pin_all`) and the
     destinations are on a CUDA device: that buffer in one host-to-device copy, and each source as
     a view of the device copy. Hundreds of small copies then cost one DMA and one batched call."""
     if not copies or not copies[0][0].is_cuda:
         return None
-    base = copies[0][1]._base
-    if base is None or base.device.type != "cpu" or not base.is_contiguous() or base.dim() != 1:
+    base = flat_source([src for _, src in copies])
+    if base is None or base.device.type != "cpu" or not base.is_pinned():
         return None
-    if base.numel() * base.element_size() > STAGE_MAX_BYTES or not base.is_pinned():
+    # Bigger adapters are copied tensor by tensor: a load never needs a large free block of device memory.
+    if base.numel() * base.element_size() > slot_plan.STAGE_MAX_BYTES:
         return None
-    if any(src._base is not base or src.dtype != dst.dtype for dst, src in copies):
+    if any(src.dtype != dst.dtype for dst, src in copies):
         return None
     device_copy = base.to(copies[0][0].device, non_blocking=True)
     origin = base.storage_offset()

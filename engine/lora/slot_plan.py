@@ -23,7 +23,8 @@ import torch
 DESC_COLUMNS = 7  # src_offset, dst_address, slot_stride, rows_src, cols_src, cols_dst, numel
 
 # Largest piece of an adapter staged on the device at once: a bigger adapter (all-linear at a
-# high rank) is copied in several chunks, so a promote never needs a large free block.
+# high rank) is copied in several chunks, so a promote never needs a large free block (the
+# per-module load, engine/lora/layers.py, stages nothing bigger either).
 STAGE_MAX_BYTES = 128 << 20
 
 
